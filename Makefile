@@ -1,0 +1,32 @@
+# `make test` and `make demo` work on a fresh clone with nothing installed: the
+# virtual environment is created on first use and re-synced whenever
+# pyproject.toml or constraints.txt changes.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.install-stamp
+# Eight simulated CPU devices, the mesh every test runs on.
+TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
+
+.PHONY: install test demo bench-loss clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest tests
+
+demo: $(STAMP)
+	@test -f configs/demo.py || { echo "make demo needs the trainer (issue 5), which is not built yet."; exit 1; }
+	$(VENV)/bin/big-contrast train --config configs/demo.py --workdir workdir/demo
+
+bench-loss: $(STAMP)
+	$(PY) experiments/loss_scaling/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
