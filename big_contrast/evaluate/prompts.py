@@ -1,0 +1,230 @@
+"""Prompt templates and class names for zero-shot classification.
+
+Templates are plain strings with a `{}` where the class name goes ("a photo of a {}."), so they
+can live in a config file. Class names come from a list, the built-in ImageNet list, a text file
+(one name per line) or the `ClassLabel` feature of a TFDS dataset; `resolve_class_names` turns the
+config value into a list.
+"""
+from __future__ import annotations
+
+import os
+import re
+import string
+from typing import Sequence
+
+from big_contrast.evaluate.imagenet_classes import IMAGENET_CLASSNAMES
+
+# CLIP's 80 ImageNet templates, in the order of OpenAI's notebook and open_clip's
+# `OPENAI_IMAGENET_TEMPLATES` (the order does not change the classifier, it is kept for diffing).
+IMAGENET_TEMPLATES = (
+    "a bad photo of a {}.",
+    "a photo of many {}.",
+    "a sculpture of a {}.",
+    "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.",
+    "a rendering of a {}.",
+    "graffiti of a {}.",
+    "a bad photo of the {}.",
+    "a cropped photo of the {}.",
+    "a tattoo of a {}.",
+    "the embroidered {}.",
+    "a photo of a hard to see {}.",
+    "a bright photo of a {}.",
+    "a photo of a clean {}.",
+    "a photo of a dirty {}.",
+    "a dark photo of the {}.",
+    "a drawing of a {}.",
+    "a photo of my {}.",
+    "the plastic {}.",
+    "a photo of the cool {}.",
+    "a close-up photo of a {}.",
+    "a black and white photo of the {}.",
+    "a painting of the {}.",
+    "a painting of a {}.",
+    "a pixelated photo of the {}.",
+    "a sculpture of the {}.",
+    "a bright photo of the {}.",
+    "a cropped photo of a {}.",
+    "a plastic {}.",
+    "a photo of the dirty {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.",
+    "a photo of the {}.",
+    "a good photo of the {}.",
+    "a rendering of the {}.",
+    "a {} in a video game.",
+    "a photo of one {}.",
+    "a doodle of a {}.",
+    "a close-up photo of the {}.",
+    "a photo of a {}.",
+    "the origami {}.",
+    "the {} in a video game.",
+    "a sketch of a {}.",
+    "a doodle of the {}.",
+    "a origami {}.",
+    "a low resolution photo of a {}.",
+    "the toy {}.",
+    "a rendition of the {}.",
+    "a photo of the clean {}.",
+    "a photo of a large {}.",
+    "a rendition of a {}.",
+    "a photo of a nice {}.",
+    "a photo of a weird {}.",
+    "a blurry photo of a {}.",
+    "a cartoon {}.",
+    "art of a {}.",
+    "a sketch of the {}.",
+    "a embroidered {}.",
+    "a pixelated photo of a {}.",
+    "itap of the {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.",
+    "a plushie {}.",
+    "a photo of the nice {}.",
+    "a photo of the small {}.",
+    "a photo of the weird {}.",
+    "the cartoon {}.",
+    "art of the {}.",
+    "a drawing of the {}.",
+    "a photo of the large {}.",
+    "a black and white photo of a {}.",
+    "the plushie {}.",
+    "a dark photo of a {}.",
+    "itap of a {}.",
+    "graffiti of the {}.",
+    "a toy {}.",
+    "itap of my {}.",
+    "a photo of a cool {}.",
+    "a photo of a small {}.",
+    "a tattoo of the {}.",
+)
+
+# The 7-template ensemble selected in CLIP's prompt-engineering notebook (open_clip's
+# `SIMPLE_IMAGENET_TEMPLATES`): nearly the accuracy of the 80 at a tenth of the text compute.
+SIMPLE_IMAGENET_TEMPLATES = (
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+)
+
+# The single template CLIP uses for most non-ImageNet datasets.
+PHOTO_TEMPLATE = ("a photo of a {}.",)
+
+TEMPLATE_SETS = {
+    "imagenet80": IMAGENET_TEMPLATES,
+    "simple7": SIMPLE_IMAGENET_TEMPLATES,
+    "photo": PHOTO_TEMPLATE,
+}
+
+BUILTIN_CLASS_NAMES = {"imagenet": IMAGENET_CLASSNAMES}
+
+
+def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
+    """A template set by name ('imagenet80', 'simple7', 'photo') or an explicit list, validated."""
+    if isinstance(templates, str):
+        if templates not in TEMPLATE_SETS:
+            raise ValueError(
+                f"Unknown template set {templates!r}; use one of {sorted(TEMPLATE_SETS)} "
+                "or pass a list of strings that contain '{}'.")
+        templates = TEMPLATE_SETS[templates]
+    templates = tuple(templates)
+    if not templates:
+        raise ValueError("The template list is empty; pass at least one template such as 'a photo of a {}.'.")
+    for template in templates:
+        if not isinstance(template, str) or "{}" not in template:
+            raise ValueError(
+                f"Template {template!r} has no '{{}}' placeholder for the class name; "
+                "write it like 'a photo of a {}.'.")
+    return templates
+
+
+def fill_template(template: str, class_name: str) -> str:
+    # str.replace rather than str.format: a class name or template with other braces stays literal.
+    return template.replace("{}", class_name)
+
+
+_PUNCTUATION_TO_SPACE = str.maketrans({c: " " for c in string.punctuation if c != "'"} | {"'": ""})
+
+
+def canonicalize_class_name(name: str) -> str:
+    """Lower-case, apostrophes removed, other punctuation and '_' turned into spaces, spaces collapsed.
+
+    "Geoffroy's spider monkey" -> "geoffroys spider monkey"; "kite (bird of prey)" ->
+    "kite bird of prey"; "great_white_shark" -> "great white shark".
+    """
+    return re.sub(r"\s+", " ", name.lower().translate(_PUNCTUATION_TO_SPACE)).strip()
+
+
+def class_names_from_file(path: str | os.PathLike) -> list[str]:
+    """One class name per line, line i is label i; trailing blank lines are ignored."""
+    if not os.path.exists(path):
+        raise ValueError(f"Class-name file {str(path)!r} does not exist; give a text file with one name per line.")
+    with open(path, encoding="utf-8") as f:
+        names = [line.strip() for line in f.read().rstrip().splitlines()]
+    blank = [i + 1 for i, name in enumerate(names) if not name]
+    if blank:
+        # A blank line in the middle would shift every later label by one, so refuse it.
+        raise ValueError(f"Class-name file {str(path)!r} has blank lines {blank[:5]}; every line must name a class.")
+    return names
+
+
+def class_names_from_tfds(name: str, *, data_dir: str | None = None, field: str = "label") -> list[str]:
+    """The names of the `ClassLabel` feature `field` of the TFDS dataset `name` (as prepared in data_dir)."""
+    import tensorflow_datasets as tfds  # heavy import, only when asked for
+
+    features = tfds.builder(name, data_dir=data_dir).info.features
+    if field not in features:
+        raise ValueError(
+            f"TFDS dataset {name!r} has no feature {field!r}; its features are {sorted(features.keys())}. "
+            "Set the evaluator's label_field to the class-label feature.")
+    names = getattr(features[field], "names", None)
+    if names is None:
+        raise ValueError(f"TFDS feature {name!r}[{field!r}] is a {type(features[field]).__name__}, not a ClassLabel "
+                         "with names; pass class names as a list or a file instead.")
+    return list(names)
+
+
+def resolve_class_names(
+    spec: str | Sequence[str],
+    *,
+    canonicalize: bool = False,
+    tfds_data_dir: str | None = None,
+    label_field: str = "label",
+) -> list[str]:
+    """Class names from a config value.
+
+    spec: a list of names; 'imagenet' (the 1000 CLIP names); 'file:PATH' (one name per line);
+    'tfds:NAME' (NAME may carry a config and version, e.g. 'tfds:cifar10:3.0.2'; the names of its
+    `label_field` ClassLabel feature, read from tfds_data_dir).
+    """
+    if isinstance(spec, str):
+        if spec in BUILTIN_CLASS_NAMES:
+            names = list(BUILTIN_CLASS_NAMES[spec])
+        elif spec.startswith("file:"):
+            names = class_names_from_file(spec[len("file:"):])
+        elif spec.startswith("tfds:"):
+            names = class_names_from_tfds(spec[len("tfds:"):], data_dir=tfds_data_dir, field=label_field)
+        else:
+            raise ValueError(
+                f"Class names {spec!r} are neither a built-in list {sorted(BUILTIN_CLASS_NAMES)} nor "
+                "'file:PATH' nor 'tfds:NAME'; pass one of those or a list of names.")
+    else:
+        names = list(spec)
+    if not names:
+        raise ValueError(f"The class-name list from {spec!r} is empty; zero-shot classification needs at least "
+                         "one class name.")
+    bad = [n for n in names if not isinstance(n, str) or not n.strip()]
+    if bad:
+        raise ValueError(f"Class names must be non-empty strings; got {bad[:5]}.")
+    if canonicalize:
+        names = [canonicalize_class_name(n) for n in names]
+    return names
+
+
+def build_prompts(class_names: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """All prompts, class-major: prompt c*T + t is template t filled with class c."""
+    return [fill_template(t, c) for c in class_names for t in templates]
