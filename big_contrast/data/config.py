@@ -1,0 +1,73 @@
+"""The `config.data` section: its fields, defaults (which run on the demo data) and checks.
+
+    sources            name -> source config (see `sources.py` for the kinds and their fields),
+                       each with an optional `weight`; several sources are mixed with
+                       probabilities proportional to their weights. The names label the skip
+                       counts in the metrics. Default: {'demo': demo train split}.
+    batch_size         global batch size B (all processes together); each process loads
+                       B / process_count examples per step.
+    pp_train           image op string for training (`image_ops.py`), e.g.
+                       'decode|random_resized_crop(224)|flip_lr|value_range(-1, 1)'
+    pp_eval            image op string for evaluation, e.g.
+                       'decode|resize_small(224)|central_crop(224)|value_range(-1, 1)'
+    tokenizer          'demo' | 'bytes' | path to a sentencepiece .model (`tokenizer.py`)
+    max_len            tokens per caption, EOS included (pad=0)
+    lowercase          lowercase captions before tokenizing
+    label_keys         integer fields copied from the raw examples into the batch, e.g.
+                       ('label/shape',) for zero-shot evaluation on the demo data
+    seed               shuffle / augmentation seed (same seed -> same batches)
+    num_workers        grain worker processes (`mp_prefetch`) doing decode + preprocessing;
+                       0 = in the training process. Changing it changes the batch order.
+    num_threads        threads per process reading and mapping examples (PIL releases the GIL)
+    prefetch_buffer_size  examples buffered ahead per process
+    max_skip_fraction  a source whose skipped / seen fraction passes this stops the run with
+                       an error naming the source and reason (None disables)
+    min_seen           records a source must have produced before that check applies
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# The demo images have 'left' / 'right' in their captions, so the demo pp does not flip.
+DEMO_PP_TRAIN = "decode|random_resized_crop(64, scale=(0.6, 1.0), ratio=(0.9, 1.1))|value_range(-1, 1)"
+DEMO_PP_EVAL = "decode|resize(64)|value_range(-1, 1)"
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """A data section that trains on the built-in demo data."""
+    config = ml_collections.ConfigDict()
+    config.sources = ml_collections.ConfigDict(
+        {"demo": {"kind": "demo", "split": "train", "size": None, "image_size": 64, "weight": 1.0}})
+    config.batch_size = 64
+    config.pp_train = DEMO_PP_TRAIN
+    config.pp_eval = DEMO_PP_EVAL
+    config.tokenizer = "demo"
+    config.max_len = 16
+    config.lowercase = True
+    config.label_keys = ()
+    config.seed = 0
+    config.num_workers = 0
+    config.num_threads = 2
+    config.prefetch_buffer_size = 256
+    config.max_skip_fraction = 0.1
+    config.min_seen = 1000
+    return config
+
+
+def check_data_config(config) -> None:
+    """Fails early, with a sentence, on values that cannot work."""
+    if not config.sources:
+        raise ValueError("config.data.sources is empty; name at least one source")
+    if config.batch_size <= 0:
+        raise ValueError(f"config.data.batch_size={config.batch_size} must be positive")
+    if config.max_len < 2:
+        raise ValueError(f"config.data.max_len={config.max_len} must be >= 2 (one token + EOS)")
+    if config.num_workers < 0 or config.num_threads < 0:
+        raise ValueError(
+            f"config.data.num_workers={config.num_workers} / num_threads={config.num_threads} "
+            "must be >= 0")
+    for name, source in config.sources.items():
+        weight = source.get("weight", 1.0)
+        if not weight or weight <= 0:
+            raise ValueError(f"config.data.sources.{name}.weight={weight} must be positive")

@@ -1,0 +1,113 @@
+"""CSV / TSV / JSONL manifests: one row per image, a path column and one or more caption columns.
+
+The idea of open_clip's `--csv-img-key filepath --csv-caption-key title --csv-separator`:
+the column names are configurable (`image_key`, `caption_key`), image paths are relative to
+the manifest's folder unless absolute, and `caption_key` may name several columns
+(`"title,alt_text"` or a list) whose non-empty values all become captions of the row; in JSONL
+a caption field may also hold a list of strings. The format follows the extension: `.csv`
+(comma), `.tsv` (tab), `.jsonl` / `.json` (one JSON object per line); `separator` overrides the
+CSV delimiter.
+
+The manifest is read once, at construction, so a missing column fails before training
+starts; image files are read lazily in `__getitem__` (a missing one is skipped and counted).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+
+from big_contrast.data.errors import SkipRecord
+
+MANIFEST_EXTENSIONS = (".csv", ".tsv", ".jsonl", ".json")
+
+
+def parse_keys(keys: str | Sequence[str]) -> tuple[str, ...]:
+    """`"a,b"` or `["a", "b"]` -> `("a", "b")`."""
+    parts = keys.split(",") if isinstance(keys, str) else list(keys)
+    parts = tuple(k.strip() for k in parts if k.strip())
+    if not parts:
+        raise ValueError(f"caption_key {keys!r} names no column")
+    return parts
+
+
+def _read_rows(path: str, separator: str | None) -> tuple[list[dict], list[str]]:
+    """Returns the rows as dicts and the column names (for error messages)."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in MANIFEST_EXTENSIONS:
+        raise ValueError(
+            f"manifest {path!r} has extension {ext!r}; use one of {MANIFEST_EXTENSIONS}")
+    with open(path, newline="", encoding="utf-8") as f:
+        if ext in (".jsonl", ".json"):
+            rows = []
+            for line_number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"manifest {path!r} line {line_number} is not JSON: {e}") from None
+            columns = sorted({k for row in rows[:100] for k in row})
+            return rows, columns
+        delimiter = separator or ("\t" if ext == ".tsv" else ",")
+        reader = csv.DictReader(f, delimiter=delimiter)
+        return list(reader), list(reader.fieldnames or [])
+
+
+class ManifestSource:
+    """Image-text pairs listed in a CSV/TSV/JSONL manifest.
+
+    `source[i]` -> `{'image': bytes, 'captions': [...], 'key': image path}`.
+    """
+
+    def __init__(self, path: str, image_key: str = "filepath",
+                 caption_key: str | Sequence[str] = "title", separator: str | None = None):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"manifest {path!r} does not exist")
+        self.path = os.path.abspath(path)
+        self.root = os.path.dirname(self.path)
+        self.image_key = image_key
+        self.caption_keys = parse_keys(caption_key)
+        rows, columns = _read_rows(self.path, separator)
+        if not rows:
+            raise ValueError(f"manifest {path!r} has no rows")
+        missing = [k for k in (image_key, *self.caption_keys) if k not in columns]
+        if missing:
+            raise ValueError(
+                f"manifest {path!r} has no column(s) {missing}; its columns are {columns}. "
+                "Set the source's image_key / caption_key (open_clip's --csv-img-key / "
+                "--csv-caption-key) to the right names, or check the separator.")
+        # Keep only what __getitem__ needs: (image path, caption values) per row.
+        self._rows = [(row.get(image_key), [row.get(k) for k in self.caption_keys]) for row in rows]
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def captions(self, index: int) -> list:
+        """The row's caption values (unvalidated), without reading the image."""
+        values = []
+        for value in self._rows[index][1]:
+            values.extend(value if isinstance(value, list) else [value])
+        return [v for v in values if v is not None]
+
+    def image_path(self, index: int) -> str | None:
+        relative = self._rows[index][0]
+        if not isinstance(relative, str) or not relative.strip():
+            return None
+        return os.path.join(self.root, relative)
+
+    def __getitem__(self, index: int) -> dict:
+        path = self.image_path(index)
+        if path is None:
+            raise SkipRecord("missing_image", f"row {index} has no {self.image_key!r} value")
+        try:
+            with open(path, "rb") as f:
+                image = f.read()
+        except OSError as e:
+            raise SkipRecord("missing_image", f"{path}: {e.strerror}") from None
+        return {"image": image, "captions": self.captions(index), "key": self._rows[index][0]}
+
+    def __repr__(self) -> str:
+        return f"ManifestSource({self.path!r}, {len(self)} rows)"

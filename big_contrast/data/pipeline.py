@@ -1,0 +1,269 @@
+"""The grain input pipeline: sources -> shuffled, preprocessed, batched, global `jax.Array`s.
+
+    it = make_pipeline(config.data, sharding)      # sharding: NamedSharding | Mesh | None
+    batch = next(it)    # {'image': [B, H, W, 3] float32, 'text': [B, L] int32, <label_keys>}
+    it.skip_counts()    # {'skipped/<source>/<reason>': n, 'skipped/<reason>': n, 'seen/<source>': n}
+    state = it.get_state()  # JSON-serialisable; it.set_state(state) resumes exactly
+    it.close()
+
+The grain graph, per process:
+
+    for each source k:  MapDataset.source(TaggedSource(source_k))
+                          [process_index::process_count]       # disjoint examples per process
+                          .shuffle(seed_k).repeat()            # train only; reshuffled each epoch
+    MapDataset.mix(sources, weights)                           # when there are several
+      .random_map(ProcessExample)                              # decode, image ops, caption, tokens
+      .to_iter_dataset(ReadOptions(num_threads, prefetch))     # threaded reading + mapping
+      -> SkipCountingBatchIterDataset(B / process_count)       # batches + skip counts
+      -> .mp_prefetch(num_workers)                             # worker processes (if > 0)
+
+The first two stages slice by process explicitly (the same split grain's `ShardByJaxProcess`
+gives, with `process_index` / `process_count` overridable so tests can simulate hosts). The map
+and batch stages run inside the worker processes. The main process then strips the skip counts
+into a `SkipCounter` (checked against `max_skip_fraction`) and assembles each field into one
+global array with `jax.make_array_from_process_local_data`, sharded over the batch axes of
+`sharding`; with `sharding=None` batches stay numpy (evaluation, tests).
+
+Evaluation (`train=False`): `pp_eval`, no shuffle, one pass; every process yields the same
+number of batches, each padded to the per-process batch with a boolean `'mask'` field
+(False for padding), so multi-host evaluation stays in step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import grain
+import numpy as np
+
+from big_contrast.data.batching import SkipCountingBatchIterDataset
+from big_contrast.data.config import check_data_config
+from big_contrast.data.errors import SkipCounter
+from big_contrast.data.preprocess import ProcessExample
+from big_contrast.data.sources import TaggedSource, open_source
+from big_contrast.data.tokenizer import make_tokenizer
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def derive_seed(seed: int, *path: int) -> int:
+    """A 32-bit seed for one random stage, derived from the pipeline seed."""
+    return int(np.random.SeedSequence([int(seed), *path]).generate_state(1)[0])
+
+
+def batch_sharding(mesh, batch_axes=BATCH_AXES):
+    """NamedSharding over those of `batch_axes` that `mesh` has (batch dim only)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+    if not axes:
+        raise ValueError(f"mesh axes {mesh.axis_names} contain none of the batch axes {batch_axes}")
+    return NamedSharding(mesh, PartitionSpec(axes))
+
+
+def _data_section(config):
+    if "sources" not in config and "data" in config:
+        return config.data
+    return config
+
+
+def build_dataset(config, *, train: bool, per_process_batch: int, process_index: int,
+                  process_count: int, seed: int | None = None):
+    """The grain `IterDataset` of per-process batches (with `_seen` / `_skipped` counts).
+
+    Returns `(dataset, source_names, num_records_per_process)`; the last is the length of the
+    largest per-process shard of one pass (for evaluation padding).
+    """
+    check_data_config(config)
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must lie in [0, process_count={process_count})")
+    seed = config.seed if seed is None else seed
+    names = tuple(config.sources.keys())
+    if not train and len(names) > 1:
+        raise ValueError(f"evaluation reads one source; config has {len(names)}: {names}")
+    tokenizer = make_tokenizer(config.tokenizer, config.lowercase)
+    processor = ProcessExample(config.pp_train if train else config.pp_eval, tokenizer,
+                               config.max_len, tuple(config.label_keys))
+    parts, weights, largest_shard = [], [], 0
+    for k, name in enumerate(names):
+        source = open_source(name, config.sources[name])
+        if len(source) < process_count:
+            raise ValueError(
+                f"data source {name!r} has {len(source)} records, fewer than the {process_count} "
+                "processes that each need a disjoint share")
+        largest_shard = max(largest_shard, math.ceil(len(source) / process_count))
+        ds = grain.MapDataset.source(TaggedSource(source, k))[process_index::process_count]
+        if train:
+            ds = ds.shuffle(seed=derive_seed(seed, 1, k)).repeat()
+        parts.append(ds)
+        weights.append(float(config.sources[name].get("weight", 1.0)))
+    ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+    ds = ds.random_map(processor, seed=derive_seed(seed, 2))
+    read_options = grain.ReadOptions(num_threads=config.num_threads,
+                                     prefetch_buffer_size=config.prefetch_buffer_size)
+    iter_ds = SkipCountingBatchIterDataset(
+        ds.to_iter_dataset(read_options), per_process_batch, names, drop_remainder=False,
+        max_skip_fraction=config.max_skip_fraction, min_seen=config.min_seen)
+    if config.num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's worker start-up reads absl flags
+            flags.FLAGS.mark_as_parsed()
+        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))
+    return iter_ds, names, largest_shard
+
+
+class DataIterator:
+    """Iterator of (global) batches with skip accounting and checkpointable state."""
+
+    def __init__(self, dataset, source_names, counter: SkipCounter, sharding, process_count: int,
+                 per_process_batch: int, eval_num_batches: int | None):
+        self._dataset, self.source_names, self.skips = dataset, source_names, counter
+        self._sharding, self._process_count = sharding, process_count
+        self.per_process_batch = per_process_batch
+        self._eval_num_batches = eval_num_batches  # None when training (endless)
+        self._iterator = iter(dataset)
+        self._emitted = 0
+        self._template = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._eval_num_batches is not None and self._emitted >= self._eval_num_batches:
+            raise StopIteration
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            if self._eval_num_batches is None:
+                raise
+            batch = self._padding_batch()
+        else:
+            self.skips.add(batch.pop("_seen"), batch.pop("_skipped"))
+            if self._eval_num_batches is not None:
+                batch = self._pad(batch)
+        self._emitted += 1
+        return self._to_global(batch)
+
+    def _pad(self, batch: dict) -> dict:
+        b = len(batch["text"])
+        padded = {k: np.concatenate([v, np.zeros((self.per_process_batch - b, *v.shape[1:]), v.dtype)])
+                  for k, v in batch.items()}
+        padded["mask"] = np.arange(self.per_process_batch) < b
+        self._template = padded
+        return padded
+
+    def _padding_batch(self) -> dict:
+        if self._template is None:
+            raise ValueError("this process's share of the evaluation data produced no example "
+                             "(every record was skipped), so no padding batch can be shaped")
+        return {k: np.zeros_like(v) for k, v in self._template.items()}
+
+    def _to_global(self, batch: dict) -> dict:
+        if self._sharding is None:
+            return batch
+        import jax
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        batch_spec = self._sharding.spec[0] if len(self._sharding.spec) else None
+        out = {}
+        for key, local in batch.items():
+            field = NamedSharding(self._sharding.mesh,
+                                  PartitionSpec(batch_spec, *[None] * (local.ndim - 1)))
+            global_shape = (local.shape[0] * self._process_count, *local.shape[1:])
+            out[key] = jax.make_array_from_process_local_data(field, local, global_shape)
+        return out
+
+    def skip_counts(self) -> dict[str, int]:
+        """Cumulative counts on this process (see `SkipCounter.counts`), for the metrics."""
+        return self.skips.counts()
+
+    def get_state(self) -> dict:
+        """JSON-serialisable state; `set_state` on a fresh iterator of the same config resumes
+        with exactly the batches this one would produce next."""
+        return {"grain": self._iterator.get_state(), "skips": self.skips.get_state(),
+                "emitted": self._emitted}
+
+    def set_state(self, state: dict) -> None:
+        self._iterator.set_state(state["grain"])
+        self.skips.set_state(state["skips"])
+        self._emitted = state["emitted"]
+
+    def close(self) -> None:
+        """Stops worker processes (call it, or use `with`, when num_workers > 0)."""
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _check_sharding(sharding, global_batch: int, process_count: int):
+    """Batch must divide over the batch shards; each process must own B / process_count rows."""
+    mesh, spec = sharding.mesh, sharding.spec
+    axes = spec[0] if len(spec) else None
+    axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+    num_shards = math.prod(mesh.shape[a] for a in axes)
+    if global_batch % num_shards:
+        raise ValueError(
+            f"global batch size {global_batch} does not divide over the {num_shards} batch shards "
+            f"of mesh axes {axes}; use a multiple of {num_shards}")
+    rows = {(idx[0].start, idx[0].stop)
+            for idx in sharding.addressable_devices_indices_map((global_batch,)).values()}
+    local_rows = sum((stop or global_batch) - (start or 0) for start, stop in rows)
+    if local_rows * process_count != global_batch:
+        raise NotImplementedError(
+            f"this process addresses {local_rows} of {global_batch} batch rows, not 1/{process_count}; "
+            "meshes where several processes share batch rows are not supported by the data pipeline")
+
+
+def make_pipeline(config, sharding=None, *, train: bool = True, global_batch_size: int | None = None,
+                  seed: int | None = None, process_index: int | None = None,
+                  process_count: int | None = None) -> DataIterator:
+    """Builds the input pipeline described by `config.data` (see `config.py`).
+
+    Args:
+      config: the data section (a full config with a `data` field is accepted too).
+      sharding: a `NamedSharding` whose spec's first entry shards the batch dimension, a `Mesh`
+        (sharded over its 'data' / 'fsdp' axes), or None for numpy batches.
+      train: training (shuffled, endless, `pp_train`) or evaluation (one pass, `pp_eval`,
+        padded batches with a 'mask').
+      global_batch_size: overrides `config.batch_size`.
+      seed: overrides `config.seed`.
+      process_index / process_count: default to jax's; override only without a sharding
+        (to simulate hosts in tests).
+    """
+    config = _data_section(config)
+    global_batch = global_batch_size or config.batch_size
+    if sharding is not None:
+        import jax
+
+        if isinstance(sharding, jax.sharding.Mesh):
+            sharding = batch_sharding(sharding)
+        real = (jax.process_index(), jax.process_count())
+        if (process_index, process_count) not in ((None, None), real):
+            raise ValueError(
+                f"process_index/process_count={process_index}/{process_count} differ from jax's "
+                f"{real}; overriding them is only possible without a sharding (numpy batches)")
+        process_index, process_count = real
+        _check_sharding(sharding, global_batch, process_count)
+    elif process_index is None or process_count is None:
+        from grain.sharding import ShardByJaxProcess
+
+        shard = ShardByJaxProcess()
+        process_index, process_count = shard.shard_index, shard.shard_count
+    if global_batch % process_count:
+        raise ValueError(
+            f"global batch size {global_batch} does not divide over {process_count} processes")
+    per_process_batch = global_batch // process_count
+    dataset, names, largest_shard = build_dataset(
+        config, train=train, per_process_batch=per_process_batch, process_index=process_index,
+        process_count=process_count, seed=seed)
+    counter = SkipCounter(names, config.max_skip_fraction, config.min_seen)
+    eval_num_batches = None if train else math.ceil(largest_shard / per_process_batch)
+    return DataIterator(dataset, names, counter, sharding, process_count, per_process_batch,
+                        eval_num_batches)

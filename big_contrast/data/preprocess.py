@@ -1,0 +1,101 @@
+"""The per-example map stage: raw example -> `{'image', 'text', ...}` or a skip marker.
+
+Runs in grain's worker processes (it is part of the `MapDataset` that `mp_prefetch` slices).
+A record that cannot be used becomes `{'_skip': reason_index, '_source': k}` instead of
+raising; the batcher (`batching.py`) counts those markers and leaves them out of the batch.
+A marker followed by a counting batcher, rather than grain's `filter`, is what lets the
+counts reach the trainer: a filter would drop the record without a trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+
+from big_contrast.data.errors import REASON_INDEX, SkipRecord
+from big_contrast.data.image_ops import parse_image_pp
+from big_contrast.data.tokenizer import encode_fixed
+
+
+def _as_text(value) -> str:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SkipRecord("non_text_caption", "caption bytes are not UTF-8") from None
+    if isinstance(value, np.str_):
+        return str(value)
+    if not isinstance(value, str):
+        raise SkipRecord("non_text_caption", f"caption of type {type(value).__name__}")
+    return value
+
+
+def usable_captions(captions) -> list[str]:
+    """The non-empty, stripped text captions of a record; raises `SkipRecord` if there is none.
+
+    `captions` may be a string, bytes (UTF-8), or a list / array of them. The reason is
+    `empty_caption`, or `non_text_caption` when some value was not text.
+    """
+    if captions is None:
+        raise SkipRecord("empty_caption", "no caption")
+    if isinstance(captions, (str, bytes, np.str_)):
+        captions = [captions]
+    elif isinstance(captions, np.ndarray):
+        captions = captions.reshape(-1).tolist()
+    elif not isinstance(captions, (list, tuple)):
+        raise SkipRecord("non_text_caption", f"captions of type {type(captions).__name__}")
+    usable, non_text = [], None
+    for value in captions:
+        try:
+            text = _as_text(value).strip()
+        except SkipRecord as e:
+            non_text = e
+            continue
+        if text:
+            usable.append(text)
+    if not usable:
+        raise non_text or SkipRecord("empty_caption", "only empty captions")
+    return usable
+
+
+def choose_caption(captions, rng: np.random.Generator) -> str:
+    """One usable caption, uniformly at random (seeded by `rng`) when there are several."""
+    usable = usable_captions(captions)
+    return usable[int(rng.integers(len(usable)))] if len(usable) > 1 else usable[0]
+
+
+class ProcessExample(grain.transforms.RandomMap):
+    """Picks a caption, tokenizes it, decodes and preprocesses the image.
+
+    Output: `{'image': [H, W, 3], 'text': int32 [max_len], '_source': k, <label_keys>...}`.
+    The random draws (caption choice, then image ops) come from grain's per-index generator,
+    so an example is processed the same way whichever worker handles it.
+    """
+
+    def __init__(self, image_pp: str, tokenizer, max_len: int, label_keys: Sequence[str] = ()):
+        if max_len < 2:
+            raise ValueError(f"max_len={max_len} leaves no room for a token before EOS; use >= 2")
+        self.image_pp = parse_image_pp(image_pp)
+        self.tokenizer, self.max_len = tokenizer, max_len
+        self.label_keys = tuple(label_keys)
+
+    def random_map(self, raw: dict, rng: np.random.Generator) -> dict:
+        source = raw["_source"]
+        if "_skip" in raw:
+            return {"_skip": REASON_INDEX[raw["_skip"]], "_source": source}
+        try:
+            caption = choose_caption(raw.get("captions"), rng)
+            image = self.image_pp(raw.get("image"), rng)
+        except SkipRecord as e:
+            return {"_skip": REASON_INDEX[e.reason], "_source": source}
+        out = {"image": image, "text": encode_fixed(self.tokenizer, caption, self.max_len),
+               "_source": source}
+        for key in self.label_keys:
+            if key not in raw:
+                raise ValueError(
+                    f"data.label_keys asks for {key!r}, which this source's examples lack "
+                    f"(they have {sorted(k for k in raw if not k.startswith('_'))})")
+            out[key] = np.int32(raw[key])
+        return out

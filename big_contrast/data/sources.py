@@ -1,0 +1,101 @@
+"""Opening a source from its config, and the raw-example protocol every source follows.
+
+A source is random access (grain's `RandomAccessDataSource`: `len(source)`, `source[i]`) and
+returns *raw* examples: `{'image': encoded image bytes, 'captions': str | bytes | list of them,
+...}` (optional extra fields such as `'key'` or integer `'label/<task>'` pass through).
+Decoding and preprocessing happen later, in the pipeline's map stage (so in grain's worker
+processes). A source may raise `SkipRecord(reason)` for a record it already knows is bad
+(e.g. a manifest row whose image file is missing); `TaggedSource` turns that into a skip
+marker so that it is counted, never fatal.
+
+Source config (`ConfigDict` or dict), by `kind`:
+  demo:          split='train' | 'eval', size=None (default 10,000 / 960), image_size=64
+  array_record:  path (a file, a directory of *.array_record files, or a glob)
+  manifest:      path (.csv / .tsv / .jsonl), image_key='filepath', caption_key='title'
+                 (a column or a comma-separated list of columns), separator=None
+  tfds:          name, split='train', data_dir=None, image_key='image', caption_key='captions'
+Every kind also takes `weight` (mixture weight, default 1.0). Webdataset tar shards are not
+read directly: `big-contrast data convert` turns them into ArrayRecord files first, so that
+training reads random-access, exactly resumable data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from big_contrast.data.errors import SkipRecord
+
+SOURCE_FIELDS = {
+    "demo": {"split": "train", "size": None, "image_size": 64},
+    "array_record": {"path": None},
+    "manifest": {"path": None, "image_key": "filepath", "caption_key": "title", "separator": None},
+    "tfds": {"name": None, "split": "train", "data_dir": None, "image_key": "image",
+             "caption_key": "captions"},
+}
+REQUIRED = {"array_record": ("path",), "manifest": ("path",), "tfds": ("name",)}
+
+
+def source_options(name: str, config: Mapping) -> tuple[str, dict]:
+    """Validates a source config: returns its kind and its options with defaults filled in."""
+    config = dict(config)
+    kind = config.pop("kind", None)
+    config.pop("weight", None)
+    if kind == "tar":
+        raise ValueError(
+            f"data source {name!r}: webdataset tar shards are converted once, then read as "
+            "ArrayRecord: run `big-contrast data convert <shards> <out_dir>` and use "
+            "kind='array_record', path=<out_dir>")
+    if kind not in SOURCE_FIELDS:
+        raise ValueError(f"data source {name!r} has kind={kind!r}; use one of {sorted(SOURCE_FIELDS)}")
+    unknown = sorted(set(config) - set(SOURCE_FIELDS[kind]))
+    if unknown:
+        raise ValueError(
+            f"data source {name!r} (kind={kind!r}) has unknown field(s) {unknown}; "
+            f"its fields are {sorted(SOURCE_FIELDS[kind])} and 'weight'")
+    options = {**SOURCE_FIELDS[kind], **config}
+    for field in REQUIRED.get(kind, ()):
+        if not options[field]:
+            raise ValueError(f"data source {name!r} (kind={kind!r}) needs {field!r}")
+    return kind, options
+
+
+def open_source(name: str, config: Mapping):
+    """The random-access source a config describes; bad paths / names fail here, early."""
+    kind, options = source_options(name, config)
+    if kind == "demo":
+        from big_contrast.data.demo import DemoSource
+
+        return DemoSource(**options)
+    if kind == "array_record":
+        from big_contrast.data.array_record import ArrayRecordSource
+
+        return ArrayRecordSource(options["path"])
+    if kind == "manifest":
+        from big_contrast.data.manifest import ManifestSource
+
+        return ManifestSource(**options)
+    from big_contrast.data.tfds_source import TfdsSource
+
+    return TfdsSource(**options)
+
+
+class TaggedSource:
+    """Wraps a source for the pipeline: adds `'_source': index` and turns `SkipRecord` raised by
+    the source into a skip marker `{'_skip': reason, '_source': index}`."""
+
+    def __init__(self, source, source_index: int):
+        self.source, self.source_index = source, source_index
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            raw = dict(self.source[index])
+        except SkipRecord as e:
+            return {"_skip": e.reason, "_source": self.source_index}
+        raw["_source"] = self.source_index
+        return raw
+
+    def __repr__(self) -> str:
+        return f"TaggedSource({self.source!r}, source_index={self.source_index})"

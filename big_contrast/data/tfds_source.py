@@ -1,0 +1,83 @@
+"""TFDS datasets as a random-access source, read through `tfds.data_source` (no TensorFlow).
+
+The dataset must already be prepared in `data_dir` in the ArrayRecord file format
+(`tfds build <name> --data_dir=<dir> --file_format=array_record`, or a builder's
+`download_and_prepare()` with `file_format='array_record'`). Images are read as their encoded
+bytes (`tfds.decode.SkipDecoding`) so that decoding happens in the pipeline's workers like
+for every other source. Keys may be nested with `/`, e.g. `caption_key='captions/text'` for
+`coco_captions`.
+"""
+
+from __future__ import annotations
+
+import re
+
+
+def _nested(path: str, leaf):
+    """`'a/b'`, leaf -> `{'a': {'b': leaf}}`."""
+    for part in reversed(path.split("/")):
+        leaf = {part: leaf}
+    return leaf
+
+
+def _get(record: dict, path: str):
+    for part in path.split("/"):
+        record = record[part]
+    return record
+
+
+def _open_builder(name: str, data_dir: str | None):
+    import tensorflow_datasets as tfds  # heavy import, only when a TFDS source is used
+
+    where = f"data_dir={data_dir!r}" if data_dir else "the default TFDS data_dir"
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ValueError(
+            f"TFDS dataset {name!r} is neither registered nor prepared in {where}; check the name "
+            "(with its config, e.g. 'coco_captions/2017') and data_dir") from None
+    if not builder.is_prepared():
+        raise ValueError(
+            f"TFDS dataset {name!r} is not prepared in {where}; prepare it first with "
+            f"`tfds build {name} --data_dir=<dir> --file_format=array_record`")
+    file_format = str(getattr(builder.info.file_format, "value", builder.info.file_format))
+    if "array_record" not in file_format:
+        raise ValueError(
+            f"TFDS dataset {name!r} in {where} was prepared as {file_format}, which has no random "
+            "access; prepare it again with --file_format=array_record")
+    return builder
+
+
+class TfdsSource:
+    """`source[i]` -> `{'image': encoded bytes, 'captions': ...}` from a prepared TFDS split."""
+
+    def __init__(self, name: str, split: str = "train", data_dir: str | None = None,
+                 image_key: str = "image", caption_key: str = "captions"):
+        import tensorflow_datasets as tfds
+
+        builder = _open_builder(name, data_dir)
+        splits = list(builder.info.splits.keys())
+        for base in re.split(r"[+]", split):
+            base = base.split("[")[0].strip()
+            if base not in splits:
+                raise ValueError(f"TFDS dataset {name!r} has no split {base!r}; its splits are {splits}")
+        features = builder.info.features
+        for key in (image_key, caption_key):
+            if key.split("/")[0] not in features:
+                raise ValueError(
+                    f"TFDS dataset {name!r} has no feature {key!r}; its features are "
+                    f"{list(features.keys())}. Set the source's image_key / caption_key.")
+        self.name, self.split = name, split
+        self.image_key, self.caption_key = image_key, caption_key
+        self._records = builder.as_data_source(
+            split=split, decoders=_nested(image_key, tfds.decode.SkipDecoding()))
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self._records[index]
+        return {"image": _get(record, self.image_key), "captions": _get(record, self.caption_key)}
+
+    def __repr__(self) -> str:
+        return f"TfdsSource({self.name!r}, split={self.split!r}, {len(self)} records)"
