@@ -121,8 +121,8 @@ def batches_from_source(source, batch_size: int, *, mesh=None,
             records = [source[int(i)] for i in indices]
             yield {k: np.stack([np.asarray(r[k]) for r in records]) for k in records[0]}
         else:
-            # This process has no rows left in the last global batch; an empty batch keeps it in step.
-            yield {}
+            # No rows for this process in the last global batch: a zero-row batch keeps it in step.
+            yield {k: np.asarray(v)[None][:0] for k, v in source[0].items()}
 
 
 def _as_global(value: np.ndarray, mesh, batch_axes):
@@ -178,7 +178,8 @@ def embed_dataset(
         data = batches_from_arrays(data, batch_size, mesh=mesh, batch_axes=batch_axes)
     size = len(local_rows(batch_size, mesh, batch_axes))
     fields = [field for field, _ in embed_fns.values()] + list(keep)
-    outputs: dict[str, list[np.ndarray]] = {name: [] for name in list(embed_fns) + list(keep)}
+    outputs: dict[str, list[Any]] = {name: [] for name in list(embed_fns) + list(keep)}
+    valid: list[Any] = []
     template = None  # a zero batch for a process whose data ran out before the others'
     iterator = iter(data)
     while True:
@@ -193,15 +194,17 @@ def embed_dataset(
                              "while others did; give every process at least one example.")
         batch = template if batch is None or not len(batch) else {f: batch[f] for f in fields}
         padded = pad_batch(batch, size)
-        valid = _to_host(_as_global(padded[VALID], mesh, batch_axes))
+        # Outputs stay on the devices until the end, so the next batch is dispatched without waiting.
+        valid.append(_as_global(padded[VALID], mesh, batch_axes))
         for name, (field, fn) in embed_fns.items():
-            out = _to_host(fn(_as_global(padded[field], mesh, batch_axes)))
-            outputs[name].append(out[valid])
+            outputs[name].append(fn(_as_global(padded[field], mesh, batch_axes)))
         for field in keep:
-            outputs[field].append(_to_host(_as_global(padded[field], mesh, batch_axes))[valid])
+            outputs[field].append(_as_global(padded[field], mesh, batch_axes))
     if template is None:
         raise ValueError(f"{context}: the data is empty; an evaluation needs at least one example.")
-    return {name: np.concatenate(parts) for name, parts in outputs.items()}
+    valid_rows = [_to_host(v) for v in valid]
+    return {name: np.concatenate([_to_host(part)[rows] for part, rows in zip(parts, valid_rows)])
+            for name, parts in outputs.items()}
 
 
 def _is_text(value: np.ndarray) -> bool:
