@@ -42,7 +42,9 @@ def local_rows(batch_size: int, mesh=None, batch_axes: str | Sequence[str] = "da
     """Positions, within a global batch of `batch_size`, of the rows this process feeds.
 
     They follow `jax.make_array_from_process_local_data`: the process's addressable shards along
-    dimension 0, sorted by their start. Without a mesh (single process) that is every row.
+    dimension 0, sorted by their start. Without a mesh (single process) that is every row. When
+    the batch axes do not split the processes (each holds every row), all of them must feed
+    identical batches.
     """
     if mesh is None:
         if jax.process_count() > 1:
