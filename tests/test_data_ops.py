@@ -83,6 +83,16 @@ def test_reduced_size_jpeg_decode_stays_close_to_full_decode():
     assert np.abs(fast - np.asarray(full, float)).mean() < 3.0
 
 
+def test_fast_jpeg_decode_is_close_to_exact_decode():
+    data = encode(smooth_image(96, 64), "JPEG", quality=95)
+    exact = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), float)
+    out = parse_image_pp("decode(fast=True)|resize((64, 96))")(data, np.random.default_rng(0))
+    difference = np.abs(out.astype(float) - exact).mean()
+    assert 0 < difference < 8  # differs (so the fast path ran) but only slightly
+    exact_path = parse_image_pp("decode|resize((64, 96))")(data, np.random.default_rng(0))
+    np.testing.assert_array_equal(exact_path, exact)
+
+
 def test_decode_converts_modes_to_rgb():
     for mode in ("L", "RGBA", "P"):
         data = encode(smooth_image(12, 8, mode=mode))

@@ -4,7 +4,10 @@
     image_hw3 = pp(jpeg_bytes, rng)          # float32 [224, 224, 3] in [-1, 1]
 
 Ops (each `op(image, rng) -> image`; arguments are python literals, checked when parsed):
-  decode                       encoded bytes -> PIL image, opened lazily (header only)
+  decode(fast=False)           encoded bytes -> PIL image, opened lazily (header only);
+                               fast=True decodes JPEGs with libjpeg's fast integer IDCT and
+                               plain chroma upsampling (about 30% less decode time, slightly
+                               less exact pixels: mean abs difference 2-5 / 255)
   resize(size)                 to exactly `size` (int or (h, w)), aspect not kept
   resize_small(size)           shorter side to `size`, aspect kept
   central_crop(size)           the centred `size` window (int or (h, w))
@@ -39,6 +42,7 @@ from big_contrast.data.errors import SkipRecord
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_FAST_JPEG = "big_contrast_fast_jpeg"  # image.info flag set by decode(fast=True)
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
@@ -59,11 +63,20 @@ def _draft(image: Image.Image, box: tuple[float, float, float, float], out_wh: t
     if not drafted:
         return box
     scale = width / drafted[1][2]
+    _set_fast_jpeg(image)
     return tuple(v / scale for v in box)
+
+
+def _set_fast_jpeg(image: Image.Image) -> None:
+    """For decode(fast=True): PIL's JPEG decoder config is (scale, draft); draft=1 selects the
+    fast IDCT without fancy upsampling (what PIL itself uses for `draft` thumbnails)."""
+    if image.info.get(_FAST_JPEG) and image.format == "JPEG" and getattr(image, "tile", None):
+        image.decoderconfig = ((image.decoderconfig or (1, 0))[0], 1)
 
 
 def _pixels(image: Image.Image) -> Image.Image:
     """Decodes now (mapping decoder errors to a skip) and returns an RGB image."""
+    _set_fast_jpeg(image)
     try:
         image.load()  # a no-op once decoded
     except _DECODE_ERRORS as e:
@@ -77,7 +90,7 @@ def _resize_box(image, box, out_hw):
     return _pixels(image).resize(out_wh, Image.Resampling.BILINEAR, box=box)
 
 
-def decode(data, rng):
+def decode(data, rng, *, fast=False):
     del rng
     if isinstance(data, Image.Image):
         return data
@@ -89,6 +102,8 @@ def decode(data, rng):
             image = Image.open(io.BytesIO(data))
     except _DECODE_ERRORS as e:
         raise SkipRecord("undecodable_image", str(e)) from None
+    if fast:
+        image.info[_FAST_JPEG] = True
     if image.mode not in ("RGB", "L"):  # palette / alpha / CMYK: resample in RGB, not in P
         image = _pixels(image)
     return image
@@ -173,13 +188,17 @@ def to_uint8(image) -> np.ndarray:
 def value_range(image, rng, *, vmin=-1.0, vmax=1.0):
     del rng
     x = to_uint8(image).astype(np.float32)
-    return x * np.float32((vmax - vmin) / 255.0) + np.float32(vmin)
+    x *= np.float32((vmax - vmin) / 255.0)  # in place: one float32 buffer per image
+    x += np.float32(vmin)
+    return x
 
 
 def normalize(image, rng, *, mean=CLIP_MEAN, std=CLIP_STD):
     del rng
-    scale = np.asarray(std, np.float32) * 255.0
-    return (to_uint8(image).astype(np.float32) - np.asarray(mean, np.float32) * 255.0) / scale
+    x = to_uint8(image).astype(np.float32)
+    x -= np.asarray(mean, np.float32) * 255.0
+    x /= np.asarray(std, np.float32) * 255.0
+    return x
 
 
 OPS = {
@@ -188,7 +207,7 @@ OPS = {
     "flip_lr": flip_lr, "value_range": value_range, "normalize": normalize,
 }
 # Ops whose first positional argument is `size`.
-_POSITIONAL = {"resize": ("size",), "resize_small": ("size",), "central_crop": ("size",),
+_POSITIONAL = {"decode": ("fast",), "resize": ("size",), "resize_small": ("size",), "central_crop": ("size",),
                "random_resized_crop": ("size", "scale", "ratio"), "flip_lr": ("p",),
                "value_range": ("vmin", "vmax"), "normalize": ("mean", "std")}
 
