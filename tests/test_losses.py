@@ -2,6 +2,7 @@
 gradients), its numerical edge cases, its memory structure and its input errors.
 Runs on 8 simulated devices."""
 
+import functools
 import re
 import zlib
 
@@ -28,15 +29,20 @@ def make_mesh(shape, names, explicit=False):
     return Mesh(devices, names)
 
 
-def loss_and_grads(loss, zimg, ztxt, scale, bias, **kw):
-    """Value and gradients w.r.t. (zimg, ztxt, scale[, bias]) of one loss, jitted."""
+@functools.lru_cache(maxsize=None)
+def jitted_value_and_grad(loss, **kw):
+    """jit(value_and_grad) of one loss w.r.t. all its arguments, compiled once per configuration."""
     if loss == "softmax":
-        fn = lambda x, y, s: softmax_loss(x, y, s, **kw)  # noqa: E731
-        args = (zimg, ztxt, scale)
+        fn, n_args = (lambda x, y, s: softmax_loss(x, y, s, **kw)), 3
     else:
-        fn = lambda x, y, s, b: sigmoid_loss(x, y, s, b, **kw)  # noqa: E731
-        args = (zimg, ztxt, scale, bias)
-    return jax.jit(jax.value_and_grad(fn, argnums=tuple(range(len(args)))))(*args)
+        fn, n_args = (lambda x, y, s, b: sigmoid_loss(x, y, s, b, **kw)), 4
+    return jax.jit(jax.value_and_grad(fn, argnums=tuple(range(n_args))))
+
+
+def loss_and_grads(loss, zimg, ztxt, scale, bias, **kw):
+    """Value and gradients w.r.t. (zimg, ztxt, scale[, bias]) of one loss."""
+    args = (zimg, ztxt, jnp.float32(scale)) + ((jnp.float32(bias),) if loss == "sigmoid" else ())
+    return jitted_value_and_grad(loss, **kw)(*args)
 
 
 def rel_err(a, b):

@@ -76,7 +76,7 @@ def _add_at(acc, i, value):
 
 
 def _sigmoid_tile(x_td, y_td, scale, bias, positive_tt, valid_tt):
-    """Loss terms, dloss/dlogit and raw cosines of one tile.
+    """Loss terms and dloss/dlogit of one tile.
 
     With u = scale * <x, y> + bias and sign s (+1 on positives), the term is
     -log sigmoid(s u) = softplus(m) with m = -s u, written with a single exp so that it is
@@ -92,14 +92,15 @@ def _sigmoid_tile(x_td, y_td, scale, bias, positive_tt, valid_tt):
     if valid_tt is not None:
         term_tt = jnp.where(valid_tt, term_tt, 0.0)
         g_tt = jnp.where(valid_tt, g_tt, 0.0)
-    return term_tt, g_tt, cos_tt
+    return term_tt, g_tt
 
 
 def sigmoid_block_pair(tiling, x_ntd, y_ntd, scale, bias, local, dy_ntd, *, row0, col0, with_grads):
     """Adds the sigmoid terms of (local image block) x (one text block) to the accumulators.
 
     `local` holds per-row sums [n_tiles, t] of the loss terms (`loss`) and, with gradients,
-    of dl/du * cos (`dscale`) and dl/du (`dbias`), plus the image gradient `dx` [n, t, D];
+    of dl/du (`dbias`), plus the image gradient `dx` [n, t, D] (whose row-wise dot with the
+    images gives the scale gradient, see ring.py);
     `dy_ntd` is the gradient accumulator of the text block (it travels with the block).
     `row0`, `col0` are the global indices of the first image row and the first text row,
     which locate the positive pairs. Gradients are unscaled partial sums: the caller
@@ -112,13 +113,12 @@ def sigmoid_block_pair(tiling, x_ntd, y_ntd, scale, bias, local, dy_ntd, *, row0
         local, dy_ntd = carry
         x_td, y_td = x_ntd[i], y_ntd[j]
         positive_tt = (row0 + i * tiling.t + ids_t)[:, None] == (col0 + j * tiling.t + ids_t)[None, :]
-        term_tt, g_tt, cos_tt = _sigmoid_tile(x_td, y_td, scale, bias, positive_tt, tiling.valid_tt(i, j))
+        term_tt, g_tt = _sigmoid_tile(x_td, y_td, scale, bias, positive_tt, tiling.valid_tt(i, j))
         local = dict(local, loss=_add_at(local["loss"], i, term_tt.sum(1)))
         if with_grads:
             g_lo = g_tt.astype(dtype)
             local = dict(
                 local,
-                dscale=_add_at(local["dscale"], i, (g_tt * cos_tt).sum(1)),
                 dbias=_add_at(local["dbias"], i, g_tt.sum(1)),
                 dx=_add_at(local["dx"], i, _dot_f32(g_lo, y_td)),
             )
@@ -132,11 +132,10 @@ def sigmoid_block_pair(tiling, x_ntd, y_ntd, scale, bias, local, dy_ntd, *, row0
 
 
 def _masked_logits(x_td, y_td, scale, valid_tt):
-    cos_tt = _dot_f32(x_td, y_td.T)
-    logits_tt = scale * cos_tt
+    logits_tt = scale * _dot_f32(x_td, y_td.T)
     if valid_tt is not None:
         logits_tt = jnp.where(valid_tt, logits_tt, -jnp.inf)
-    return logits_tt, cos_tt
+    return logits_tt
 
 
 def _fold_lse(max_t, sum_t, logits_tt, axis):
@@ -157,7 +156,7 @@ def softmax_stats_block_pair(tiling, x_ntd, y_ntd, scale, row_stats, col_stats):
 
     def body(i, j, carry):
         (row_max, row_sum), (col_max, col_sum) = carry
-        logits_tt, _ = _masked_logits(x_ntd[i], y_ntd[j], scale, tiling.valid_tt(i, j))
+        logits_tt = _masked_logits(x_ntd[i], y_ntd[j], scale, tiling.valid_tt(i, j))
         rmax, rsum = _fold_lse(row_max[i], row_sum[i], logits_tt, axis=1)
         cmax, csum = _fold_lse(col_max[j], col_sum[j], logits_tt, axis=0)
         return (
@@ -176,7 +175,7 @@ def softmax_grad_block_pair(tiling, x_ntd, y_ntd, scale, row_lse, col_lse, local
     parts (max [n, t], log of the shifted sum [n, t]): exp((L - max) - log_sum) keeps full
     float32 precision where exp(L - lse) would lose the low bits of a large lse (at
     scale 100, lse ~ 100 has an ulp of 8e-6). `local` holds the image gradient `dx`
-    [n, t, D] and per-row sums of P * cos (`dscale`); `dy_ntd` travels with the text block.
+    [n, t, D]; `dy_ntd` travels with the text block.
     The caller applies the 1/(2B) normalisation, the scale and the diagonal term.
     """
     dtype = x_ntd.dtype
@@ -186,18 +185,14 @@ def softmax_grad_block_pair(tiling, x_ntd, y_ntd, scale, row_lse, col_lse, local
         local, dy_ntd = carry
         x_td, y_td = x_ntd[i], y_ntd[j]
         valid_tt = tiling.valid_tt(i, j)
-        logits_tt, cos_tt = _masked_logits(x_td, y_td, scale, valid_tt)
+        logits_tt = _masked_logits(x_td, y_td, scale, valid_tt)
         p_tt = jnp.exp((logits_tt - row_max[i][:, None]) - row_logsum[i][:, None]) + jnp.exp(
             (logits_tt - col_max[j][None, :]) - col_logsum[j][None, :]
         )
         if valid_tt is not None:
             p_tt = jnp.where(valid_tt, p_tt, 0.0)
         p_lo = p_tt.astype(dtype)
-        local = dict(
-            local,
-            dscale=_add_at(local["dscale"], i, (p_tt * cos_tt).sum(1)),
-            dx=_add_at(local["dx"], i, _dot_f32(p_lo, y_td)),
-        )
+        local = dict(local, dx=_add_at(local["dx"], i, _dot_f32(p_lo, y_td)))
         return local, _add_at(dy_ntd, j, _dot_f32(p_lo.T, x_td))
 
     return for_each_tile(tiling, body, (local, dy_ntd))
