@@ -1,0 +1,88 @@
+"""The trainer's config: defaults for every key, and validation before anything compiles.
+
+A config file (configs/*.py) returns `default_config()` updated with its own choices:
+
+    config.seed                  PRNG seed of the parameter initialisation (data has its own)
+    config.mesh                  (("data", -1), ("fsdp", 1), ("tensor", 1)); -1 takes the rest
+    config.model                 see big_contrast.models.default_model_config(); .loss picks
+                                 "softmax" (CLIP) or "sigmoid" (SigLIP)
+    config.loss_impl             "ring" | "all_gather" | "dense" (the loss engine's impl)
+    config.loss_block            ring tile size (None: the engine's default)
+    config.batch_size            global batch (also config.data.batch_size)
+    config.microbatch_size       per-device micro-batch for gradient caching (None: off)
+    config.total_steps, config.log_every, config.checkpoint_every, config.keep_checkpoints
+    config.optimizer             name, lr, b1, b2, eps, weight_decay, grad_clip_norm,
+                                 warmup_steps, schedule ("cosine" | "rsqrt" | "linear" |
+                                 "constant"), min_lr_ratio, rsqrt_timescale
+    config.lr_mults              ((path_regex, multiplier), ...); 0 freezes
+    config.freeze                (path_regex, ...); added to the model's locked tower
+    config.init_towers           {"image": workdir_or_checkpoint_dir, ...}: load tower weights
+                                 from a checkpoint of this project before training
+    config.data                  see big_contrast.data.default_data_config()
+    config.evals                 see big_contrast.evaluate (type, data, every_steps, prefix)
+    config.peak_flops_per_device for model FLOPs utilisation (None: not reported)
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from big_contrast import losses
+from big_contrast.data import default_data_config
+from big_contrast.models import default_model_config
+
+
+def default_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
+    config.model = default_model_config()
+    config.loss_impl = "ring"
+    config.loss_block = ml_collections.FieldReference(None, field_type=int)
+    config.batch_size = 64
+    config.microbatch_size = ml_collections.FieldReference(None, field_type=int)
+    config.total_steps = 100
+    config.log_every = 10
+    config.checkpoint_every = 100
+    config.keep_checkpoints = 3
+    config.optimizer = ml_collections.ConfigDict(dict(
+        name="adamw", lr=1e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-4, grad_clip_norm=1.0,
+        warmup_steps=10, schedule="cosine", min_lr_ratio=0.0, rsqrt_timescale=10_000, momentum=0.9,
+    ))
+    config.lr_mults = ()
+    config.freeze = ()
+    config.init_towers = ml_collections.ConfigDict()
+    config.data = default_data_config()
+    config.evals = ml_collections.ConfigDict()
+    config.peak_flops_per_device = ml_collections.FieldReference(None, field_type=float)
+    return config
+
+
+def validate(config, num_batch_shards: int) -> None:
+    """One-sentence errors naming the key, for mistakes that would otherwise fail deep in a run."""
+    if config.model.loss not in ("softmax", "sigmoid"):
+        raise ValueError(f"config.model.loss={config.model.loss!r} is unknown; use 'softmax' or 'sigmoid'.")
+    if config.loss_impl not in losses.IMPLS:
+        raise ValueError(f"config.loss_impl={config.loss_impl!r} is unknown; use one of {losses.IMPLS}.")
+    if config.batch_size <= 0 or config.batch_size % num_batch_shards:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} does not divide over the {num_batch_shards} "
+            f"data-parallel devices; use a multiple of {num_batch_shards}."
+        )
+    per_device = config.batch_size // num_batch_shards
+    micro = config.microbatch_size
+    if micro is not None and (micro <= 0 or per_device % micro):
+        raise ValueError(
+            f"config.microbatch_size={micro} does not divide the per-device batch {per_device} "
+            f"(config.batch_size={config.batch_size} over {num_batch_shards} devices); pick a divisor of {per_device}."
+        )
+    for key in ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+        if config[key] <= 0:
+            raise ValueError(f"config.{key}={config[key]} must be a positive integer.")
+
+
+def microbatches(config, num_batch_shards: int) -> int:
+    """Number of micro-batches per step (1 when gradient caching is off)."""
+    if config.microbatch_size is None:
+        return 1
+    return (config.batch_size // num_batch_shards) // config.microbatch_size

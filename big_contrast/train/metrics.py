@@ -1,0 +1,77 @@
+"""Where training metrics go: workdir/metrics.jsonl, TensorBoard event files, a progress bar.
+
+Only process 0 writes; every other process gets a writer that drops everything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+import jax
+
+
+class MetricWriter:
+    def __init__(self, workdir, *, total_steps: int, initial_step: int = 0, enabled: bool | None = None,
+                 progress: bool = True):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._jsonl = self._tb = self._bar = None
+        if not self.enabled:
+            return
+        workdir = pathlib.Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(workdir / "metrics.jsonl", "a", buffering=1)
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(str(workdir / "tensorboard"))
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
+
+    def write(self, step: int, metrics: dict) -> None:
+        """One JSON line {"step": ..., **metrics}; scalars also to TensorBoard."""
+        if not self.enabled:
+            return
+        clean = {k: _plain(v) for k, v in metrics.items()}
+        self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
+        for key, value in clean.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self._tb.add_scalar(key, value, int(step))
+        if self._bar is not None and "loss" in clean:
+            self._bar.set_postfix(loss=f"{clean['loss']:.4f}", refresh=False)
+
+    def advance(self, steps: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(steps)
+
+    def print(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        self._tb.close()
+        self._jsonl.close()
+
+
+def _plain(value):
+    """Python scalars for JSON: jax/numpy scalars become float/int."""
+    if hasattr(value, "item"):
+        value = value.item()
+    return value
+
+
+def read_metrics(workdir) -> list[dict]:
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
