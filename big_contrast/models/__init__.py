@@ -1,0 +1,33 @@
+"""Dual-encoder models: ViT image tower, text transformer, two-tower wrapper, registry.
+
+    from big_contrast import models
+    model = models.create(models.default_model_config())       # unsharded
+    model = models.create_sharded(config, mesh)                  # params born sharded
+    out = model(images=images_bhwc, texts=tokens_bl)             # Embeddings(zimg, ztxt, scale, bias)
+    models.count_params(model)                                   # {'image': ..., 'text': ..., 'total': ...}
+"""
+from big_contrast.models.registry import (
+    LOSS_DEFAULTS,
+    abstract_model,
+    count_params,
+    create,
+    create_image_tower,
+    create_sharded,
+    create_text_tower,
+    default_model_config,
+    frozen_mask,
+    load_tower_params,
+    num_params,
+    resolve_config,
+)
+from big_contrast.models.text import TextTransformer
+from big_contrast.models.two_towers import Embeddings, TwoTowers, l2_normalize
+from big_contrast.models.variants import SIZES, decode_image_variant, decode_text_variant
+from big_contrast.models.vit import ViT
+
+__all__ = [
+    "LOSS_DEFAULTS", "SIZES", "Embeddings", "TextTransformer", "TwoTowers", "ViT",
+    "abstract_model", "count_params", "create", "create_image_tower", "create_sharded",
+    "create_text_tower", "decode_image_variant", "decode_text_variant", "default_model_config",
+    "frozen_mask", "l2_normalize", "load_tower_params", "num_params", "resolve_config",
+]

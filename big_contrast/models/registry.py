@@ -1,0 +1,226 @@
+"""Build models from a config, count their parameters, load and freeze towers.
+
+Config fields (``default_model_config()`` has them all, with defaults; a
+config passed to ``create`` may set any subset, unknown keys are an error):
+
+``image``: ``variant`` ('B/16', 'So400m/14', 'mu/8', ...), ``image_size``
+  (int or (h, w)), ``pool`` ('tok' | 'gap' | 'map'), ``posemb`` ('learn' |
+  'sincos2d'), ``channels``, optional overrides ``width``, ``depth``,
+  ``mlp_dim``, ``num_heads``, and ``head`` (project to ``embed_dim``).
+``text``: ``variant`` ('B', 'So400m', ...), ``vocab_size``, ``max_len``,
+  ``causal`` (CLIP) or bidirectional (SigLIP), ``pool`` (None: 'eos' if
+  causal else 'last'; see ``text.POOLS``), ``pad_id``, ``eos_id`` (None:
+  OpenAI's argmax-id convention), the same overrides, and ``head``.
+``embed_dim``: shared embedding width, or None for no projection heads (the
+  two tower widths must then agree).
+``loss``: 'softmax' | 'sigmoid'; picks the defaults of the three fields below.
+``log_scale_init``: None -> log(1/0.07) (softmax) / log(10) (sigmoid).
+``max_log_scale``: None -> log(100) (softmax) / no clamp (sigmoid).
+``bias_init``: None -> -10 (sigmoid) / no bias parameter (softmax).
+``lock_image``: LiT, freeze the image tower (see ``TwoTowers``).
+``dtype``: compute dtype ('float32' | 'bfloat16'); ``param_dtype``: storage.
+``remat``: 'none' | 'full' | 'dots_saveable' | 'dots_with_no_batch_dims_saveable'.
+``scan_layers``: stack each tower's blocks and run them with ``nnx.scan``.
+
+Checkpoint loading: ``load_tower_params`` copies a tower's parameters from a
+pytree with shape checks; reading that pytree from an orbax checkpoint
+directory is the checkpoint module's job (``big_contrast/checkpoint.py``).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from big_contrast import sharding
+from big_contrast.models import variants
+from big_contrast.models.text import TextTransformer
+from big_contrast.models.two_towers import TwoTowers
+from big_contrast.models.vit import ViT
+
+LOSSES = ("softmax", "sigmoid")
+LOSS_DEFAULTS = {
+    "softmax": dict(log_scale_init=math.log(1 / 0.07), max_log_scale=math.log(100.0),
+                    bias_init=None),
+    "sigmoid": dict(log_scale_init=math.log(10.0), max_log_scale=None, bias_init=-10.0),
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+TOWERS = ("image", "text")
+
+
+def default_model_config() -> ml_collections.ConfigDict:
+    size_overrides = dict(width=None, depth=None, mlp_dim=None, num_heads=None)
+    return ml_collections.ConfigDict(dict(
+        image=dict(variant="B/16", image_size=224, pool="map", posemb="learn", channels=3,
+                   head=True, **size_overrides),
+        text=dict(variant="B", vocab_size=32_000, max_len=64, causal=False, pool=None,
+                  pad_id=0, eos_id=1, head=True, **size_overrides),
+        embed_dim=768,
+        loss="sigmoid",
+        log_scale_init=None,
+        max_log_scale=None,
+        bias_init=None,
+        lock_image=False,
+        dtype="float32",
+        param_dtype="float32",
+        remat="none",
+        scan_layers=False,
+    ))
+
+
+def resolve_config(config: Mapping | ml_collections.ConfigDict | None) -> dict:
+    """Defaults updated with ``config``, as plain nested dicts; unknown keys raise."""
+    resolved = default_model_config().to_dict()
+    given = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config or {})
+    _update_checked(resolved, given, "config")
+    return resolved
+
+
+def _update_checked(base: dict, update: Mapping, where: str) -> None:
+    for key, value in update.items():
+        if key not in base:
+            raise ValueError(f"{where}.{key} is not a model option; known options: {sorted(base)}.")
+        if isinstance(base[key], dict):
+            _update_checked(base[key], dict(value), f"{where}.{key}")
+        else:
+            base[key] = value
+
+
+def _dtype(name: str):
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is unknown; use one of {tuple(DTYPES)}.")
+    return DTYPES[name]
+
+
+def _common(cfg: dict) -> dict:
+    return dict(dtype=_dtype(cfg["dtype"]), param_dtype=_dtype(cfg["param_dtype"]),
+                remat=cfg["remat"], scan=cfg["scan_layers"])
+
+
+def _size_overrides(tower: dict) -> dict:
+    return {k: tower[k] for k in ("width", "depth", "mlp_dim", "num_heads")}
+
+
+def create_image_tower(cfg: dict, rngs: nnx.Rngs) -> ViT:
+    image = cfg["image"]
+    size, patch = variants.decode_image_variant(image["variant"])
+    size = variants.with_overrides(size, **_size_overrides(image))
+    return ViT(patch_size=patch, image_size=image["image_size"], pool=image["pool"],
+               posemb=image["posemb"], channels=image["channels"], **vars(size), **_common(cfg),
+               rngs=rngs)
+
+
+def create_text_tower(cfg: dict, rngs: nnx.Rngs) -> TextTransformer:
+    text = cfg["text"]
+    size = variants.with_overrides(variants.decode_text_variant(text["variant"]),
+                                   **_size_overrides(text))
+    return TextTransformer(vocab_size=text["vocab_size"], max_len=text["max_len"],
+                           causal=text["causal"], pool=text["pool"], pad_id=text["pad_id"],
+                           eos_id=text["eos_id"], **vars(size), **_common(cfg), rngs=rngs)
+
+
+def create(config: Mapping | ml_collections.ConfigDict | None = None,
+           rngs: nnx.Rngs | int = 0) -> TwoTowers:
+    """Builds a ``TwoTowers`` model (eagerly, unsharded) from a model config."""
+    cfg = resolve_config(config)
+    if cfg["loss"] not in LOSSES:
+        raise ValueError(f"config.loss={cfg['loss']!r} is unknown; use one of {LOSSES}.")
+    rngs = nnx.Rngs(rngs) if isinstance(rngs, int) else rngs
+    loss_defaults = LOSS_DEFAULTS[cfg["loss"]]
+    scalars = {k: loss_defaults[k] if cfg[k] is None else cfg[k] for k in loss_defaults}
+    return TwoTowers(create_image_tower(cfg, rngs), create_text_tower(cfg, rngs),
+                     embed_dim=cfg["embed_dim"], image_head=cfg["image"]["head"],
+                     text_head=cfg["text"]["head"], lock_image=cfg["lock_image"],
+                     param_dtype=_dtype(cfg["param_dtype"]), rngs=rngs, **scalars)
+
+
+def create_sharded(config, mesh: jax.sharding.Mesh, seed: int | jax.Array = 0,
+                   rules: sharding.Rules | None = None,
+                   compiler_options: Mapping[str, Any] | None = None) -> TwoTowers:
+    """``create`` with every parameter initialised directly into its mesh sharding.
+
+    ``seed`` is an int or a PRNG key; ``jax.random.key(s, impl="rbg")`` compiles
+    the initialisation several times faster than the default threefry on CPU.
+    """
+    resolve_config(config)  # fail on a bad config before tracing
+    return sharding.init_sharded(lambda: create(config, nnx.Rngs(seed)), mesh, rules,
+                                 compiler_options=compiler_options)
+
+
+def abstract_model(config) -> TwoTowers:
+    """The model with ``jax.ShapeDtypeStruct`` parameters: nothing is allocated."""
+    return nnx.eval_shape(lambda: create(config, nnx.Rngs(0)))
+
+
+def num_params(module: nnx.Module) -> int:
+    """Number of parameter scalars (works on abstract modules too)."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def count_params(model: TwoTowers) -> dict[str, int]:
+    """Parameters per tower (each including its projection head) and in total."""
+    image = num_params(model.image) + (num_params(model.image_head) if model.image_head else 0)
+    text = num_params(model.text) + (num_params(model.text_head) if model.text_head else 0)
+    return dict(image=image, text=text, total=num_params(model))
+
+
+def frozen_mask(model: TwoTowers) -> nnx.State:
+    """``nnx.State`` of bools over the model's ``nnx.Param``s: True where frozen (LiT)."""
+    params = nnx.state(model, nnx.Param)
+    flat = [(path, model.is_frozen(path)) for path, _ in nnx.to_flat_state(params)]
+    return nnx.from_flat_state(flat)
+
+
+def load_tower_params(model: TwoTowers, tower_name: str, params_tree: Any) -> None:
+    """Copies tower ``tower_name`` ('image' | 'text') from ``params_tree`` into ``model``.
+
+    ``params_tree`` holds that tower's parameters, as an ``nnx.State`` or nested
+    dicts of arrays (e.g. ``restored['params']['image']`` from a checkpoint of
+    this project). Paths and shapes must match exactly; values are cast to the
+    parameter dtype and placed with the current parameter's sharding.
+    """
+    if tower_name not in TOWERS:
+        raise ValueError(f"tower_name={tower_name!r} is unknown; use one of {TOWERS}.")
+    tower = getattr(model, tower_name)
+    flat_state = list(nnx.to_flat_state(nnx.state(tower, nnx.Param)))
+    current = {sharding.path_str(path): variable.get_value() for path, variable in flat_state}
+    given = dict(_flat_params(params_tree))
+    _check_same_params(tower_name, current, given)
+    loaded = [(path, variable.replace(_like(given[sharding.path_str(path)], variable.get_value())))
+              for path, variable in flat_state]
+    nnx.update(tower, nnx.from_flat_state(loaded))
+
+
+def _like(value, reference: jax.Array) -> jax.Array:
+    """``value`` with the dtype and (if concrete) the sharding of ``reference``."""
+    value = jnp.asarray(value, reference.dtype)
+    sharding_ = getattr(reference, "sharding", None)
+    return value if sharding_ is None else jax.device_put(value, sharding_)
+
+
+def _flat_params(tree) -> list[tuple[str, Any]]:
+    if isinstance(tree, nnx.State):
+        tree = nnx.to_pure_dict(tree)
+    elif isinstance(tree, nnx.Module):
+        tree = nnx.to_pure_dict(nnx.state(tree, nnx.Param))
+    if isinstance(tree, ml_collections.ConfigDict):
+        tree = tree.to_dict()
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [(sharding.path_str(path), leaf) for path, leaf in leaves]
+
+
+def _check_same_params(tower_name: str, current: dict, given: dict) -> None:
+    problems = [f"missing {k}" for k in current if k not in given]
+    problems += [f"unexpected {k}" for k in given if k not in current]
+    problems += [f"{k}: shape {tuple(jnp.shape(given[k]))} != model's {tuple(current[k].shape)}"
+                 for k in current if k in given and tuple(jnp.shape(given[k])) != tuple(current[k].shape)]
+    if problems:
+        shown = "; ".join(problems[:8]) + ("; ..." if len(problems) > 8 else "")
+        raise ValueError(f"cannot load the {tower_name} tower: {len(problems)} parameter(s) do not "
+                         f"match ({shown}). Build the model with the config the weights were "
+                         "trained with (same variant, image size, pool, scan_layers).")

@@ -1,0 +1,233 @@
+"""Transformer pieces shared by the image and the text tower.
+
+Every parameter carries logical axis names in its ``out_sharding`` metadata
+(with ``eager_sharding=False``: the names are logical, ``big_contrast.sharding``
+maps them to mesh axes); the main activations are constrained by logical name
+with ``sharding.constrain`` (a no-op outside ``jax.set_mesh``).
+
+Layouts follow big_vision's ViT encoder: pre-LayerNorm blocks, multi-head
+attention with q/k/v kernels ``[D, H, D/H]`` and an output kernel
+``[H, D/H, D]``, a GELU MLP, and a final LayerNorm.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from big_contrast.sharding import constrain
+
+Dtype = Any
+
+# Logical names of the residual stream [B, L, D] and its relatives.
+ACT_BLD = ("batch", "act_seq", "act_embed")
+ACT_BLF = ("batch", "act_seq", "act_mlp")
+ACT_BLHK = ("batch", "act_seq", "act_heads", "act_kv")
+
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+_xavier = nnx.initializers.xavier_uniform()
+
+
+def logical(*axes: str | None) -> dict:
+    """Variable metadata naming the logical axes of a parameter."""
+    return {"out_sharding": axes, "eager_sharding": False}
+
+
+def check_choice(what: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{what}={value!r} is unknown; use one of {tuple(allowed)}.")
+
+
+def check_heads(width: int, num_heads: int) -> None:
+    if num_heads < 1 or width % num_heads:
+        raise ValueError(f"width {width} is not divisible by num_heads {num_heads}; "
+                         "pick a number of heads that divides the width.")
+
+
+def layer_norm(width: int, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype,
+                         scale_metadata=logical("embed"), bias_metadata=logical("embed"),
+                         rngs=rngs)
+
+
+class Mlp(nnx.Module):
+    """Dense(D->F), GELU, Dense(F->D); the hidden units are tensor-parallel."""
+
+    def __init__(self, width: int, mlp_dim: int, *, dtype: Dtype, param_dtype: Dtype,
+                 rngs: nnx.Rngs):
+        common = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=_xavier,
+                      rngs=rngs)  # zero biases
+        self.fc1 = nnx.Linear(width, mlp_dim, kernel_metadata=logical("embed", "mlp"),
+                              bias_metadata=logical("mlp"), **common)
+        self.fc2 = nnx.Linear(mlp_dim, width, kernel_metadata=logical("mlp", "embed"),
+                              bias_metadata=logical("embed"), **common)
+
+    def __call__(self, x_bld: jax.Array) -> jax.Array:
+        h_blf = constrain(jax.nn.gelu(self.fc1(x_bld)), ACT_BLF)
+        return self.fc2(h_blf)
+
+
+def dot_product_attention(q_bqhk, k_bkhk, v_bkhk, mask=None) -> jax.Array:
+    """Softmax attention in float32; ``mask`` [B|1, 1|H, Q, K] is True where attending is allowed.
+
+    Masked logits get the most negative finite float (not -inf), so a query
+    with no allowed key yields finite garbage instead of NaN; such queries are
+    padding and are never pooled.
+    """
+    q_bqhk = q_bqhk * (q_bqhk.shape[-1] ** -0.5)
+    logits_bhqk = jnp.einsum("bqhk,bvhk->bhqv", q_bqhk, k_bkhk).astype(jnp.float32)
+    if mask is not None:
+        logits_bhqk = jnp.where(mask, logits_bhqk, jnp.finfo(jnp.float32).min)
+    weights_bhqk = jax.nn.softmax(logits_bhqk, axis=-1).astype(v_bkhk.dtype)
+    return jnp.einsum("bhqv,bvhk->bqhk", weights_bhqk, v_bkhk)
+
+
+class Attention(nnx.Module):
+    """Multi-head attention; heads are tensor-parallel, the model width FSDP-sharded."""
+
+    def __init__(self, width: int, num_heads: int, *, dtype: Dtype, param_dtype: Dtype,
+                 rngs: nnx.Rngs):
+        check_heads(width, num_heads)
+        head_dim = width // num_heads
+        # Glorot fans over the flattened [D, H*K] / [H*K, D] matrices, as big_vision's DenseGeneral.
+        in_init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=0,
+                                                    out_axis=(1, 2))
+        out_init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1),
+                                                     out_axis=2)
+        common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+        def projection(init):
+            return nnx.Einsum("bld,dhk->blhk", (width, num_heads, head_dim), (num_heads, head_dim),
+                              kernel_init=init, kernel_metadata=logical("embed", "heads", "kv"),
+                              bias_metadata=logical("heads", "kv"), **common)
+
+        self.query = projection(in_init)
+        self.key = projection(in_init)
+        self.value = projection(in_init)
+        self.out = nnx.Einsum("blhk,hkd->bld", (num_heads, head_dim, width), (width,),
+                              kernel_init=out_init, kernel_metadata=logical("heads", "kv", "embed"),
+                              bias_metadata=logical("embed"), **common)
+
+    def __call__(self, x_q, x_kv=None, mask=None) -> jax.Array:
+        x_kv = x_q if x_kv is None else x_kv
+        q, k, v = (constrain(proj(x), ACT_BLHK)
+                   for proj, x in ((self.query, x_q), (self.key, x_kv), (self.value, x_kv)))
+        return self.out(constrain(dot_product_attention(q, k, v, mask), ACT_BLHK))
+
+
+class Block(nnx.Module):
+    """Pre-LN residual block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, width: int, mlp_dim: int, num_heads: int, *, dtype: Dtype,
+                 param_dtype: Dtype, rngs: nnx.Rngs):
+        common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm1 = layer_norm(width, **common)
+        self.attention = Attention(width, num_heads, **common)
+        self.norm2 = layer_norm(width, **common)
+        self.mlp = Mlp(width, mlp_dim, **common)
+
+    def __call__(self, x_bld, mask=None) -> jax.Array:
+        x_bld = constrain(x_bld + self.attention(self.norm1(x_bld), mask=mask), ACT_BLD)
+        return constrain(x_bld + self.mlp(self.norm2(x_bld)), ACT_BLD)
+
+
+def _call_block(block: Block, x_bld, mask):
+    return block(x_bld, mask)
+
+
+class Encoder(nnx.Module):
+    """``depth`` blocks and a final LayerNorm.
+
+    ``scan=True`` stacks the blocks' parameters on a leading 'layers' axis and
+    runs them with ``nnx.scan`` (one compiled block instead of ``depth``);
+    ``remat`` names a policy in ``REMAT_POLICIES`` applied to every block.
+    """
+
+    def __init__(self, *, width: int, depth: int, mlp_dim: int, num_heads: int, dtype: Dtype,
+                 param_dtype: Dtype, remat: str = "none", scan: bool = False, rngs: nnx.Rngs):
+        check_choice("remat", remat, REMAT_POLICIES)
+        check_heads(width, num_heads)
+        if depth < 1:
+            raise ValueError(f"depth {depth} must be at least 1.")
+
+        def make_block(rngs):
+            return Block(width, mlp_dim, num_heads, dtype=dtype, param_dtype=param_dtype,
+                         rngs=rngs)
+
+        self.remat = remat
+        self.scan = scan
+        if scan:
+            self.blocks = _stacked_blocks(make_block, depth, rngs)
+        else:
+            self.blocks = nnx.List([make_block(rngs) for _ in range(depth)])
+        self.norm = layer_norm(width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x_bld, mask=None) -> jax.Array:
+        apply = _call_block
+        if self.remat != "none":
+            apply = nnx.remat(_call_block, policy=REMAT_POLICIES[self.remat],
+                              prevent_cse=not self.scan)
+        if self.scan:
+            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
+                      transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def run_layer(x_bld, block):
+                return apply(block, x_bld, mask)
+
+            x_bld = run_layer(x_bld, self.blocks)
+        else:
+            for block in self.blocks:
+                x_bld = apply(block, x_bld, mask)
+        return self.norm(x_bld)
+
+
+def _stacked_blocks(make_block, depth: int, rngs: nnx.Rngs) -> Block:
+    @nnx.split_rngs(splits=depth)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(rngs):
+        return make_block(rngs)
+
+    return create(rngs)
+
+
+class MAPHead(nnx.Module):
+    """Multihead attention pooling (big_vision): a learned probe attends over the tokens."""
+
+    def __init__(self, width: int, mlp_dim: int, num_heads: int, *, dtype: Dtype,
+                 param_dtype: Dtype, rngs: nnx.Rngs):
+        common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.probe = nnx.Param(_xavier(rngs.params(), (1, 1, width), param_dtype),
+                               **logical(None, None, "embed"))
+        self.attention = Attention(width, num_heads, **common)
+        self.norm = layer_norm(width, **common)
+        self.mlp = Mlp(width, mlp_dim, **common)
+        self.dtype = dtype
+
+    def __call__(self, x_bld, valid_bl=None) -> jax.Array:
+        """Pools [B, L, D] to [B, D]; ``valid_bl`` (bool) masks out padding tokens."""
+        probe = jnp.broadcast_to(self.probe.get_value().astype(x_bld.dtype),
+                                 (x_bld.shape[0], 1, x_bld.shape[-1]))
+        mask = None if valid_bl is None else valid_bl[:, None, None, :]
+        x = self.attention(probe, x_bld, mask=mask)
+        x = x + self.mlp(self.norm(x))
+        return x[:, 0]
+
+
+def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
+    """Fixed 2-D sin-cos position embedding [h*w, width] (MoCo v3 / big_vision)."""
+    if width % 4:
+        raise ValueError(f"posemb='sincos2d' needs a width divisible by 4, got {width}.")
+    y, x = np.mgrid[:h, :w]
+    omega = np.arange(width // 4) / max(width // 4 - 1, 1)
+    omega = 1.0 / (temperature ** omega)
+    y = np.einsum("m,d->md", y.flatten(), omega)
+    x = np.einsum("m,d->md", x.flatten(), omega)
+    return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1).astype(np.float32)

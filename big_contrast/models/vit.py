@@ -1,0 +1,100 @@
+"""Vision Transformer image tower (big_vision / CLIP layout), Flax NNX.
+
+Input ``[B, H, W, C]`` floats, output pooled features ``[B, width]`` in the
+compute dtype. Pooling:
+
+* ``'tok'``: a learned class token is prepended and its final state returned.
+  As in CLIP, timm and HF, the class token has its own position embedding, so
+  the learned table has ``N + 1`` rows (ViT-B/16 at 224 px: 85,798,656 params).
+* ``'gap'``: mean over the patch tokens.
+* ``'map'``: multihead attention pooling (big_vision MAP head, SigLIP).
+
+Position embeddings: ``'learn'`` (normal, std 1/sqrt(width)) or the fixed
+``'sincos2d'`` (the class token then gets a zero embedding, as in MoCo v3).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from big_contrast.models import transformer as tfm
+from big_contrast.sharding import constrain
+
+POOLS = ("tok", "gap", "map")
+POSEMBS = ("learn", "sincos2d")
+
+
+def _pair(value, what: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
+        raise ValueError(f"{what}={value!r} must be a positive int or a pair of them.")
+    return pair
+
+
+class ViT(nnx.Module):
+
+    def __init__(self, *, patch_size: int | tuple[int, int], image_size: int | tuple[int, int],
+                 width: int, depth: int, mlp_dim: int, num_heads: int, pool: str = "tok",
+                 posemb: str = "learn", channels: int = 3, dtype=jnp.float32,
+                 param_dtype=jnp.float32, remat: str = "none", scan: bool = False,
+                 rngs: nnx.Rngs):
+        tfm.check_choice("image pool", pool, POOLS)
+        tfm.check_choice("image posemb", posemb, POSEMBS)
+        tfm.check_heads(width, num_heads)
+        patch, size = _pair(patch_size, "patch_size"), _pair(image_size, "image_size")
+        if size[0] % patch[0] or size[1] % patch[1]:
+            raise ValueError(f"patch size {patch_size} does not divide image size {image_size}; "
+                             "pick an image size that is a multiple of the patch size.")
+        self.grid = (size[0] // patch[0], size[1] // patch[1])
+        self.image_size, self.channels, self.width = size, channels, width
+        self.pool, self.posemb_kind, self.dtype = pool, posemb, dtype
+        common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+        self.embedding = nnx.Conv(channels, width, kernel_size=patch, strides=patch,
+                                  padding="VALID",
+                                  kernel_metadata=tfm.logical("patch", "patch", "channels", "embed"),
+                                  bias_metadata=tfm.logical("embed"), **common)
+        num_tokens = self.grid[0] * self.grid[1] + (pool == "tok")
+        self.cls = (nnx.Param(jnp.zeros((1, 1, width), param_dtype), **tfm.logical(None, None, "embed"))
+                    if pool == "tok" else nnx.data(None))
+        self.posemb = (nnx.Param(nnx.initializers.normal(width ** -0.5)(
+                           rngs.params(), (1, num_tokens, width), param_dtype),
+                           **tfm.logical(None, None, "embed"))
+                       if posemb == "learn" else nnx.data(None))
+        self.encoder = tfm.Encoder(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads,
+                                   remat=remat, scan=scan, **common)
+        self.map_head = (tfm.MAPHead(width, mlp_dim, num_heads, **common)
+                         if pool == "map" else nnx.data(None))
+
+    def __call__(self, images_bhwc: jax.Array) -> jax.Array:
+        self._check_images(images_bhwc)
+        x = self.embedding(images_bhwc.astype(self.dtype))
+        x_bnd = x.reshape(x.shape[0], -1, self.width)
+        if self.pool == "tok":
+            cls = jnp.broadcast_to(self.cls.get_value().astype(x_bnd.dtype),
+                                   (x_bnd.shape[0], 1, self.width))
+            x_bnd = jnp.concatenate([cls, x_bnd], axis=1)
+        x_bnd = constrain(x_bnd + self._position_embedding().astype(x_bnd.dtype), tfm.ACT_BLD)
+        x_bnd = self.encoder(x_bnd)
+        if self.pool == "tok":
+            return x_bnd[:, 0]
+        if self.pool == "gap":
+            return jnp.mean(x_bnd, axis=1)
+        return self.map_head(x_bnd)
+
+    def _position_embedding(self) -> jax.Array:
+        if self.posemb_kind == "learn":
+            return self.posemb.get_value()
+        pe = tfm.posemb_sincos_2d(*self.grid, self.width)
+        if self.pool == "tok":
+            pe = np.concatenate([np.zeros((1, self.width), np.float32), pe])
+        return jnp.asarray(pe)[None]
+
+    def _check_images(self, images) -> None:
+        expected = (*self.image_size, self.channels)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"images of shape {tuple(images.shape)} do not match the model's "
+                             f"[B, {expected[0]}, {expected[1]}, {expected[2]}]; resize them or "
+                             "set config.image.image_size.")

@@ -1,0 +1,390 @@
+"""Towers, two-tower wrapper, registry: parameter counts, sharded forward, masking, options.
+
+Weights for forward tests come from numpy (``random_model``), not from the
+initialisers: compiling dozens of threefry draws costs seconds per model on
+this CPU, and the forward checks do not depend on how weights were drawn.
+``test_create_sharded_*`` covers the real initialisation path.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from big_contrast import models, sharding
+from big_contrast.models import transformer
+
+B = 8  # global test batch: divides every test mesh's batch shards
+# XLA:CPU compiles ~3x faster without its expensive LLVM passes; tests only need the numbers.
+FAST = dict(xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True)
+
+
+def tiny_config(**overrides):
+    cfg = models.default_model_config()
+    cfg.image.update(variant="mu/8", image_size=16, num_heads=4, pool="map")  # mu: depth 1
+    cfg.text.update(variant="mu", vocab_size=50, max_len=8, num_heads=4)
+    cfg.embed_dim = 16
+    for key, value in overrides.items():
+        target = cfg
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    return cfg
+
+
+def random_model(config, seed=0):
+    """The model of ``config`` with N(0, 0.2^2) numpy weights (no XLA compile)."""
+    graphdef, state = nnx.split(models.abstract_model(config))
+    rng = np.random.default_rng(seed)
+    state = jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.2, x.shape), x.dtype), state)
+    return nnx.merge(graphdef, state)
+
+
+def batch(seed=0, length=8, vocab=50):
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(B, 16, 16, 3)).astype(np.float32)
+    tokens = rng.integers(2, vocab, size=(B, length)).astype(np.int32)  # no pad (0) / eos (1)
+    return jnp.asarray(images), jnp.asarray(tokens)
+
+
+def rel_err(a, b):
+    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+forward = jax.jit(lambda graphdef, state, images, tokens: nnx.merge(graphdef, state)(images, tokens),
+                  static_argnums=0, compiler_options=FAST)
+
+
+# ----------------------------------------------------------------------------
+# Parameter counts against closed forms
+# ----------------------------------------------------------------------------
+
+def encoder_count(D, depth, F):
+    attention = 4 * D * D + 4 * D  # q, k, v, out kernels and biases
+    mlp = 2 * D * F + F + D
+    return depth * (attention + mlp + 4 * D) + 2 * D  # 2 LayerNorms per block, final LayerNorm
+
+
+def map_head_count(D, F):
+    return D + (4 * D * D + 4 * D) + 2 * D + (2 * D * F + F + D)
+
+
+def vit_count(D, depth, F, patch, image_size, pool, posemb, channels=3):
+    tokens = (image_size // patch) ** 2 + (pool == "tok")
+    count = patch * patch * channels * D + D + encoder_count(D, depth, F)
+    count += tokens * D if posemb == "learn" else 0
+    count += D if pool == "tok" else 0
+    return count + (map_head_count(D, F) if pool == "map" else 0)
+
+
+def text_count(D, depth, F, vocab, max_len, pool):
+    return vocab * D + max_len * D + encoder_count(D, depth, F) + (
+        map_head_count(D, F) if pool == "map" else 0)
+
+
+def abstract_image_tower(variant, image_size=224, pool="tok", posemb="learn", scan=False):
+    cfg = models.resolve_config(dict(image=dict(variant=variant, image_size=image_size, pool=pool,
+                                                posemb=posemb), scan_layers=scan))
+    return nnx.eval_shape(lambda: models.create_image_tower(cfg, nnx.Rngs(0)))
+
+
+def test_vit_b16_count_is_the_published_figure():
+    vit = abstract_image_tower("B/16", pool="tok", posemb="learn")
+    assert models.num_params(vit) == 85_798_656
+    assert models.num_params(vit) == vit_count(768, 12, 3072, 16, 224, "tok", "learn")
+
+
+@pytest.mark.parametrize("variant,image_size,pool,posemb,size", [
+    ("So400m/14", 224, "map", "learn", (1152, 27, 4304)),
+    ("L/14", 336, "gap", "sincos2d", (1024, 24, 4096)),
+    ("g/14", 224, "map", "learn", (1408, 40, 6144)),
+    ("M/16", 256, "tok", "learn", (512, 12, 2048)),
+])
+def test_vit_counts_match_closed_form(variant, image_size, pool, posemb, size):
+    vit = abstract_image_tower(variant, image_size, pool, posemb, scan=True)  # scan: fast trace
+    patch = int(variant.split("/")[1])
+    assert models.num_params(vit) == vit_count(*size, patch, image_size, pool, posemb)
+
+
+def test_two_tower_counts_per_tower():
+    cfg = models.default_model_config()  # B/16 map + B text, sigmoid, embed_dim 768
+    cfg.text.update(causal=True, vocab_size=49_408, max_len=77)
+    cfg.scan_layers = True
+    counts = models.count_params(models.abstract_model(cfg))
+    head = 768 * 768 + 768
+    assert counts["image"] == vit_count(768, 12, 3072, 16, 224, "map", "learn") + head
+    assert counts["text"] == text_count(768, 12, 3072, 49_408, 77, "eos") + head
+    assert counts["total"] == counts["image"] + counts["text"] + 2  # log-scale and bias
+
+
+def test_scan_does_not_change_the_count():
+    counts = [models.count_params(models.abstract_model(tiny_config(scan_layers=s)))
+              for s in (False, True)]
+    assert counts[0] == counts[1]
+
+
+# ----------------------------------------------------------------------------
+# Sharded forward == unsharded forward
+# ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reference():
+    """A tiny causal-text model, a batch, and its unsharded forward on one device."""
+    model = random_model(tiny_config(**{"text.causal": True}))
+    graphdef, state = nnx.split(model)
+    images, tokens = batch()
+    return graphdef, state, images, tokens, forward(graphdef, state, images, tokens)
+
+
+@pytest.mark.parametrize("axis_types", ["auto", "explicit"])
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
+def test_sharded_forward_matches_unsharded(reference, shape, axis_types):
+    graphdef, state, images, tokens, expected = reference
+    mesh = sharding.make_mesh(tuple(zip(("data", "fsdp", "tensor"), shape)), axis_types=axis_types)
+    sharded_state = sharding.shard_state(state, mesh)
+    data = jax.device_put((images, tokens), sharding.batch_sharding(mesh))
+    with jax.set_mesh(mesh):
+        out = forward(graphdef, sharded_state, *data)
+    fc1 = sharded_state["image"]["encoder"]["blocks"][0]["mlp"]["fc1"]["kernel"]
+    assert fc1.get_value().sharding.spec == jax.P("fsdp", "tensor")  # size-1 axes kept: harmless
+    assert out.zimg.sharding.is_equivalent_to(sharding.batch_sharding(mesh), 2)
+    for name in ("zimg", "ztxt", "scale", "bias"):
+        assert rel_err(getattr(out, name), getattr(expected, name)) <= 1e-5, name
+
+
+def test_create_sharded_initialises_into_shardings():
+    cfg = tiny_config(scan_layers=True, loss="softmax", **{"image.pool": "gap"})
+    mesh = sharding.make_mesh((("data", 2), ("fsdp", 2), ("tensor", 2)))
+    key = jax.random.key(3, impl="rbg")  # rbg keys compile much faster than threefry on CPU
+    model = models.create_sharded(cfg, mesh, seed=key, compiler_options=FAST)
+    state = nnx.state(model, nnx.Param)
+    fc1 = state["text"]["encoder"]["blocks"]["mlp"]["fc1"]["kernel"].get_value()
+    assert fc1.shape == (1, 32, 128)  # stacked layers
+    assert fc1.sharding.spec == jax.P(None, "fsdp", "tensor")
+    expected = sharding.state_shardings(state, mesh)
+    for value, want in zip(jax.tree.leaves(state), jax.tree.leaves(expected)):
+        assert value.sharding.is_equivalent_to(want, value.ndim)
+    # Same numbers as an unsharded initialisation with the same seed.
+    unsharded = jax.jit(lambda: nnx.state(models.create(cfg, nnx.Rngs(key)), nnx.Param),
+                        compiler_options=FAST)()
+    for value, want in zip(jax.tree.leaves(state), jax.tree.leaves(unsharded)):
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(want))
+    # Softmax defaults: scale 1/0.07 and no bias parameter.
+    np.testing.assert_allclose(np.exp(state["log_scale"].get_value()), 1 / 0.07, rtol=1e-6)
+    assert model.bias is None
+
+
+# ----------------------------------------------------------------------------
+# Text towers: padding and tokens after EOS never change the embedding
+# ----------------------------------------------------------------------------
+
+def text_embed(model, tokens):
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda s, t: nnx.merge(graphdef, s).embed_texts(t), compiler_options=FAST)(
+        state, tokens)
+
+
+@pytest.mark.parametrize("eos_id", [1, None])
+def test_causal_tower_ignores_tokens_after_eos(eos_id):
+    model = random_model(tiny_config(**{"text.causal": True, "text.eos_id": eos_id}))
+    rng = np.random.default_rng(1)
+    eos = 1 if eos_id is not None else 49  # argmax convention: EOT is the largest id
+    tokens = rng.integers(2, 49, size=(B, 8))
+    eos_at = rng.integers(1, 7, size=B)
+    tokens[np.arange(B), eos_at] = eos
+    after_eos = np.arange(8)[None] > eos_at[:, None]
+    padded = np.where(after_eos, 0, tokens)
+    garbage = np.where(after_eos, rng.integers(2, 49, size=(B, 8)), tokens)
+    before = np.where(np.arange(8)[None] == eos_at[:, None] - 1, (tokens + 1) % 47 + 2, tokens)
+    z = text_embed(model, jnp.asarray(np.stack([padded, garbage, before]).reshape(3 * B, 8)))
+    z_padded, z_garbage, z_before = z[:B], z[B:2 * B], z[2 * B:]
+    np.testing.assert_allclose(z_garbage, z_padded, atol=1e-6)
+    # The check can fail: a token before EOS does change the embedding.
+    assert float(jnp.min(jnp.abs(z_before - z_padded).max(axis=1))) > 1e-3
+
+
+@pytest.mark.parametrize("pool", ["last", "mean", "map"])
+def test_bidirectional_tower_ignores_padding(pool):
+    model = random_model(tiny_config(**{"text.pool": pool}))
+    rng = np.random.default_rng(2)
+    words = rng.integers(2, 50, size=(B, 5))
+    padded = np.concatenate([words, np.zeros((B, 3), words.dtype)], axis=1)
+    z = text_embed(model, jnp.asarray(padded))
+    z_unpadded = text_embed(model, jnp.asarray(words))  # same text, no padding at all
+    np.testing.assert_allclose(z, z_unpadded, atol=1e-6)
+
+
+def test_mask_is_what_makes_padding_invisible():
+    """Brute force: without the key mask padding leaks in, so the tests above can fail."""
+    q, k, v = jax.random.normal(jax.random.key(0), (3, 1, 8, 2, 4))
+    valid = jnp.arange(8) < 5
+    masked = transformer.dot_product_attention(q, k, v, valid[None, None, None, :])[:, :5]
+    alone = transformer.dot_product_attention(q[:, :5], k[:, :5], v[:, :5])
+    unmasked = transformer.dot_product_attention(q, k, v)[:, :5]
+    np.testing.assert_allclose(masked, alone, atol=1e-6)
+    assert float(jnp.abs(unmasked - alone).max()) > 1e-3
+
+
+# ----------------------------------------------------------------------------
+# Options: scan, remat, bfloat16, LiT, loading towers
+# ----------------------------------------------------------------------------
+
+def encoder(scan, remat="none", seed=0):
+    """A two-block encoder (width 32, 4 heads) with numpy weights, unstacked or stacked."""
+    def build():
+        return transformer.Encoder(width=32, depth=2, mlp_dim=64, num_heads=4, dtype=jnp.float32,
+                                   param_dtype=jnp.float32, remat=remat, scan=scan,
+                                   rngs=nnx.Rngs(0))
+
+    graphdef, state = nnx.split(nnx.eval_shape(build))
+    rng = np.random.default_rng(seed)
+    if scan:  # stacked weights of the unscanned encoder with the same seed
+        plain = dict(nnx.to_flat_state(nnx.state(encoder(False, seed=seed))))
+        state = stack_blocks(plain, state)
+    else:
+        state = jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.2, x.shape), x.dtype), state)
+    return nnx.merge(graphdef, state)
+
+
+def stack_blocks(plain, stacked_state):
+    """``stacked_state`` filled with the per-layer values of the flat state ``plain``."""
+    loaded = []
+    for path, variable in nnx.to_flat_state(stacked_state):
+        if "blocks" in path:
+            i = path.index("blocks") + 1
+            depth = variable.get_value().shape[0]
+            value = jnp.stack([plain[path[:i] + (layer,) + path[i:]].get_value()
+                               for layer in range(depth)])
+        else:
+            value = plain[path].get_value()
+        loaded.append((path, variable.replace(value)))
+    return nnx.from_flat_state(loaded)
+
+
+def test_scan_and_remat_match_plain_layers():
+    plain, scanned = encoder(scan=False), encoder(scan=True, remat="dots_saveable")
+    x = jax.random.normal(jax.random.key(1), (2, 8, 32))
+    mask = jnp.tril(jnp.ones((8, 8), bool))[None, None]
+
+    def loss_and_grads(model):
+        graphdef, state = nnx.split(model)
+        loss = lambda state: jnp.sum(jnp.sin(nnx.merge(graphdef, state)(x, mask)))
+        return jax.jit(jax.value_and_grad(loss), compiler_options=FAST)(state)
+
+    (loss_plain, grads_plain), (loss_scan, grads_scan) = map(loss_and_grads, (plain, scanned))
+    assert rel_err(loss_scan, loss_plain) <= 1e-5
+    expected = dict(nnx.to_flat_state(stack_blocks(dict(nnx.to_flat_state(grads_plain)),
+                                                   nnx.state(scanned))))
+    for path, grad in nnx.to_flat_state(grads_scan):  # some biases have exactly-zero gradients
+        np.testing.assert_allclose(grad.get_value(), expected[path].get_value(), rtol=1e-4,
+                                   atol=1e-6, err_msg=str(path))
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    cfg = tiny_config(dtype="bfloat16", remat="full")
+    model = random_model(cfg)
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {np.dtype("float32")}
+    reference = random_model(tiny_config())
+    images, tokens = batch()
+    out = forward(*nnx.split(model), images, tokens)
+    expected = forward(*nnx.split(reference), images, tokens)
+    assert out.zimg.dtype == jnp.float32
+    assert 0 < rel_err(out.zimg, expected.zimg) < 5e-2  # bf16 round-off, not float32 exactness
+    np.testing.assert_allclose(jnp.linalg.norm(out.ztxt, axis=-1), 1.0, rtol=1e-5)
+
+
+def test_locked_image_tower_gets_no_gradient():
+    model = random_model(tiny_config(lock_image=True))
+    mask = models.frozen_mask(model)
+    flat_mask = {sharding.path_str(p): v for p, v in nnx.to_flat_state(mask)}
+    assert all(frozen == name.startswith("image/") for name, frozen in flat_mask.items())
+    images, tokens = batch()
+
+    graphdef, state = nnx.split(model)
+
+    def loss(state):
+        out = nnx.merge(graphdef, state)(images, tokens)
+        return jnp.sum(out.zimg * out.ztxt)
+
+    grads = jax.jit(jax.grad(loss), compiler_options=FAST)(state)
+    for path, grad in nnx.to_flat_state(grads):
+        norm = float(jnp.abs(grad.get_value()).max())
+        if flat_mask[sharding.path_str(path)]:
+            assert norm == 0.0, path
+    assert float(jnp.abs(grads["image_head"]["kernel"].get_value()).max()) > 0  # head trains
+    assert float(jnp.abs(grads["text"]["embedding"]["embedding"].get_value()).max()) > 0
+
+
+def test_two_tower_outputs_and_scale_clamp():
+    model = random_model(tiny_config(loss="softmax"))
+    model.log_scale.set_value(jnp.asarray(10.0))  # above the log(100) cap
+    images, tokens = batch()
+    out = forward(*nnx.split(model), images, tokens)
+    np.testing.assert_allclose(out.scale, 100.0, rtol=1e-6)
+    assert out.bias is None
+    np.testing.assert_allclose(jnp.linalg.norm(out.zimg, axis=-1), 1.0, rtol=1e-5)
+    only_text = jax.jit(lambda s, t: nnx.merge(graphdef, s)(texts=t), compiler_options=FAST)
+    graphdef, state = nnx.split(model)
+    out_text = only_text(state, tokens)
+    assert out_text.zimg is None
+    np.testing.assert_allclose(out_text.ztxt, out.ztxt, atol=1e-6)
+
+
+def test_sigmoid_defaults():
+    cfg = tiny_config(loss="sigmoid")
+    scalars = jax.jit(lambda: {k: v for k, v in nnx.state(models.create(cfg, 0), nnx.Param).items()
+                               if k in ("log_scale", "bias")}, compiler_options=FAST)()
+    np.testing.assert_allclose(np.exp(scalars["log_scale"].get_value()), 10.0, rtol=1e-6)
+    np.testing.assert_allclose(scalars["bias"].get_value(), -10.0)
+
+
+def test_load_tower_params_copies_and_checks_shapes():
+    source, target = random_model(tiny_config(), seed=1), random_model(tiny_config(), seed=2)
+    text_before = nnx.to_pure_dict(nnx.state(target.text))
+    models.load_tower_params(target, "image", nnx.to_pure_dict(nnx.state(source.image, nnx.Param)))
+    for a, b in zip(jax.tree.leaves(nnx.state(target.image)), jax.tree.leaves(nnx.state(source.image))):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(nnx.state(target.text)), jax.tree.leaves(text_before)):
+        np.testing.assert_array_equal(a, b)
+    other = random_model(tiny_config(**{"image.image_size": 24}))
+    with pytest.raises(ValueError, match="posemb"):
+        models.load_tower_params(target, "image", nnx.state(other.image, nnx.Param))
+    with pytest.raises(ValueError, match="'audio'"):
+        models.load_tower_params(target, "audio", {})
+
+
+# ----------------------------------------------------------------------------
+# Errors name the offending value
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"image.variant": "X/16"}, "'X'"),
+    ({"image.variant": "B"}, "'B'"),
+    ({"text.variant": "B/16"}, "'B/16'"),
+    ({"image.image_size": 100}, "does not divide image size 100"),
+    ({"image.width": 30}, "width 30 is not divisible by num_heads 4"),
+    ({"text.num_heads": 5}, "width 32 is not divisible by num_heads 5"),
+    ({"image.pool": "avg"}, "'avg'.*'tok', 'gap', 'map'"),
+    ({"text.pool": "cls"}, "'cls'"),
+    ({"image.posemb": "rope"}, "'rope'"),
+    ({"loss": "hinge"}, "'hinge'"),
+    ({"remat": "some"}, "'some'"),
+    ({"dtype": "float8"}, "'float8'"),
+    ({"embed_dim": None, "image.width": 64}, "set config.embed_dim"),
+])
+def test_bad_config_raises_value_error(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        models.abstract_model(tiny_config(**overrides))
+
+
+def test_unknown_config_key_is_an_error():
+    with pytest.raises(ValueError, match="poool"):
+        models.resolve_config({"image": {"poool": "map"}})
+
+
+def test_image_shape_is_checked():
+    model = random_model(tiny_config())
+    with pytest.raises(ValueError, match=r"\(2, 8, 8, 3\)"):
+        model.embed_images(jnp.zeros((2, 8, 8, 3)))
+
