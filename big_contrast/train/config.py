@@ -86,3 +86,23 @@ def microbatches(config, num_batch_shards: int) -> int:
     if config.microbatch_size is None:
         return 1
     return (config.batch_size // num_batch_shards) // config.microbatch_size
+
+
+PP_TRAIN_224 = "decode|random_resized_crop(224, scale=(0.4, 1.0))|flip|value_range(-1, 1)"
+PP_EVAL_224 = "decode|resize(256)|central_crop(224)|value_range(-1, 1)"
+
+
+def use_real_data_defaults(config, *, max_len):
+    """224 px preprocessing and byte-level tokens on the demo data, so every paper-scale config
+    runs as-is. Point it at your data with overrides, e.g.
+
+      --config.data.sources='{"laion": {"kind": "array_record", "path": "/data/laion/*.array_record"}}'
+      --config.data.tokenizer=/data/spm_32k.model
+    """
+    config.data.pp_train = PP_TRAIN_224
+    config.data.pp_eval = PP_EVAL_224
+    config.data.tokenizer = "bytes"
+    config.data.max_len = max_len
+    config.data.batch_size = config.get_ref("batch_size")
+    config.data.num_workers = 8
+    return config

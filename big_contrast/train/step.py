@@ -138,8 +138,8 @@ def train_step(state: TrainState, batch, *, graphdef, rest, tx, loss, mesh, axis
         loss=value,
         scale=aux["scale"],
         bias=aux["bias"],
-        grad_norm=optax.global_norm(grads),
-        param_norm=optax.global_norm(params),
+        grad_norm=optax.tree.norm(grads),
+        param_norm=optax.tree.norm(params),
         learning_rate=lr_fn(state.step),
     )
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics

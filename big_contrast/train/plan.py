@@ -1,0 +1,113 @@
+"""`big-contrast plan`: sizes and per-device memory of a config, without running it.
+
+* parameters per tower (exact, from the abstract model);
+* per-device bytes of parameters, gradients and AdamW moments, from the sharding rules applied
+  to the config's mesh (its -1 entry resolved against `num_devices`);
+* activation memory per example of a micro-batch, from XLA's memory analysis of the compiled
+  tower forward+backward at two micro-batch sizes on one device (the slope of the line);
+* the loss engine's per-device memory: the ring's measured bound, 5 * b * D * 4 bytes plus
+  its tiles (experiments/loss_scaling), or b * B logits for the all-gather and dense schemes;
+* the largest micro-batch (a divisor of the per-device batch) that fits `device_memory_bytes`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from big_contrast import models, sharding
+from big_contrast.losses.ring import DEFAULT_BLOCK
+
+GIB = 2**30
+
+
+def _mesh_shape(config, num_devices) -> dict[str, int]:
+    pairs = [(name, int(size)) for name, size in config.mesh]
+    known = math.prod(size for _, size in pairs if size != -1)
+    return {name: (num_devices // known if size == -1 else size) for name, size in pairs}
+
+
+def _per_device_bytes(abstract_state, mesh_shape) -> int:
+    total = 0
+    for _, variable in nnx.to_flat_state(abstract_state):
+        value = variable.get_value()
+        axes = sharding.variable_logical_axes(variable)
+        spec = sharding.logical_to_spec(axes, value.shape, mesh_shape) if axes else ()
+        shard = list(value.shape)
+        for dim, entry in enumerate(spec):
+            if entry is not None:
+                names = (entry,) if isinstance(entry, str) else entry
+                shard[dim] //= math.prod(mesh_shape[n] for n in names)
+        total += math.prod(shard) * value.dtype.itemsize
+    return total
+
+
+def _activation_bytes_per_example(config, abstract) -> int:
+    """Slope of the compiled towers' temporary memory between micro-batches of 1 and 2."""
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    m = config.model
+    size = m.image.image_size
+    h, w = (size, size) if isinstance(size, int) else size
+
+    def towers(p, images, tokens):
+        model = nnx.merge(graphdef, p, rest)
+        return jnp.sum(model.embed_images(images) * model.embed_texts(tokens))
+
+    temps = []
+    for micro in (1, 2):
+        images = jax.ShapeDtypeStruct((micro, h, w, m.image.channels), jnp.float32)
+        tokens = jax.ShapeDtypeStruct((micro, m.text.max_len), jnp.int32)
+        compiled = jax.jit(jax.grad(towers)).lower(params, images, tokens).compile()
+        temps.append(compiled.memory_analysis().temp_size_in_bytes)
+    return max(temps[1] - temps[0], 1)
+
+
+def plan(config, *, device_memory_bytes: int, num_devices: int | None = None) -> dict:
+    num_devices = num_devices or jax.device_count()
+    mesh_shape = _mesh_shape(config, num_devices)
+    n_shards = math.prod(mesh_shape.get(a, 1) for a in sharding.BATCH_AXES)
+    abstract = models.abstract_model(config.model)
+    counts = models.count_params(abstract)
+    param_bytes = _per_device_bytes(nnx.state(abstract, nnx.Param), mesh_shape)
+    per_device_batch = config.batch_size // n_shards
+    dim = abstract.embed_dim
+    if config.loss_impl == "ring":
+        block = min(config.loss_block or DEFAULT_BLOCK, per_device_batch)
+        loss_bytes = 5 * per_device_batch * dim * 4 + 8 * block * block * 4
+    else:
+        loss_bytes = 3 * per_device_batch * config.batch_size * 4
+    per_example = _activation_bytes_per_example(config, abstract)
+    fixed = 4 * param_bytes + loss_bytes + 4 * per_device_batch * dim * 4  # params, grads, 2 moments
+    room = device_memory_bytes - fixed
+    fitting = [d for d in range(1, per_device_batch + 1) if per_device_batch % d == 0 and d * per_example <= room]
+    micro = config.microbatch_size or per_device_batch
+    return dict(
+        mesh=mesh_shape, devices=num_devices, params=counts, batch=config.batch_size,
+        per_device_batch=per_device_batch, embed_dim=dim, param_bytes=param_bytes, grad_bytes=param_bytes,
+        optimizer_bytes=2 * param_bytes, activation_bytes_per_example=per_example,
+        activation_bytes_per_microbatch=micro * per_example, microbatch=micro, loss_impl=config.loss_impl,
+        loss_bytes=loss_bytes, device_memory_bytes=device_memory_bytes,
+        largest_fitting_microbatch=max(fitting) if fitting else None,
+    )
+
+
+def format_plan(p: dict) -> str:
+    gib = lambda b: f"{b / 2**20:>12,.1f} MiB"  # noqa: E731
+    fit = p["largest_fitting_microbatch"]
+    lines = [
+        f"mesh {p['mesh']} ({p['devices']} devices); global batch {p['batch']:,} = {p['per_device_batch']:,} per device",
+        f"parameters: image {p['params']['image']:,}  text {p['params']['text']:,}  total {p['params']['total']:,}",
+        "per-device memory:",
+        f"  parameters                     {gib(p['param_bytes'])}",
+        f"  gradients                      {gib(p['grad_bytes'])}",
+        f"  AdamW moments                  {gib(p['optimizer_bytes'])}",
+        f"  activations / example          {gib(p['activation_bytes_per_example'])}",
+        f"  activations, micro-batch {p['microbatch']:<6,}{gib(p['activation_bytes_per_microbatch'])}",
+        f"  loss engine ({p['loss_impl']:<10})      {gib(p['loss_bytes'])}",
+        f"largest micro-batch that fits {p['device_memory_bytes'] / GIB:g} GiB: "
+        + (f"{fit:,} per device (config.microbatch_size={fit})" if fit else "none: shard the parameters over more devices"),
+    ]
+    return "\n".join(lines)

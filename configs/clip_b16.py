@@ -1,0 +1,27 @@
+"""CLIP ViT-B/16: softmax (InfoNCE) loss, class-token pooling, causal text tower (Radford et al. 2021).
+
+    big-contrast train --config configs/clip_b16.py --workdir gs://BUCKET/clip_b16
+
+Batch 32k with the ring loss engine; learnable temperature initialised at 1/0.07 and
+clamped at 100. Defaults read the built-in demo data at 224 px with byte-level tokens; point
+config.data at your data (see big_contrast/train/config.py).
+"""
+
+from big_contrast.train import default_config, use_real_data_defaults
+
+
+def get_config(arg=None):
+    config = default_config()
+    config.batch_size = 32_768
+    config.total_steps = 400_000
+    config.log_every = 50
+    config.checkpoint_every = 1000
+    m = config.model
+    m.loss = "softmax"
+    m.image.update(variant="B/16", image_size=224, pool="tok", posemb="learn")
+    m.text.update(variant="B", vocab_size=49_408, max_len=77, causal=True)
+    m.embed_dim = 512
+    config.optimizer.update(lr=5e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2, warmup_steps=2000,
+                            schedule="cosine")
+    config.peak_flops_per_device = 989e12  # H100 bf16 dense; set your chip's peak
+    return use_real_data_defaults(config, max_len=77)

@@ -1,0 +1,217 @@
+"""The trainer: gradient caching, resume after kill -9, SIGTERM, NaN stop, config errors, CLI.
+
+Runs the demo towers on the built-in data with tiny batches on the 8 simulated devices."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from big_contrast.checkpoint import Checkpointer
+from big_contrast.data import make_pipeline
+from big_contrast import sharding
+from big_contrast.train import NonFiniteLoss, build, train
+from big_contrast.train.loop import make_step_fn
+from big_contrast.train.metrics import read_metrics
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "configs"))
+import demo  # noqa: E402
+
+
+def tiny_config(loss="sigmoid", **overrides):
+    config = demo.get_config(loss)
+    config.batch_size = 32
+    config.total_steps = 6
+    config.log_every = 1
+    config.checkpoint_every = 3
+    config.evals = {}
+    config.data.sources.demo.size = 512
+    config.update(overrides)
+    return config
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+@pytest.mark.parametrize("loss", ["softmax", "sigmoid"])
+def test_gradient_caching_step_equals_the_one_pass_step(loss):
+    """One step with 4 micro-batches of 1 row per device vs one pass: same parameters after."""
+    config = tiny_config(loss)
+    # Plain SGD at a constant rate: the parameters after the step are a linear function of the
+    # gradient. (One Adam step moves every parameter by +-lr whatever the gradient's size, so
+    # round-off on a gradient that is ~0 would flip whole steps.)
+    config.optimizer.update(name="sgd", momentum=None, lr=0.1, warmup_steps=0, schedule="constant",
+                            grad_clip_norm=0.0)
+    run = build(config)
+    batch_sharding = sharding.batch_sharding(run.mesh)
+    with make_pipeline(config.data, batch_sharding, train=True, global_batch_size=config.batch_size) as data:
+        batch = {k: v for k, v in next(data).items() if k in ("image", "text")}
+    initial = jax.device_get(run.state.params)
+    results = {}
+    for micro in (None, 1):
+        cfg = config.copy_and_resolve_references()
+        cfg.microbatch_size = micro
+        state = jax.tree.map(jnp.copy, run.state)  # the step donates its input state
+        state, metrics = make_step_fn(dataclasses.replace(run, config=cfg), batch_sharding)(state, batch)
+        results[micro] = jax.device_get(state.params), float(metrics["loss"])
+    (full_params, full_loss), (cached_params, cached_loss) = results[None], results[1]
+    assert rel_err(cached_loss, full_loss) <= 1e-5
+    leaves = lambda tree: [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]  # noqa: E731
+    full, cached, start = leaves(full_params), leaves(cached_params), leaves(initial)
+    assert rel_err(np.concatenate([x.ravel() for x in cached]), np.concatenate([x.ravel() for x in full])) <= 1e-5
+    update_norm = np.sqrt(sum(np.sum((f - i) ** 2) for f, i in zip(full, start)))
+    for f, c, i in zip(full, cached, start):
+        step = np.linalg.norm(f - i)
+        if step > 1e-6 * update_norm:
+            assert rel_err(c, f) <= 1e-5
+        else:
+            # A parameter with no gradient (attention key biases: softmax is shift-invariant)
+            # moves by round-off only, in both runs.
+            assert np.linalg.norm(c - i) <= 1e-6 * update_norm
+    # The step moved both towers (so the comparison is not between two untouched copies).
+    for tower in ("image", "text"):
+        moved = [np.linalg.norm(f - i) for f, i in zip(leaves(full_params[tower]), leaves(initial[tower]))]
+        assert max(moved) > 1e-3, tower
+
+
+# ----------------------------------------------------------------------------- subprocess runs
+
+
+def cli(workdir, *overrides):
+    return [sys.executable, "-m", "big_contrast.cli", "train", "--config", str(REPO / "configs/demo.py"),
+            "--workdir", str(workdir), "--noplot", "--config.batch_size=32", "--config.log_every=1",
+            "--config.evals={}", "--config.data.sources.demo.size=512", *overrides]
+
+
+def env():
+    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+
+
+def wait_for(predicate, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early with {proc.returncode}: {proc.stdout.read()}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("timed out")
+
+
+def final_params(workdir):
+    ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False)
+    import orbax.checkpoint as ocp
+
+    step = ckpt.latest_step()
+    state = ckpt._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    ckpt.close()
+    return step, state["params"]
+
+
+def test_kill_9_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(tmp_path):
+    steps = ["--config.total_steps=8", "--config.checkpoint_every=3"]
+    straight = subprocess.run(cli(tmp_path / "straight", *steps), env=env(), capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cli(killed, *steps), env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    wait_for(lambda: (killed / "checkpoints" / "3").is_dir(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    resumed = subprocess.run(cli(killed, *steps), env=env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    step_a, params_a = final_params(tmp_path / "straight")
+    step_b, params_b = final_params(killed)
+    assert step_a == step_b == 8
+    for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+        assert rel_err(b, a) <= 1e-5
+    # The last value logged for every step agrees (a resumed run re-logs the steps it redoes).
+    by_step = lambda rows: {r["step"]: r for r in rows}  # noqa: E731
+    straight_rows, killed_rows = by_step(read_metrics(tmp_path / "straight")), by_step(read_metrics(killed))
+    assert sorted(straight_rows) == sorted(killed_rows) == list(range(1, 9))
+    for step, row in straight_rows.items():
+        assert rel_err(killed_rows[step]["loss"], row["loss"]) <= 1e-5, step
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    proc = subprocess.Popen(cli(tmp_path, "--config.total_steps=100000", "--config.checkpoint_every=100000"),
+                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: len(read_metrics(tmp_path)) >= 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert "SIGTERM" in out and "checkpoint saved" in out
+    steps = Checkpointer(tmp_path / "checkpoints", async_save=False).all_steps()
+    assert len(steps) == 1 and 2 <= steps[0] < 100000
+
+
+# ----------------------------------------------------------------------------- in-process runs
+
+
+def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    config = tiny_config(total_steps=50, checkpoint_every=1)
+    config.optimizer.update(lr=1e12, warmup_steps=0, grad_clip_norm=0.0, schedule="constant")
+    with pytest.raises(NonFiniteLoss, match=r"at step (\d+)") as error:
+        train(config, tmp_path, progress=False)
+    bad_step = int(error.value.args[0].split("at step ")[1].split(";")[0])
+    ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    assert ckpt.latest_step() == bad_step - 1
+    _, params = final_params(tmp_path)
+    assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))
+
+
+def test_eval_command_restores_a_checkpoint_and_reports(tmp_path):
+    config = tiny_config(total_steps=2, checkpoint_every=2)
+    train(config, tmp_path, progress=False)
+    out = tmp_path / "eval.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "big_contrast.cli", "eval", "--config", str(REPO / "configs/demo.py"),
+         "--workdir", str(tmp_path), "--config.batch_size=32", "--config.data.sources.demo.size=512",
+         "--json", str(out)], env=env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert "step 2" in result.stdout
+    metrics = results.get("results", results)
+    for key in ("shape/top1", "colour/top1", "retrieval/i2t_recall@1"):
+        assert 0.0 <= metrics[key] <= 1.0
+
+
+# ----------------------------------------------------------------------------- config errors
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(batch_size=36), r"config.batch_size=36 does not divide over the 8 data-parallel devices"),
+    (dict(microbatch_size=3), r"config.microbatch_size=3 does not divide the per-device batch 4"),
+    (dict(loss_impl="flash"), r"config.loss_impl='flash' is unknown"),
+    (dict(freeze=("image/does_not_exist/.*",)), r"'image/does_not_exist/\.\*' .* matches no parameter"),
+])
+def test_config_errors_name_the_key(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        build(tiny_config(**overrides))
+
+
+def test_unknown_loss_and_model_names_are_config_errors():
+    config = tiny_config()
+    config.model.loss = "hinge"
+    with pytest.raises(ValueError, match=r"config.model.loss='hinge' is unknown"):
+        build(config)
+    config = tiny_config()
+    config.model.image.variant = "Q/16"
+    with pytest.raises(ValueError, match=r"Q"):
+        build(config)
