@@ -23,8 +23,15 @@ Parameters are created directly in their shardings (``init_sharded``): the
 constructor runs under ``jax.jit`` with ``out_shardings``, so no device or host
 ever holds a full replica of a sharded parameter.
 
-Activation constraints (``constrain``) are applied only under ``jax.set_mesh``;
-outside a mesh context they are no-ops, so the same model code runs unsharded.
+Activation constraints (``constrain``) are applied only under ``jax.set_mesh``
+(outside a mesh context they are no-ops, so the same model code runs
+unsharded; GSPMD then propagates the parameter and batch shardings).
+
+Both mesh flavours work: Auto axes (GSPMD decides what it is not told) and
+Explicit axes (sharding in types, the ``jax.make_mesh`` default). On Explicit
+meshes the towers run inside ``jax.sharding.auto_axes`` (``call_with_auto_axes``),
+because FSDP/TP layers constantly combine operands whose explicit shardings
+disagree; their outputs come back Explicit.
 """
 from __future__ import annotations
 

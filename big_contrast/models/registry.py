@@ -24,7 +24,7 @@ config passed to ``create`` may set any subset, unknown keys are an error):
 
 Checkpoint loading: ``load_tower_params`` copies a tower's parameters from a
 pytree with shape checks; reading that pytree from an orbax checkpoint
-directory is the checkpoint module's job (``big_contrast/checkpoint.py``).
+directory is the trainer's job (``config.init_towers`` in ``big_contrast/train``).
 """
 from __future__ import annotations
 

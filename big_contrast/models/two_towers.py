@@ -7,7 +7,10 @@
 * ``scale`` float32 scalar ``exp(log_scale)``, already clamped at ``max_log_scale``;
 * ``bias`` float32 scalar, or None when the model has no bias (softmax default).
 
-These plug straight into the loss engine:
+Either input may be None (embed images only, or texts only). On an Explicit
+mesh each tower runs inside ``sharding.call_with_auto_axes``; under
+``jax.set_mesh(mesh)`` the activations are constrained by their logical names.
+The outputs plug straight into the loss engine:
 ``sigmoid_loss(out.zimg, out.ztxt, out.scale, out.bias, mesh=mesh, axis=batch_axes(mesh))``.
 
 The clamp is in the forward pass (``exp(min(log_scale, max_log_scale))``), so
