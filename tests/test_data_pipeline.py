@@ -70,8 +70,6 @@ def test_same_seed_same_batches_other_seed_other_batches(records):
     assert_same_batches(first, take(make_pipeline(config), 4))
     other = take(make_pipeline(config, seed=1), 4)
     assert [names_of(b) for b in other] != [names_of(b) for b in first]
-    # Same order of records, but a different random crop: augmentation is seeded too.
-    assert not np.array_equal(first[0]["image"], other[0]["image"]) or names_of(first[0]) != names_of(other[0])
 
 
 def test_processes_see_disjoint_examples_that_cover_the_data(records):

@@ -26,13 +26,25 @@ import numpy as np
 from big_contrast.data.errors import SkipCounter
 
 
-def stack_examples(examples: list[dict]) -> dict:
+def _shared_memory_array(shape, dtype):
+    # grain's own Batch stacks into this in worker processes: the batch is then handed to the
+    # main process without another copy. Private to grain, hence the guarded import.
+    from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+
+    return SharedMemoryArray(shape, dtype=dtype)
+
+
+def stack_examples(examples: list[dict], shared_memory: bool = False) -> dict:
     batch = {}
     for key in examples[0]:
         if key.startswith("_"):
             continue
+        values = [ex[key] for ex in examples]
         try:
-            batch[key] = np.stack([ex[key] for ex in examples])
+            first = np.asarray(values[0])
+            out = (_shared_memory_array((len(values), *first.shape), first.dtype)
+                   if shared_memory and first.dtype.kind not in "OUS" else None)
+            batch[key] = np.stack(values, out=out)
         except ValueError:
             shapes = sorted({np.shape(ex[key]) for ex in examples})
             raise ValueError(
@@ -53,6 +65,11 @@ class SkipCountingBatchIterDataset(grain.IterDataset):
         self.batch_size, self.source_names = batch_size, tuple(source_names)
         self.drop_remainder = drop_remainder
         self.max_skip_fraction, self.min_seen = max_skip_fraction, min_seen
+        self.shared_memory = False
+
+    def enable_shared_memory_output(self) -> None:
+        """Called by grain's `mp_prefetch`: stack batches straight into shared memory."""
+        self.shared_memory = True
 
     def __iter__(self) -> grain.DatasetIterator:
         return _SkipCountingBatchIterator(self._parent.__iter__(), self)
@@ -85,7 +102,7 @@ class _SkipCountingBatchIterator(grain.DatasetIterator):
                     guard.check()
                 continue
             examples.append(example)
-        batch = stack_examples(examples)
+        batch = stack_examples(examples, spec.shared_memory)
         batch["_seen"], batch["_skipped"] = guard.seen, guard.skipped
         return batch
 

@@ -23,6 +23,9 @@
     max_skip_fraction  a source whose skipped / seen fraction passes this stops the run with
                        an error naming the source and reason (None disables)
     min_seen           records a source must have produced before that check applies
+    keep_freed_memory  tune glibc malloc in the decoding processes (the workers, or this
+                       process when num_workers=0) to keep freed memory instead of returning
+                       it to the OS: ~25% less CPU per 224 px image (`memory.py`)
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.prefetch_buffer_size = 256
     config.max_skip_fraction = 0.1
     config.min_seen = 1000
+    config.keep_freed_memory = True
     return config
 
 

@@ -31,6 +31,7 @@ number of batches, each padded to the per-process batch with a boolean `'mask'` 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import grain
@@ -39,6 +40,7 @@ import numpy as np
 from big_contrast.data.batching import SkipCountingBatchIterDataset
 from big_contrast.data.config import check_data_config
 from big_contrast.data.errors import SkipCounter
+from big_contrast.data.memory import keep_freed_memory, worker_init
 from big_contrast.data.preprocess import ProcessExample
 from big_contrast.data.sources import TaggedSource, open_source
 from big_contrast.data.tokenizer import make_tokenizer
@@ -109,7 +111,11 @@ def build_dataset(config, *, train: bool, per_process_batch: int, process_index:
 
         if not flags.FLAGS.is_parsed():  # grain's worker start-up reads absl flags
             flags.FLAGS.mark_as_parsed()
-        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))
+        iter_ds = iter_ds.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=config.num_workers),
+            worker_init_fn=functools.partial(worker_init, tune_allocator=config.keep_freed_memory))
+    elif config.keep_freed_memory:  # decoding happens in this process
+        keep_freed_memory()
     return iter_ds, names, largest_shard
 
 
