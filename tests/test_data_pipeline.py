@@ -231,3 +231,19 @@ def test_an_image_pp_without_a_fixed_size_is_reported(tmp_path):
     config = config_for({"s": {"kind": "array_record", "path": path}}, pp_train="decode|resize_small(4)")
     with pytest.raises(ValueError, match="different 'image' shapes"):
         next(make_pipeline(config))
+
+
+def test_shared_memory_stacking_matches_numpy_and_allocator_tuning_applies():
+    from big_contrast.data.batching import stack_examples
+    from big_contrast.data.memory import keep_freed_memory
+
+    rng = np.random.default_rng(0)
+    examples = [{"image": rng.uniform(size=(3, 3, 3)).astype(np.float32),
+                 "text": rng.integers(0, 9, size=5).astype(np.int32), "_source": 0} for _ in range(4)]
+    shared = stack_examples(examples, shared_memory=True)
+    assert set(shared) == {"image", "text"}
+    for key in shared:
+        np.testing.assert_array_equal(shared[key], np.stack([ex[key] for ex in examples]))
+        assert type(shared[key]).__name__ == "SharedMemoryArray"
+        shared[key].unlink_on_del()  # as the receiving process does; frees /dev/shm
+    assert keep_freed_memory() is True  # Linux / glibc, as on the test machine
