@@ -56,6 +56,8 @@ def _parse_flags(command, rest):
     flags.DEFINE_string("coordinator", None, "Multi-host: coordinator ADDR:PORT (process 0).", flag_values=fv)
     flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.", flag_values=fv)
     flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.", flag_values=fv)
+    flags.DEFINE_integer("distributed_timeout", 120, "Multi-host: seconds to wait for the coordinator.",
+                         flag_values=fv)
     fv([f"big-contrast {command}", *rest])
     if fv.config is None:
         raise SystemExit(f"big-contrast {command}: --config is required (e.g. --config configs/demo.py).")
@@ -68,15 +70,11 @@ def _parse_flags(command, rest):
 
 
 def _init_distributed(flags):
-    """Multi-host runs: explicit coordinator flags; single host: nothing to do."""
-    if flags.coordinator is None and flags.num_processes is None:
-        return
-    if flags.coordinator is None or flags.num_processes is None or flags.process_id is None:
-        raise SystemExit("Multi-host needs all of --coordinator ADDR:PORT, --num_processes N and --process_id I.")
-    import jax
+    """Multi-host: explicit coordinator flags, or a TPU pod / SLURM cluster JAX detects."""
+    from big_contrast import distributed
 
-    jax.distributed.initialize(coordinator_address=flags.coordinator, num_processes=flags.num_processes,
-                               process_id=flags.process_id)
+    distributed.initialize(flags.coordinator, flags.num_processes, flags.process_id,
+                           timeout_s=flags.distributed_timeout)
 
 
 # ----------------------------------------------------------------------------- commands

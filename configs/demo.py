@@ -51,6 +51,7 @@ def get_config(arg=None):
     for task in ("shape", "colour"):
         config.evals[task] = dict(
             type="zero_shot", class_names=demo_class_names(task), templates=("a photo of a {}.",),
-            label_field=f"label/{task}", batch_size=96, data=eval_split([f"label/{task}"]))
-    config.evals.retrieval = dict(type="retrieval", text_field="text", batch_size=96, data=eval_split())
+            label_field=f"label/{task}", batch_size=96, every_steps=200, data=eval_split([f"label/{task}"]))
+    config.evals.retrieval = dict(type="retrieval", text_field="text", batch_size=96, every_steps=200,
+                                  data=eval_split())
     return config

@@ -53,18 +53,26 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 TOWERS = ("image", "text")
 
 
+def _optional(field_type):
+    """A None default that `--config.key=value` can still override (typed FieldReference)."""
+    return ml_collections.FieldReference(None, field_type=field_type)
+
+
 def default_model_config() -> ml_collections.ConfigDict:
-    size_overrides = dict(width=None, depth=None, mlp_dim=None, num_heads=None)
+    def size_overrides():
+        return dict(width=_optional(int), depth=_optional(int), mlp_dim=_optional(int),
+                    num_heads=_optional(int))
+
     return ml_collections.ConfigDict(dict(
         image=dict(variant="B/16", image_size=224, pool="map", posemb="learn", channels=3,
-                   head=True, **size_overrides),
-        text=dict(variant="B", vocab_size=32_000, max_len=64, causal=False, pool=None,
-                  pad_id=0, eos_id=1, head=True, **size_overrides),
+                   head=True, **size_overrides()),
+        text=dict(variant="B", vocab_size=32_000, max_len=64, causal=False, pool=_optional(str),
+                  pad_id=0, eos_id=1, head=True, **size_overrides()),
         embed_dim=768,
         loss="sigmoid",
-        log_scale_init=None,
-        max_log_scale=None,
-        bias_init=None,
+        log_scale_init=_optional(float),
+        max_log_scale=_optional(float),
+        bias_init=_optional(float),
         lock_image=False,
         dtype="float32",
         param_dtype="float32",

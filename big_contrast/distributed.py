@@ -1,0 +1,49 @@
+"""One process per host on JAX's multi-controller runtime (`jax.distributed`).
+
+* explicit: `--coordinator ADDR:PORT --num_processes N --process_id I` (any cluster, or
+  several processes on one machine for testing);
+* detected: on Cloud TPU pod slices and under SLURM (more than one task) JAX finds the
+  coordinator itself, so `big-contrast train` needs no flags there;
+* nothing on a single host.
+
+On CPU the cross-process collectives go through gloo. A process that cannot reach the
+coordinator fails after `timeout_s` with a sentence instead of hanging.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+
+def cluster_detected() -> bool:
+    """True where `jax.distributed.initialize()` can find the cluster on its own."""
+    slurm_tasks = int(os.environ.get("SLURM_NTASKS", os.environ.get("SLURM_NPROCS", "1")) or 1)
+    tpu_workers = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return slurm_tasks > 1 or "," in tpu_workers
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *, timeout_s: int = 120) -> bool:
+    """Starts the distributed runtime when asked for or detected; returns whether it did."""
+    explicit = (coordinator, num_processes, process_id)
+    if any(v is not None for v in explicit) and any(v is None for v in explicit):
+        raise ValueError("Multi-host needs all of --coordinator ADDR:PORT, --num_processes N and --process_id I "
+                         f"(got coordinator={coordinator}, num_processes={num_processes}, process_id={process_id}).")
+    if coordinator is None and not cluster_detected():
+        return False
+    if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id, initialization_timeout=timeout_s)
+    except Exception as error:  # noqa: BLE001 - re-raised with what to check
+        where = coordinator or "the detected cluster's coordinator"
+        raise RuntimeError(
+            f"Process {process_id} could not join the distributed run through {where} within {timeout_s} s "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). Check that process 0 "
+            "is running, that the address and port are reachable from this host, and that every process got "
+            "the same --num_processes."
+        ) from error
+    return True
