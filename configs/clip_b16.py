@@ -1,6 +1,6 @@
-"""CLIP ViT-B/16: softmax (InfoNCE) loss, class-token pooling, causal text tower (Radford et al. 2021).
+"""big-contrast train --config configs/clip_b16.py --workdir gs://BUCKET/clip_b16
 
-    big-contrast train --config configs/clip_b16.py --workdir gs://BUCKET/clip_b16
+CLIP ViT-B/16: softmax (InfoNCE) loss, class-token pooling, causal text tower (Radford et al. 2021).
 
 Batch 32k with the ring loss engine; learnable temperature initialised at 1/0.07 and
 clamped at 100. Defaults read the built-in demo data at 224 px with byte-level tokens; point

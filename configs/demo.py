@@ -1,6 +1,6 @@
-"""Tiny two towers on the built-in demo shapes; trains on a 2-core CPU in a few minutes.
+"""big-contrast train --config configs/demo.py --workdir workdir/demo
 
-    big-contrast train --config configs/demo.py --workdir workdir/demo
+Tiny two towers on the built-in demo shapes; trains on a 2-core CPU in a few minutes.
 
 Sigmoid (SigLIP) loss with the ring engine over 8 simulated devices (`make demo` sets
 XLA_FLAGS). The argument is a comma-separated list: `configs/demo.py:softmax` trains the

@@ -1,6 +1,6 @@
-"""LiT ViT-B/16: a locked, pretrained image tower and a text tower trained from scratch (Zhai et al. 2022).
+"""big-contrast train --config configs/lit_b16.py:IMAGE_WORKDIR --workdir gs://BUCKET/lit_b16
 
-    big-contrast train --config configs/lit_b16.py:IMAGE_WORKDIR --workdir gs://BUCKET/lit_b16
+LiT ViT-B/16: a locked, pretrained image tower and a text tower trained from scratch (Zhai et al. 2022).
 
 `IMAGE_WORKDIR` is a workdir (or its checkpoints/ directory) of a run of this project whose
 image tower has the same variant; its latest checkpoint's image tower is loaded and frozen

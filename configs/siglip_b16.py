@@ -1,6 +1,6 @@
-"""SigLIP ViT-B/16: pairwise-sigmoid loss, MAP pooling, bidirectional text tower (Zhai et al. 2023).
+"""big-contrast train --config configs/siglip_b16.py --workdir gs://BUCKET/siglip_b16
 
-    big-contrast train --config configs/siglip_b16.py --workdir gs://BUCKET/siglip_b16
+SigLIP ViT-B/16: pairwise-sigmoid loss, MAP pooling, bidirectional text tower (Zhai et al. 2023).
 
 Batch 32k over all devices of the mesh with the ring loss engine. Defaults read the built-in
 demo data at 224 px with byte-level tokens so the config runs anywhere; point

@@ -1,6 +1,6 @@
-"""SigLIP So400m/14: the shape-optimised ViT (Alabdulmohsin et al. 2023) with a sigmoid loss.
+"""big-contrast train --config configs/siglip_so400m14.py --workdir gs://BUCKET/so400m
 
-    big-contrast train --config configs/siglip_so400m14.py --workdir gs://BUCKET/so400m
+SigLIP So400m/14: the shape-optimised ViT (Alabdulmohsin et al. 2023) with a sigmoid loss.
 
 Parameters are FSDP-sharded over 'fsdp' (mesh 'data' x 'fsdp'), activations rematerialised
 and layers scanned; micro-batch gradient caching bounds activation memory. Run

@@ -215,3 +215,25 @@ def test_unknown_loss_and_model_names_are_config_errors():
     config.model.image.variant = "Q/16"
     with pytest.raises(ValueError, match=r"Q"):
         build(config)
+
+
+@pytest.mark.parametrize("name", ["demo", "clip_b16", "siglip_b16", "lit_b16", "siglip_so400m14"])
+def test_every_config_is_valid(name):
+    """Each shipped config resolves: model fields, image ops, optimizer, batch over 8 devices."""
+    import importlib
+
+    from big_contrast.data import parse_image_pp
+    from big_contrast.models import resolve_config
+    from big_contrast.train import validate
+    from big_contrast.train.optimizer import learning_rate_schedule
+
+    module = importlib.import_module(name)
+    assert module.__doc__.startswith(f"big-contrast train --config configs/{name}.py")  # the run command first
+    config = module.get_config()
+    validate(config, num_batch_shards=8)
+    resolve_config(config.model)
+    parse_image_pp(config.data.pp_train)
+    parse_image_pp(config.data.pp_eval)
+    opt = config.optimizer.copy_and_resolve_references()
+    opt.total_steps = config.total_steps
+    assert float(learning_rate_schedule(opt)(config.optimizer.warmup_steps)) == pytest.approx(config.optimizer.lr)

@@ -88,8 +88,8 @@ def microbatches(config, num_batch_shards: int) -> int:
     return (config.batch_size // num_batch_shards) // config.microbatch_size
 
 
-PP_TRAIN_224 = "decode|random_resized_crop(224, scale=(0.4, 1.0))|flip|value_range(-1, 1)"
-PP_EVAL_224 = "decode|resize(256)|central_crop(224)|value_range(-1, 1)"
+PP_TRAIN_224 = "decode|random_resized_crop(224, scale=(0.4, 1.0))|flip_lr|value_range(-1, 1)"
+PP_EVAL_224 = "decode|resize_small(256)|central_crop(224)|value_range(-1, 1)"
 
 
 def use_real_data_defaults(config, *, max_len):
