@@ -15,9 +15,11 @@ The grain graph, per process:
       .random_map(ProcessExample)                              # decode, image ops, caption, tokens
       .to_iter_dataset(ReadOptions(num_threads, prefetch))     # threaded reading + mapping
       -> SkipCountingBatchIterDataset(B / process_count)       # batches + skip counts
-      -> .mp_prefetch(num_workers)                             # worker processes (if > 0)
+      -> .mp_prefetch(num_workers)                             # worker processes (if > 0);
+                                                               # batches stacked into shared memory
 
-The first two stages slice by process explicitly (the same split grain's `ShardByJaxProcess`
+The decoding processes keep freed memory in the allocator (`data.keep_freed_memory`,
+`memory.py`). The first two stages slice by process explicitly (the same split grain's `ShardByJaxProcess`
 gives, with `process_index` / `process_count` overridable so tests can simulate hosts). The map
 and batch stages run inside the worker processes. The main process then strips the skip counts
 into a `SkipCounter` (checked against `max_skip_fraction`) and assembles each field into one
@@ -69,12 +71,31 @@ def _data_section(config):
     return config
 
 
+def _source_datasets(config, *, train: bool, process_index: int, process_count: int, seed: int):
+    """One `MapDataset` per source: this process's disjoint share, shuffled and endless when
+    training. Returns `(datasets, weights, largest per-process share of one pass)`."""
+    datasets, weights, largest_share = [], [], 0
+    for k, name in enumerate(config.sources.keys()):
+        source = open_source(name, config.sources[name])
+        if len(source) < process_count:
+            raise ValueError(
+                f"data source {name!r} has {len(source)} records, fewer than the {process_count} "
+                "processes that each need a disjoint share")
+        largest_share = max(largest_share, math.ceil(len(source) / process_count))
+        ds = grain.MapDataset.source(TaggedSource(source, k))[process_index::process_count]
+        if train:
+            ds = ds.shuffle(seed=derive_seed(seed, 1, k)).repeat()
+        datasets.append(ds)
+        weights.append(float(config.sources[name].get("weight", 1.0)))
+    return datasets, weights, largest_share
+
+
 def build_dataset(config, *, train: bool, per_process_batch: int, process_index: int,
                   process_count: int, seed: int | None = None):
     """The grain `IterDataset` of per-process batches (with `_seen` / `_skipped` counts).
 
-    Returns `(dataset, source_names, num_records_per_process)`; the last is the length of the
-    largest per-process shard of one pass (for evaluation padding).
+    Returns `(dataset, source_names, largest_share)`, the last being the number of records in
+    the largest per-process share of one pass (for evaluation padding).
     """
     check_data_config(config)
     if not 0 <= process_index < process_count:
@@ -83,23 +104,12 @@ def build_dataset(config, *, train: bool, per_process_batch: int, process_index:
     names = tuple(config.sources.keys())
     if not train and len(names) > 1:
         raise ValueError(f"evaluation reads one source; config has {len(names)}: {names}")
-    tokenizer = make_tokenizer(config.tokenizer, config.lowercase)
-    processor = ProcessExample(config.pp_train if train else config.pp_eval, tokenizer,
+    processor = ProcessExample(config.pp_train if train else config.pp_eval,
+                               make_tokenizer(config.tokenizer, config.lowercase),
                                config.max_len, tuple(config.label_keys))
-    parts, weights, largest_shard = [], [], 0
-    for k, name in enumerate(names):
-        source = open_source(name, config.sources[name])
-        if len(source) < process_count:
-            raise ValueError(
-                f"data source {name!r} has {len(source)} records, fewer than the {process_count} "
-                "processes that each need a disjoint share")
-        largest_shard = max(largest_shard, math.ceil(len(source) / process_count))
-        ds = grain.MapDataset.source(TaggedSource(source, k))[process_index::process_count]
-        if train:
-            ds = ds.shuffle(seed=derive_seed(seed, 1, k)).repeat()
-        parts.append(ds)
-        weights.append(float(config.sources[name].get("weight", 1.0)))
-    ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+    datasets, weights, largest_share = _source_datasets(
+        config, train=train, process_index=process_index, process_count=process_count, seed=seed)
+    ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
     ds = ds.random_map(processor, seed=derive_seed(seed, 2))
     read_options = grain.ReadOptions(num_threads=config.num_threads,
                                      prefetch_buffer_size=config.prefetch_buffer_size)
@@ -116,7 +126,7 @@ def build_dataset(config, *, train: bool, per_process_batch: int, process_index:
             worker_init_fn=functools.partial(worker_init, tune_allocator=config.keep_freed_memory))
     elif config.keep_freed_memory:  # decoding happens in this process
         keep_freed_memory()
-    return iter_ds, names, largest_shard
+    return iter_ds, names, largest_share
 
 
 class DataIterator:
@@ -266,10 +276,10 @@ def make_pipeline(config, sharding=None, *, train: bool = True, global_batch_siz
         raise ValueError(
             f"global batch size {global_batch} does not divide over {process_count} processes")
     per_process_batch = global_batch // process_count
-    dataset, names, largest_shard = build_dataset(
+    dataset, names, largest_share = build_dataset(
         config, train=train, per_process_batch=per_process_batch, process_index=process_index,
         process_count=process_count, seed=seed)
     counter = SkipCounter(names, config.max_skip_fraction, config.min_seen)
-    eval_num_batches = None if train else math.ceil(largest_shard / per_process_batch)
+    eval_num_batches = None if train else math.ceil(largest_share / per_process_batch)
     return DataIterator(dataset, names, counter, sharding, process_count, per_process_batch,
                         eval_num_batches)

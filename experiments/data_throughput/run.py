@@ -81,34 +81,35 @@ def write_dataset(folder: str, size: tuple[int, int], distinct: int, records: in
     return path, sum(map(len, images)) / distinct / 1024
 
 
-def per_image_ms(fn, items, repeats) -> float:
-    """CPU milliseconds per item on this thread: the best of `repeats` passes over `items`
-    (CPU time and best-of-N: the machine is shared, other work only ever adds time)."""
-    best = float("inf")
-    for r in range(repeats):
-        start = time.process_time()
-        for i, item in enumerate(items):
-            fn(item, np.random.default_rng(r * len(items) + i))
-        best = min(best, (time.process_time() - start) / len(items) * 1e3)
-    return best
+def _pass_ms(fn, items, seed) -> float:
+    """CPU milliseconds per item for one pass over `items` on this thread."""
+    start = time.process_time()
+    for i, item in enumerate(items):
+        fn(item, np.random.default_rng(seed + i))
+    return (time.process_time() - start) / len(items) * 1e3
 
 
 def stage_costs(images: list[bytes], tokenizer, repeats: int) -> dict:
-    """Milliseconds per image for each stage, cumulatively, on this thread."""
-    captions = [" ".join(WORDS[:12])] * len(images)
-    costs = {
-        "decode (full image)": per_image_ms(lambda b, r: parse_image_pp("decode")(b, r), images, repeats),
-        "+ random_resized_crop(224)": per_image_ms(
-            lambda b, r: parse_image_pp("decode|random_resized_crop(224)")(b, r), images, repeats),
-        "+ flip_lr": per_image_ms(lambda b, r: parse_image_pp(PP_UINT8)(b, r), images, repeats),
-        "+ value_range(-1, 1) (float32 out)": per_image_ms(
-            lambda b, r: parse_image_pp(PP_FLOAT)(b, r), images, repeats),
-        "same with decode(fast=True)": per_image_ms(
-            lambda b, r: parse_image_pp(PP_FAST)(b, r), images, repeats),
-        "tokenize (sentencepiece, max_len 64)": per_image_ms(
-            lambda c, r: encode_fixed(tokenizer, c, 64), captions, repeats),
+    """CPU ms per image of each cumulative stage: passes interleaved across stages (so load
+    from other users spreads evenly over them) and the best of `repeats` kept (CPU time and
+    best-of-N: on a shared machine, other work only ever adds time)."""
+    caption = " ".join(WORDS[:12])
+    image_stages = {
+        "decode (full image)": "decode",
+        "+ random_resized_crop(224)": "decode|random_resized_crop(224)",
+        "+ flip_lr": PP_UINT8,
+        "+ value_range(-1, 1) (float32 out)": PP_FLOAT,
+        "same with decode(fast=True)": PP_FAST,
     }
-    return costs
+    stages = {name: (lambda b, r, pp=parse_image_pp(spec): pp(b, r), images)
+              for name, spec in image_stages.items()}
+    stages["tokenize (sentencepiece, max_len 64)"] = (
+        lambda c, r: encode_fixed(tokenizer, c, 64), [caption] * len(images))
+    best = {name: float("inf") for name in stages}
+    for r in range(repeats):
+        for name, (fn, items) in stages.items():
+            best[name] = min(best[name], _pass_ms(fn, items, r * len(items)))
+    return best
 
 
 def _children_cpu_seconds() -> float:
@@ -182,7 +183,7 @@ def main():
 
             source = ArrayRecordSource(path)
             images = [source[i]["image"] for i in range(min(64, len(source)))]
-            entry = {"jpeg_kb": kb, "stages_ms": stage_costs(images, tokenizer, 2 if args.quick else 8)}
+            entry = {"jpeg_kb": kb, "stages_ms": stage_costs(images, tokenizer, 2 if args.quick else 12)}
             runs = {}
             for label, pp, workers, threads, cores_used in (
                     ("1 core, in-process (num_workers=0, num_threads=1)", PP_FLOAT, 0, 1, 1),
