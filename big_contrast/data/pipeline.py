@@ -18,10 +18,10 @@ The grain graph, per process:
       -> .mp_prefetch(num_workers)                             # worker processes (if > 0);
                                                                # batches stacked into shared memory
 
-The decoding processes keep freed memory in the allocator (`data.keep_freed_memory`,
-`memory.py`). The first two stages slice by process explicitly (the same split grain's `ShardByJaxProcess`
-gives, with `process_index` / `process_count` overridable so tests can simulate hosts). The map
-and batch stages run inside the worker processes. The main process then strips the skip counts
+Each process reads a strided share of every source; process index and count come from jax
+(grain's `ShardByJaxProcess`) and can be overridden without a sharding, so tests simulate
+hosts. The map and batch stages run inside the worker processes, which (like the main process
+when num_workers=0) keep freed memory in the allocator (`data.keep_freed_memory`, `memory.py`). The main process then strips the skip counts
 into a `SkipCounter` (checked against `max_skip_fraction`) and assembles each field into one
 global array with `jax.make_array_from_process_local_data`, sharded over the batch axes of
 `sharding`; with `sharding=None` batches stay numpy (evaluation, tests).
