@@ -59,6 +59,15 @@ class Checkpointer:
         restored = self._manager.restore(step, args=args)
         return restored["state"], restored["meta"], step
 
+    def restore_arrays(self, step: int | None = None) -> tuple[Any, int]:
+        """(state, step) as host arrays in the saved structure, without an abstract target: for
+        reading parts of a checkpoint (a tower's weights) whatever model or mesh wrote it."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"No checkpoint in {self.directory}.")
+        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        return restored["state"], step
+
     def restore_meta(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

@@ -113,10 +113,7 @@ def wait_for(predicate, proc, timeout=240):
 
 def final_params(workdir):
     ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False)
-    import orbax.checkpoint as ocp
-
-    step = ckpt.latest_step()
-    state = ckpt._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    state, step = ckpt.restore_arrays()
     ckpt.close()
     return step, state["params"]
 
@@ -237,3 +234,21 @@ def test_every_config_is_valid(name):
     opt = config.optimizer.copy_and_resolve_references()
     opt.total_steps = config.total_steps
     assert float(learning_rate_schedule(opt)(config.optimizer.warmup_steps)) == pytest.approx(config.optimizer.lr)
+
+
+def test_lit_loads_a_tower_from_a_workdir_and_freezes_it(tmp_path):
+    """config.init_towers copies the image tower of another run's latest checkpoint; with
+    lock_image the optimizer gives it zero updates."""
+    train(tiny_config(total_steps=1, checkpoint_every=1), tmp_path / "image_run", progress=False)
+    _, saved = final_params(tmp_path / "image_run")
+    config = tiny_config()
+    config.model.lock_image = True
+    config.init_towers = {"image": str(tmp_path / "image_run")}
+    run = build(config)
+    loaded = jax.device_get(run.state.params["image"])
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(saved["image"])):
+        np.testing.assert_array_equal(a, b)
+    grads = jax.tree.map(jnp.ones_like, run.state.params)
+    updates, _ = run.tx.update(grads, run.state.opt_state, run.state.params)
+    assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates["image"]))
+    assert any(np.any(np.asarray(u) != 0) for u in jax.tree.leaves(updates["text"]))

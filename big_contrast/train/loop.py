@@ -100,13 +100,13 @@ def _tower_params_from_checkpoint(directory, tower):
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
     ckpt = Checkpointer(path, async_save=False)
-    import orbax.checkpoint as ocp
-
-    step = ckpt.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"config.init_towers.{tower}: no checkpoint under {directory}.")
-    restored = ckpt._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return restored["state"]["params"][tower]
+    try:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"config.init_towers.{tower}: no checkpoint under {directory}.")
+        state, _ = ckpt.restore_arrays()
+    finally:
+        ckpt.close()
+    return state["params"][tower]
 
 
 def make_step_fn(run: Run, batch_sharding):
