@@ -7,10 +7,12 @@ consumed for that batch:
     '_seen':    int64 [num_sources]                  records read, per source
     '_skipped': int64 [num_sources, len(SKIP_REASONS)]  records skipped, per source and reason
 
-Because it sits before `mp_prefetch`, it runs inside each worker process and its counts travel
-with the batch through grain's inter-process queues. Its checkpoint state is its parent's
-state: a batch is only emitted complete, so the parent's position is exactly "after the last
-record of the last batch".
+Because it sits before `mp_prefetch`, it runs inside each worker process and its counts
+travel with the batch through grain's inter-process queues (and, in workers, the batch is
+stacked straight into shared memory). Its checkpoint state is its parent's state: a batch is
+only emitted complete, so the parent's position is exactly "after the last record of the last
+batch". At the end of a finite pass (evaluation), skipped records after the last good one
+belong to no batch and are not counted.
 
 Guard against an endless search: a source whose every record is bad would never produce a
 batch whose counts could be checked. So once one batch has consumed more than
