@@ -29,10 +29,13 @@ from big_contrast.data.errors import SkipCounter
 
 
 def _shared_memory_array(shape, dtype):
-    # grain's own Batch stacks into this in worker processes: the batch is then handed to the
-    # main process without another copy. Private to grain, hence the guarded import.
-    from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
-
+    """grain's own Batch stacks into this in worker processes, so the batch reaches the main
+    process without another copy. It is private to grain: if it moves, stack into plain numpy
+    (grain then copies the batch to shared memory itself)."""
+    try:
+        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+    except ImportError:
+        return None
     return SharedMemoryArray(shape, dtype=dtype)
 
 
