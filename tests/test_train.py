@@ -242,6 +242,7 @@ def test_lit_loads_a_tower_from_a_workdir_and_freezes_it(tmp_path):
     train(tiny_config(total_steps=1, checkpoint_every=1), tmp_path / "image_run", progress=False)
     _, saved = final_params(tmp_path / "image_run")
     config = tiny_config()
+    config.optimizer.warmup_steps = 0  # a non-zero learning rate at step 0
     config.model.lock_image = True
     config.init_towers = {"image": str(tmp_path / "image_run")}
     run = build(config)

@@ -72,8 +72,10 @@ def _data_section(config):
 
 
 def _source_datasets(config, *, train: bool, process_index: int, process_count: int, seed: int):
-    """One `MapDataset` per source: this process's disjoint share, shuffled and endless when
-    training. Returns `(datasets, weights, largest per-process share of one pass)`."""
+    """One `MapDataset` per source. Training: the whole source, shuffled and endless, the same
+    on every process (`ProcessRowsOfGlobalBatches` then picks this process's rows). Evaluation:
+    this process's disjoint share of one pass. Returns `(datasets, weights, largest
+    per-process share of one pass)`."""
     datasets, weights, largest_share = [], [], 0
     for k, name in enumerate(config.sources.keys()):
         source = open_source(name, config.sources[name])
@@ -82,16 +84,49 @@ def _source_datasets(config, *, train: bool, process_index: int, process_count: 
                 f"data source {name!r} has {len(source)} records, fewer than the {process_count} "
                 "processes that each need a disjoint share")
         largest_share = max(largest_share, math.ceil(len(source) / process_count))
-        ds = grain.MapDataset.source(TaggedSource(source, k))[process_index::process_count]
+        ds = grain.MapDataset.source(TaggedSource(source, k))
         if train:
             ds = ds.shuffle(seed=derive_seed(seed, 1, k)).repeat()
+        else:
+            ds = ds[process_index::process_count]
         datasets.append(ds)
         weights.append(float(config.sources[name].get("weight", 1.0)))
     return datasets, weights, largest_share
 
 
+class ProcessRowsOfGlobalBatches(grain.MapDataset):
+    """This process's rows of every global batch of a global, endless example order.
+
+    Element i is global element (i // b) * B + p * b + i % b (b = B / process_count rows per
+    process, p = process index), so the global batch of step t is examples t*B ... (t+1)*B - 1
+    of the same order whatever the number of processes: a run on 2 hosts trains on exactly
+    the batches of a run on 1 (on clean data; a skipped record shifts its own process's rows).
+    """
+
+    def __init__(self, parent, *, global_batch: int, process_index: int, process_count: int):
+        super().__init__(parent)
+        self._rows = global_batch // process_count
+        self._global_batch, self._offset = global_batch, process_index * self._rows
+        self._length = len(parent) // process_count
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _global_index(self, index: int) -> int:
+        step, row = divmod(index, self._rows)
+        return step * self._global_batch + self._offset + row
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._global_index(index)]
+
+    def __str__(self) -> str:
+        return f"ProcessRowsOfGlobalBatches(rows {self._offset}:{self._offset + self._rows} of {self._global_batch})"
+
+
 def build_dataset(config, *, train: bool, per_process_batch: int, process_index: int,
-                  process_count: int, seed: int | None = None):
+                  process_count: int, seed: int | None = None, start_batch: int = 0):
     """The grain `IterDataset` of per-process batches (with `_seen` / `_skipped` counts).
 
     Returns `(dataset, source_names, largest_share)`, the last being the number of records in
@@ -110,7 +145,12 @@ def build_dataset(config, *, train: bool, per_process_batch: int, process_index:
     datasets, weights, largest_share = _source_datasets(
         config, train=train, process_index=process_index, process_count=process_count, seed=seed)
     ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
-    ds = ds.random_map(processor, seed=derive_seed(seed, 2))
+    ds = ds.random_map(processor, seed=derive_seed(seed, 2))  # augmentation keyed by global index
+    if train:
+        ds = ProcessRowsOfGlobalBatches(ds, global_batch=per_process_batch * process_count,
+                                        process_index=process_index, process_count=process_count)
+        if start_batch:  # resuming without an iterator state (e.g. on another number of hosts)
+            ds = ds[start_batch * per_process_batch:]
     read_options = grain.ReadOptions(num_threads=config.num_threads,
                                      prefetch_buffer_size=config.prefetch_buffer_size)
     iter_ds = SkipCountingBatchIterDataset(
@@ -239,7 +279,7 @@ def _check_sharding(sharding, global_batch: int, process_count: int):
 
 def make_pipeline(config, sharding=None, *, train: bool = True, global_batch_size: int | None = None,
                   seed: int | None = None, process_index: int | None = None,
-                  process_count: int | None = None) -> DataIterator:
+                  process_count: int | None = None, start_batch: int = 0) -> DataIterator:
     """Builds the input pipeline described by `config.data` (see `config.py`).
 
     Args:
@@ -252,6 +292,9 @@ def make_pipeline(config, sharding=None, *, train: bool = True, global_batch_siz
       seed: overrides `config.seed`.
       process_index / process_count: default to jax's; override only without a sharding
         (to simulate hosts in tests).
+      start_batch: training only: begin at global batch `start_batch` of the example order.
+        Resuming with `set_state` is exact; this is for restoring where no state of this
+        layout exists (a checkpoint written by another number of processes).
     """
     config = _data_section(config)
     global_batch = global_batch_size or config.batch_size
@@ -278,7 +321,7 @@ def make_pipeline(config, sharding=None, *, train: bool = True, global_batch_siz
     per_process_batch = global_batch // process_count
     dataset, names, largest_share = build_dataset(
         config, train=train, per_process_batch=per_process_batch, process_index=process_index,
-        process_count=process_count, seed=seed)
+        process_count=process_count, seed=seed, start_batch=start_batch)
     counter = SkipCounter(names, config.max_skip_fraction, config.min_seen)
     eval_num_batches = None if train else math.ceil(largest_share / per_process_batch)
     return DataIterator(dataset, names, counter, sharding, process_count, per_process_batch,

@@ -152,11 +152,12 @@ def train(config, workdir, *, mesh=None, progress=True, stop_after_steps=None) -
     batch_sharding = sharding.batch_sharding(run.mesh)
     evaluators = train_evals.build(config)
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
-    data = make_pipeline(config.data, batch_sharding, train=True, global_batch_size=config.batch_size)
-    state = run.state
+    state, data = run.state, None
     if ckpt.latest_step() is not None:
-        state, meta, _ = ckpt.restore(abstract_like(state, run.state_shardings))
-        data.set_state(meta["data"])
+        state, meta, step = ckpt.restore(abstract_like(state, run.state_shardings))
+        data = _resumed_pipeline(config, batch_sharding, meta, step)
+    if data is None:
+        data = make_pipeline(config.data, batch_sharding, train=True, global_batch_size=config.batch_size)
     first_step = int(state.step)
     writer = MetricWriter(workdir, total_steps=config.total_steps, initial_step=first_step, progress=progress)
     step_fn = make_step_fn(run, batch_sharding)
@@ -194,7 +195,8 @@ def train(config, workdir, *, mesh=None, progress=True, stop_after_steps=None) -
                         last.update(results)
                 stop = preempted["set"] or (stop_after_steps is not None and step - first_step >= stop_after_steps)
                 if step % config.checkpoint_every == 0 or is_last or stop:
-                    ckpt.save(step, state, {"data": data.get_state(), "step": step}, wait=stop)
+                    meta = {"data": data.get_state(), "step": step, "process_count": jax.process_count()}
+                    ckpt.save(step, state, meta, wait=stop)
                 if stop:
                     writer.print(f"Stopped at step {step} ({preempted['signal'] or 'requested'}); checkpoint saved.")
                     break
@@ -203,6 +205,18 @@ def train(config, workdir, *, mesh=None, progress=True, stop_after_steps=None) -
         writer.close()
         data.close()
     return last
+
+
+def _resumed_pipeline(config, batch_sharding, meta, step):
+    """The data iterator where the checkpoint left it. The saved iterator state is exact but
+    belongs to one process layout; on another number of processes the pipeline starts at
+    global batch `step` of the same example order instead (exact on data without skips)."""
+    if meta.get("process_count", 1) == jax.process_count():
+        data = make_pipeline(config.data, batch_sharding, train=True, global_batch_size=config.batch_size)
+        data.set_state(meta["data"])
+        return data
+    return make_pipeline(config.data, batch_sharding, train=True, global_batch_size=config.batch_size,
+                         start_batch=step)
 
 
 def _flops(compiled) -> float | None:
