@@ -13,6 +13,8 @@ coordinator fails after `timeout_s` with a sentence instead of hanging.
 from __future__ import annotations
 
 import os
+import socket
+import time
 
 import jax
 
@@ -35,6 +37,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         return False
     if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if coordinator is not None and process_id != 0:
+        # JAX's client aborts the whole process (no Python exception) when it gives up, so
+        # check the coordinator is reachable first and fail with a sentence if it is not.
+        _wait_for_coordinator(coordinator, process_id, timeout_s)
     try:
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id, initialization_timeout=timeout_s)
@@ -47,3 +53,23 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             "the same --num_processes."
         ) from error
     return True
+
+
+def _wait_for_coordinator(address: str, process_id: int, timeout_s: float) -> None:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--coordinator={address!r} must be HOST:PORT, e.g. 10.0.0.2:1234.")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=2):
+                return
+        except OSError as error:
+            if time.monotonic() >= deadline:
+                raise RuntimeError(
+                    f"Process {process_id} could not join the distributed run: nothing answered at the "
+                    f"coordinator {address} for {timeout_s:g} s ({error}). Start process 0 first (it hosts the "
+                    "coordinator), check the address and port are reachable from this host, or raise "
+                    "--distributed_timeout."
+                ) from None
+            time.sleep(0.5)
