@@ -7,7 +7,7 @@ clamped at 100. Defaults read the built-in demo data at 224 px with byte-level t
 config.data at your data (see big_contrast/train/config.py).
 """
 
-from big_contrast.train import default_config, use_real_data_defaults
+from big_contrast.train import apply_arg, default_config, use_real_data_defaults
 
 
 def get_config(arg=None):
@@ -24,4 +24,6 @@ def get_config(arg=None):
     config.optimizer.update(lr=5e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2, warmup_steps=2000,
                             schedule="cosine")
     config.peak_flops_per_device = 989e12  # H100 bf16 dense; set your chip's peak
-    return use_real_data_defaults(config, max_len=77)
+    config = use_real_data_defaults(config, max_len=77)
+    apply_arg(config, arg)  # e.g. configs/clip_b16.py:batch_size=65536,total_steps=1000
+    return config

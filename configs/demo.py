@@ -4,7 +4,8 @@ Tiny two towers on the built-in demo shapes; trains on a 2-core CPU in a few min
 
 Sigmoid (SigLIP) loss with the ring engine over 8 simulated devices (`make demo` sets
 XLA_FLAGS). The argument is a comma-separated list: `configs/demo.py:softmax` trains the
-CLIP loss instead, `:noeval` skips the evaluators (e.g. `configs/demo.py:softmax,noeval`). Zero-shot shape and
+CLIP loss instead, `:noeval` skips the evaluators (e.g. `configs/demo.py:softmax,noeval`);
+`key=value` pairs override fields (`configs/demo.py:total_steps=50`). Zero-shot shape and
 colour classification and image-text retrieval run on the demo eval split, which holds
 all 48 colour-shape pairs, 6 of them never seen together in training.
 """
@@ -12,7 +13,9 @@ all 48 colour-shape pairs, 6 of them never seen together in training.
 import ml_collections
 
 from big_contrast.data import demo_class_names
-from big_contrast.train import default_config
+from big_contrast.train import apply_arg, default_config, split_arg
+
+FLAGS = ("sigmoid", "softmax", "noeval")
 
 
 def eval_split(label_keys=()):
@@ -21,10 +24,7 @@ def eval_split(label_keys=()):
 
 
 def get_config(arg=None):
-    options = set((arg or "").split(",")) - {""}
-    unknown = options - {"sigmoid", "softmax", "noeval"}
-    if unknown:
-        raise ValueError(f"configs/demo.py: unknown argument(s) {sorted(unknown)}; use sigmoid, softmax, noeval.")
+    options, _ = split_arg(arg, FLAGS)
     loss = "softmax" if "softmax" in options else "sigmoid"
     config = default_config()
     config.seed = 0
@@ -47,6 +47,7 @@ def get_config(arg=None):
 
     config.evals = ml_collections.ConfigDict()
     if "noeval" in options:
+        apply_arg(config, arg, flags=FLAGS)
         return config
     for task in ("shape", "colour"):
         config.evals[task] = dict(
@@ -54,4 +55,5 @@ def get_config(arg=None):
             label_field=f"label/{task}", batch_size=96, every_steps=200, data=eval_split([f"label/{task}"]))
     config.evals.retrieval = dict(type="retrieval", text_field="text", batch_size=96, every_steps=200,
                                   data=eval_split())
+    apply_arg(config, arg, flags=FLAGS)
     return config

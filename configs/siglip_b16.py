@@ -9,7 +9,7 @@ Larger batches: --config.batch_size=1048576 --config.microbatch_size=... (`big-c
 prints the largest micro-batch that fits).
 """
 
-from big_contrast.train import default_config, use_real_data_defaults
+from big_contrast.train import apply_arg, default_config, use_real_data_defaults
 
 
 def get_config(arg=None):
@@ -26,4 +26,6 @@ def get_config(arg=None):
     m.embed_dim = 768
     config.optimizer.update(lr=1e-3, b2=0.95, weight_decay=1e-4, warmup_steps=5000, schedule="cosine")
     config.peak_flops_per_device = 197e12  # TPU v5e bf16; set your chip's peak
-    return use_real_data_defaults(config, max_len=64)
+    config = use_real_data_defaults(config, max_len=64)
+    apply_arg(config, arg)  # e.g. configs/siglip_b16.py:batch_size=65536,total_steps=1000
+    return config

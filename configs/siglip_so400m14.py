@@ -8,7 +8,7 @@ and layers scanned; micro-batch gradient caching bounds activation memory. Run
 micro-batch for your chips. Defaults read the demo data at 224 px (see big_contrast/train/config.py).
 """
 
-from big_contrast.train import default_config, use_real_data_defaults
+from big_contrast.train import apply_arg, default_config, use_real_data_defaults
 
 
 def get_config(arg=None):
@@ -30,4 +30,6 @@ def get_config(arg=None):
     config.optimizer.update(lr=1e-3, b2=0.95, weight_decay=1e-4, warmup_steps=5000, schedule="rsqrt",
                             rsqrt_timescale=10_000)
     config.peak_flops_per_device = 459e12  # TPU v5p bf16
-    return use_real_data_defaults(config, max_len=64)
+    config = use_real_data_defaults(config, max_len=64)
+    apply_arg(config, arg)  # e.g. configs/siglip_so400m14.py:batch_size=65536,total_steps=1000
+    return config

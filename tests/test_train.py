@@ -253,3 +253,25 @@ def test_lit_loads_a_tower_from_a_workdir_and_freezes_it(tmp_path):
     updates, _ = run.tx.update(grads, run.state.opt_state, run.state.params)
     assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates["image"]))
     assert any(np.any(np.asarray(u) != 0) for u in jax.tree.leaves(updates["text"]))
+
+
+def test_config_argument_sets_fields_and_flags():
+    config = demo.get_config("softmax,total_steps=50,optimizer.lr=0.01,data.max_len=8")
+    assert (config.model.loss, config.total_steps, config.optimizer.lr, config.data.max_len) == ("softmax", 50, 0.01, 8)
+    assert len(demo.get_config("noeval").evals) == 0
+    with pytest.raises(ValueError, match=r"Unknown config argument 'sofmax'"):
+        demo.get_config("sofmax")
+    with pytest.raises(ValueError, match=r"no field 'optimizer.learning_rate'"):
+        demo.get_config("optimizer.learning_rate=1")
+
+
+def test_resume_onto_a_different_mesh_shape(tmp_path):
+    """A checkpoint written with parameters replicated over 8 data shards resumes with them
+    FSDP-sharded over 4 devices (mesh 2 x 4) and continues like the uninterrupted run."""
+    straight = train(tiny_config(total_steps=3), tmp_path / "straight", progress=False)
+    train(tiny_config(total_steps=2, checkpoint_every=2), tmp_path / "moved", progress=False)
+    resharded = tiny_config(total_steps=3, mesh=(("data", 2), ("fsdp", 4), ("tensor", 1)))
+    resumed = train(resharded, tmp_path / "moved", progress=False)
+    assert rel_err(resumed["loss"], straight["loss"]) <= 1e-4
+    rows = read_metrics(tmp_path / "moved")
+    assert [r["step"] for r in rows] == [1, 2, 3]

@@ -2,7 +2,7 @@
 
 Only `big_contrast.cli` imports this package (data flows one way: see DESIGN.md)."""
 
-from big_contrast.train.config import default_config, use_real_data_defaults, validate
+from big_contrast.train.config import apply_arg, default_config, split_arg, use_real_data_defaults, validate
 from big_contrast.train.loop import NonFiniteLoss, build, train
 
-__all__ = ["NonFiniteLoss", "build", "default_config", "train", "use_real_data_defaults", "validate"]
+__all__ = ["NonFiniteLoss", "apply_arg", "build", "default_config", "split_arg", "train", "use_real_data_defaults", "validate"]

@@ -106,3 +106,44 @@ def use_real_data_defaults(config, *, max_len):
     config.data.batch_size = config.get_ref("batch_size")
     config.data.num_workers = 8
     return config
+
+
+def split_arg(arg, flags=()):
+    """`"softmax,total_steps=50"` -> ({"softmax"}, [("total_steps", 50)]); bare words must be in `flags`."""
+    import ast
+
+    words, pairs = set(), []
+    for item in filter(None, (part.strip() for part in (arg or "").split(","))):
+        if "=" not in item:
+            if item not in flags:
+                raise ValueError(f"Unknown config argument {item!r}; use key=value pairs"
+                                 + (f" or one of {sorted(flags)}" if flags else "") + ".")
+            words.add(item)
+            continue
+        key, text = (part.strip() for part in item.split("=", 1))
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        pairs.append((key, value))
+    return words, pairs
+
+
+def apply_arg(config, arg, *, flags=()):
+    """big_vision-style config argument: `configs/x.py:batch_size=32768,total_steps=1000`.
+
+    Comma-separated `key=value` pairs (dotted keys reach nested fields; values are parsed as
+    Python literals, else kept as strings) override the config; bare words must be in `flags`
+    (e.g. `configs/demo.py:softmax,noeval`) and are returned as a set. Call it last in
+    `get_config`, so the pairs win over the config's own settings.
+    """
+    words, pairs = split_arg(arg, flags)
+    for key, value in pairs:
+        *parents, leaf = key.split(".")
+        node = config
+        for name in parents:
+            node = node[name]
+        if leaf not in node:
+            raise ValueError(f"Config argument {key}={value!r}: the config has no field {key!r}.")
+        node[leaf] = value
+    return words

@@ -195,7 +195,10 @@ def train(config, workdir, *, mesh=None, progress=True, stop_after_steps=None) -
                         last.update(results)
                 stop = preempted["set"] or (stop_after_steps is not None and step - first_step >= stop_after_steps)
                 if step % config.checkpoint_every == 0 or is_last or stop:
-                    meta = {"data": data.get_state(), "step": step, "process_count": jax.process_count()}
+                    # The step itself draws no random numbers (no dropout; augmentation randomness
+                    # is keyed by example index inside the data state): the seeds are the RNG.
+                    meta = {"data": data.get_state(), "step": step, "process_count": jax.process_count(),
+                            "seed": config.seed, "data_seed": config.data.seed}
                     ckpt.save(step, state, meta, wait=stop)
                 if stop:
                     writer.print(f"Stopped at step {step} ({preempted['signal'] or 'requested'}); checkpoint saved.")
