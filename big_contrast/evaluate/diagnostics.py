@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from big_contrast.evaluate.base import Encoders, Evaluator, l2_normalize
-from big_contrast.evaluate.embed import embed_image_text_pairs
+from big_contrast.evaluate.base import Encoders, Evaluator
+from big_contrast.evaluate.embed import embed_pairs_for
 
 
 def _pairs(zimg, ztxt, img_of_txt):
@@ -135,10 +135,7 @@ class DiagnosticsEvaluator(Evaluator):
 
     def evaluate(self, data, encoders: Encoders) -> dict[str, float]:
         cfg = self.config
-        zimg, ztxt, img_of_txt = embed_image_text_pairs(
-            data, encoders, batch_size=self.batch_size, image_field=cfg["image_field"],
-            text_field=cfg["text_field"], caption_mask_field=cfg["caption_mask_field"],
-            image_id_field=cfg["image_id_field"], context=self.context)
-        return embedding_diagnostics(l2_normalize(zimg), l2_normalize(ztxt), img_of_txt, scale=encoders.scale,
+        zimg, ztxt, img_of_txt = embed_pairs_for(self, data, encoders)
+        return embedding_diagnostics(zimg, ztxt, img_of_txt, scale=encoders.scale,
                                      bias=encoders.bias, uniformity_samples=cfg["uniformity_samples"],
                                      chunk=cfg["chunk"])

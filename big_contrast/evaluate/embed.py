@@ -272,3 +272,16 @@ def embed_image_text_pairs(
         zimg = zimg[first_row]
     img_of_txt = np.broadcast_to(img_of_row[:, None], (n, k))[caption_mask]
     return zimg, ztxt[caption_mask], img_of_txt
+
+
+def embed_pairs_for(evaluator, data, encoders):
+    """(zimg, ztxt, img_of_txt), L2-normalised, for an evaluator whose config names the image,
+    text, caption-mask and image-id fields (retrieval and diagnostics share this)."""
+    from big_contrast.evaluate.base import l2_normalize
+
+    cfg = evaluator.config
+    zimg, ztxt, img_of_txt = embed_image_text_pairs(
+        data, encoders, batch_size=evaluator.batch_size, image_field=cfg["image_field"],
+        text_field=cfg["text_field"], caption_mask_field=cfg["caption_mask_field"],
+        image_id_field=cfg["image_id_field"], context=evaluator.context)
+    return l2_normalize(zimg), l2_normalize(ztxt), img_of_txt

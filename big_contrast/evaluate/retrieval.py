@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from big_contrast.evaluate.base import Encoders, Evaluator, check_ks, l2_normalize
-from big_contrast.evaluate.embed import embed_image_text_pairs
+from big_contrast.evaluate.base import Encoders, Evaluator, check_ks
+from big_contrast.evaluate.embed import embed_pairs_for
 
 _NO_INDEX = np.iinfo(np.int32).max
 
@@ -179,9 +179,5 @@ class RetrievalEvaluator(Evaluator):
         self.ks = check_ks(self.config["ks"], self.context)
 
     def evaluate(self, data, encoders: Encoders) -> dict[str, float]:
-        cfg = self.config
-        zimg, ztxt, img_of_txt = embed_image_text_pairs(
-            data, encoders, batch_size=self.batch_size, image_field=cfg["image_field"],
-            text_field=cfg["text_field"], caption_mask_field=cfg["caption_mask_field"],
-            image_id_field=cfg["image_id_field"], context=self.context)
-        return recall_at_k(l2_normalize(zimg), l2_normalize(ztxt), img_of_txt, self.ks, chunk=cfg["chunk"])
+        zimg, ztxt, img_of_txt = embed_pairs_for(self, data, encoders)
+        return recall_at_k(zimg, ztxt, img_of_txt, self.ks, chunk=self.config["chunk"])
