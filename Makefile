@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest tests
+	$(TEST_ENV) $(PY) -m pytest tests --durations=10
 
 # Trains the demo config from scratch (a fresh workdir each time), evaluates zero-shot
 # classification and retrieval on the held-out demo split, prints the table, writes the plot.

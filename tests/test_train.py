@@ -239,7 +239,10 @@ def test_every_config_is_valid(name):
 def test_lit_loads_a_tower_from_a_workdir_and_freezes_it(tmp_path):
     """config.init_towers copies the image tower of another run's latest checkpoint; with
     lock_image the optimizer gives it zero updates."""
-    train(tiny_config(total_steps=1, checkpoint_every=1), tmp_path / "image_run", progress=False)
+    source = build(tiny_config(seed=1))  # another initialisation stands in for a trained run
+    ckpt = Checkpointer(tmp_path / "image_run" / "checkpoints", async_save=False)
+    ckpt.save(5, source.state, {"step": 5})
+    ckpt.close()
     _, saved = final_params(tmp_path / "image_run")
     config = tiny_config()
     config.optimizer.warmup_steps = 0  # a non-zero learning rate at step 0
@@ -249,6 +252,8 @@ def test_lit_loads_a_tower_from_a_workdir_and_freezes_it(tmp_path):
     loaded = jax.device_get(run.state.params["image"])
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(saved["image"])):
         np.testing.assert_array_equal(a, b)
+    fresh = jax.device_get(build(tiny_config()).state.params["image"])
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(loaded)))
     grads = jax.tree.map(jnp.ones_like, run.state.params)
     updates, _ = run.tx.update(grads, run.state.opt_state, run.state.params)
     assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates["image"]))
