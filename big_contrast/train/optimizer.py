@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from big_contrast.sharding import path_str
+
 SCHEDULES = ("cosine", "rsqrt", "linear", "constant")
 OPTIMIZERS = ("adamw", "sgd")
 FROZEN = "frozen"
@@ -50,14 +52,6 @@ def param_paths(params) -> list[str]:
     return [path_str(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
-def path_str(path) -> str:
-    keys = []
-    for k in path:
-        key = getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
-        keys.append(str(key))
-    return "/".join(keys)
-
-
 def lr_multipliers(params, rules, frozen_patterns=()) -> dict[str, float]:
     """Multiplier per parameter path: first full regex match in `rules`, 0 when frozen, else 1."""
     paths = param_paths(params)
@@ -75,7 +69,7 @@ def lr_multipliers(params, rules, frozen_patterns=()) -> dict[str, float]:
     return multipliers
 
 
-def decays_weights(path: str, leaf) -> bool:
+def decays_weights(leaf) -> bool:
     """Weight decay on matrices (kernels, embeddings), not on norms, biases, scale or bias."""
     return jnp.ndim(leaf) >= 2
 
@@ -96,7 +90,7 @@ def make_optimizer(opt, params, *, lr_mults=(), frozen_patterns=()) -> optax.Gra
         labels_flat.append(FROZEN if mult == 0 else f"lr_x{mult:g}")
     labels = jax.tree_util.tree_unflatten(treedef, labels_flat)
     decay_mask = jax.tree_util.tree_unflatten(
-        treedef, [decays_weights(path_str(p), leaf) for p, leaf in leaves_with_path]
+        treedef, [decays_weights(leaf) for _, leaf in leaves_with_path]
     )
 
     def group(mult):
@@ -113,10 +107,3 @@ def make_optimizer(opt, params, *, lr_mults=(), frozen_patterns=()) -> optax.Gra
     if opt.get("grad_clip_norm"):
         chain.insert(0, optax.clip_by_global_norm(float(opt.grad_clip_norm)))
     return optax.chain(*chain)
-
-
-def frozen_fraction(params, multipliers) -> float:
-    """Fraction of parameter scalars that are frozen (for the plan and the log)."""
-    sizes = {path_str(p): int(jnp.size(leaf)) for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-    total = sum(sizes.values())
-    return sum(size for p, size in sizes.items() if multipliers[p] == 0) / max(total, 1)
