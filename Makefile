@@ -4,7 +4,10 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# Two stamps: `make demo` needs only the package; `make test` adds the reference libraries
+# (torch, transformers, open_clip: several GB) that the parity tests compare against.
 STAMP := $(VENV)/.install-stamp
+TEST_STAMP := $(VENV)/.install-test-stamp
 # Eight simulated CPU devices, the mesh every test runs on.
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 
@@ -15,10 +18,14 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e .
 	touch $(STAMP)
 
-test: $(STAMP)
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $(TEST_STAMP)
+
+test: $(TEST_STAMP)
 	$(TEST_ENV) $(PY) -m pytest tests --durations=10
 
 # Trains the demo config from scratch (a fresh workdir each time), evaluates zero-shot
