@@ -149,21 +149,39 @@ def _axis_types(axis_types: str) -> tuple[AxisType]:
     return (choices[axis_types],)
 
 
-def batch_axes(mesh: Mesh) -> tuple[str, ...]:
-    """The mesh axes the batch dimension is split over (the loss engine's ``axis``)."""
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-    if not axes:
-        raise ValueError(f"mesh axes {mesh.axis_names} contain none of the batch axes {BATCH_AXES}.")
+def axis_names(axes: str | Sequence[str]) -> tuple[str, ...]:
+    """A mesh axis name or a sequence of names, as a tuple of names."""
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def batch_axes(mesh: Mesh, axes: str | Sequence[str] | None = None) -> tuple[str, ...]:
+    """The mesh axes the batch dimension is split over (the loss engine's ``axis``).
+
+    The one definition of the batch layout: by default those of ``BATCH_AXES`` that the mesh
+    has; an explicit ``axes`` must all be axes of the mesh.
+    """
+    if axes is None:
+        found = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+        if not found:
+            raise ValueError(f"mesh axes {mesh.axis_names} contain none of the batch axes {BATCH_AXES}.")
+        return found
+    axes = axis_names(axes)
+    missing = [a for a in axes if a not in mesh.axis_names]
+    if missing:
+        raise ValueError(f"batch axes {missing} are not axes of the mesh {dict(mesh.shape)}; "
+                         "set batch_axes to the mesh axes the batch is split over.")
     return axes
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Sharding for ``[B, ...]`` arrays: dim 0 over ``batch_axes(mesh)``, the rest replicated."""
-    return NamedSharding(mesh, P(batch_axes(mesh)))
+def batch_sharding(mesh: Mesh, axes: str | Sequence[str] | None = None) -> NamedSharding:
+    """Sharding for ``[B, ...]`` arrays: dim 0 over ``batch_axes(mesh, axes)``, the rest replicated.
+
+    The data pipeline, the evaluators and the trainer all lay batches out through this."""
+    return NamedSharding(mesh, P(batch_axes(mesh, axes)))
 
 
-def num_batch_shards(mesh: Mesh) -> int:
-    return math.prod(mesh.shape[a] for a in batch_axes(mesh))
+def num_batch_shards(mesh: Mesh, axes: str | Sequence[str] | None = None) -> int:
+    return math.prod(mesh.shape[a] for a in batch_axes(mesh, axes))
 
 
 def check_batch_size(global_batch: int, mesh: Mesh) -> None:

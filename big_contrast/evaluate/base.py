@@ -35,7 +35,7 @@ class Encoders:
     embed_texts: Callable[[Any], Any]
     tokenize: Callable[[list[str]], np.ndarray] | None = None
     mesh: Any = None
-    batch_axes: str | tuple[str, ...] = "data"
+    batch_axes: str | tuple[str, ...] | None = None  # None: sharding.batch_axes(mesh)
     scale: float | None = None
     bias: float | None = None
 
@@ -60,6 +60,8 @@ class Evaluator(abc.ABC):
 
     TYPE: str = ""
     DEFAULTS: Mapping[str, Any] = {}
+    # The config keys that select data; with several, `run` gets {key: data} (few-shot: train, test).
+    DATA_KEYS: tuple[str, ...] = ("data",)
 
     def __init__(self, name: str, config: Mapping[str, Any] | Any = ()):
         settings = {**COMMON_DEFAULTS, **self.DEFAULTS}

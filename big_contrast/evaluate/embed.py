@@ -13,32 +13,18 @@ other (embeddings, labels and ids of one example share a row).
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+
+from big_contrast.sharding import batch_sharding, num_batch_shards
 
 Batch = Mapping[str, np.ndarray]
 VALID = "_valid"  # name of the mask field added to padded batches
 
 
-def _batch_axes_tuple(batch_axes: str | Sequence[str]) -> tuple[str, ...]:
-    return (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
-
-
-def batch_sharding(mesh: jax.sharding.Mesh, batch_axes: str | Sequence[str] = "data") -> NamedSharding:
-    """Dimension 0 split over the batch axes of the mesh, everything else replicated."""
-    axes = _batch_axes_tuple(batch_axes)
-    missing = [a for a in axes if a not in mesh.axis_names]
-    if missing:
-        raise ValueError(f"Batch axes {missing} are not axes of the mesh {dict(mesh.shape)}; "
-                         "set batch_axes to the mesh axes the batch is split over.")
-    return NamedSharding(mesh, PartitionSpec(axes))
-
-
-def local_rows(batch_size: int, mesh=None, batch_axes: str | Sequence[str] = "data") -> np.ndarray:
+def local_rows(batch_size: int, mesh=None, batch_axes: str | Sequence[str] | None = None) -> np.ndarray:
     """Positions, within a global batch of `batch_size`, of the rows this process feeds.
 
     They follow `jax.make_array_from_process_local_data`: the process's addressable shards along
@@ -51,10 +37,10 @@ def local_rows(batch_size: int, mesh=None, batch_axes: str | Sequence[str] = "da
             raise ValueError("Embedding on several processes needs the mesh; pass mesh=... .")
         return np.arange(batch_size)
     sharding = batch_sharding(mesh, batch_axes)
-    shards = math.prod(mesh.shape[a] for a in _batch_axes_tuple(batch_axes))
+    shards = num_batch_shards(mesh, batch_axes)
     if batch_size % shards:
         raise ValueError(f"Eval batch size {batch_size} does not divide over the {shards} devices of the batch "
-                         f"axes {batch_axes}; use a multiple of {shards}.")
+                         f"axes {sharding.spec[0]}; use a multiple of {shards}.")
     starts = sorted({idx[0].start or 0 for idx in sharding.addressable_devices_indices_map((batch_size,)).values()})
     rows_per_shard = batch_size // shards
     return np.concatenate([np.arange(s, s + rows_per_shard) for s in starts])
@@ -83,7 +69,7 @@ def _num_rows(batch: Batch) -> int:
 
 
 def batches_from_arrays(arrays: Mapping[str, np.ndarray], batch_size: int, *, mesh=None,
-                        batch_axes: str | Sequence[str] = "data") -> Iterator[dict[str, np.ndarray]]:
+                        batch_axes: str | Sequence[str] | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Process-local batches of a dataset held as columns (every process holds all of it).
 
     Global batch g covers rows [g*batch_size, (g+1)*batch_size); this process gets its rows of
@@ -106,7 +92,7 @@ class _ColumnSource:
 
 
 def batches_from_source(source, batch_size: int, *, mesh=None,
-                        batch_axes: str | Sequence[str] = "data") -> Iterator[dict[str, np.ndarray]]:
+                        batch_axes: str | Sequence[str] | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Process-local batches of a random-access source (`len(source)`, `source[i]` -> dict of arrays).
 
     Works with `tfds.data_source`, grain `MapDataset` of preprocessed examples, ArrayRecord
@@ -162,7 +148,7 @@ def embed_dataset(
     batch_size: int,
     keep: Sequence[str] = (),
     mesh=None,
-    batch_axes: str | Sequence[str] = "data",
+    batch_axes: str | Sequence[str] | None = None,
     context: str = "eval data",
 ) -> dict[str, np.ndarray]:
     """Embed every example of `data` once.

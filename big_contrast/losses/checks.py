@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
-
 import jax
 import numpy as np
 
+from big_contrast.sharding import axis_names as batch_axes  # `axis` as a tuple of mesh axis names
+
 IMPLS = ("dense", "all_gather", "ring")
-
-
-def batch_axes(axis: str | Sequence[str]) -> tuple[str, ...]:
-    """`axis` as a tuple of mesh axis names (a single name or a tuple of names)."""
-    return (axis,) if isinstance(axis, str) else tuple(axis)
 
 
 def ring_size(mesh, axis) -> int:
