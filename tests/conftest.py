@@ -16,3 +16,14 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def encoded_image(rgb, fmt: str = "PNG", size=(6, 5)) -> bytes:
+    """A solid-colour image file's bytes (PNG or JPEG), for sources the tests write."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, tuple(int(c) for c in rgb)).save(buffer, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return buffer.getvalue()

@@ -14,7 +14,11 @@
     max_len            tokens per caption, EOS included (pad=0)
     lowercase          lowercase captions before tokenizing
     label_keys         integer fields copied from the raw examples into the batch, e.g.
-                       ('label/shape',) for zero-shot evaluation on the demo data
+                       ('label/shape',) for zero-shot evaluation on the demo data, ('label',)
+                       for a labelled source (image_folder, manifest / tfds with label_key)
+    max_captions       evaluation only: None samples one caption per image ('text'); K keeps
+                       every caption ('texts' [K, L], 'caption_mask' [K]) for retrieval; an
+                       image with more than K captions is an error that says to raise K
     seed               shuffle / augmentation seed (same seed -> same batches)
     num_workers        grain worker processes (`mp_prefetch`) doing decode + preprocessing;
                        0 = in the training process. Changing it changes the batch order.
@@ -49,6 +53,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.max_len = 16
     config.lowercase = True
     config.label_keys = ()
+    config.max_captions = None
     config.seed = 0
     config.num_workers = 0
     config.num_threads = 2
@@ -67,6 +72,9 @@ def check_data_config(config) -> None:
         raise ValueError(f"config.data.batch_size={config.batch_size} must be positive")
     if config.max_len < 2:
         raise ValueError(f"config.data.max_len={config.max_len} must be >= 2 (one token + EOS)")
+    max_captions = config.get("max_captions")
+    if max_captions is not None and max_captions < 1:
+        raise ValueError(f"config.data.max_captions={max_captions} must be >= 1 (or None for one caption)")
     if config.num_workers < 0 or config.num_threads < 0:
         raise ValueError(
             f"config.data.num_workers={config.num_workers} / num_threads={config.num_threads} "

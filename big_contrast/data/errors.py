@@ -39,6 +39,13 @@ class SkipRecord(Exception):
         self.reason = reason
 
 
+class MissingDataError(FileNotFoundError, ValueError):
+    """A dataset is not where its config says (a TFDS dataset not prepared, a folder or file
+    that does not exist); the message says how to prepare it. Benchmark runs report it for
+    that dataset and go on with the others. (A `ValueError` too, so that callers that catch
+    bad-config errors catch it.)"""
+
+
 class TooManySkippedError(RuntimeError):
     """A source's skipped fraction passed `data.max_skip_fraction`."""
 

@@ -8,8 +8,13 @@ a caption field may also hold a list of strings. The format follows the extensio
 (comma), `.tsv` (tab), `.jsonl` / `.json` (one JSON object per line); `separator` overrides the
 CSV delimiter.
 
-The manifest is read once, at construction, so a missing column fails before training
-starts; image files are read lazily in `__getitem__` (a missing one is skipped and counted).
+A labelled manifest (`label_key=COLUMN`) also yields an int `label`: the column holds class
+indices or class names, the latter mapped through `class_names` (the evaluator's list, handed
+over by the eval glue). Its captions are optional: without the caption column(s) the rows
+have an image and a label only (a zero-shot / few-shot eval set).
+
+The manifest is read once, at construction, so a missing column or a bad label fails before
+anything runs; image files are read lazily in `__getitem__` (a missing one is skipped and counted).
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import json
 import os
 from collections.abc import Sequence
 
-from big_contrast.data.errors import SkipRecord
+from big_contrast.data.errors import MissingDataError, SkipRecord
+from big_contrast.data.labels import label_index
 
 MANIFEST_EXTENSIONS = (".csv", ".tsv", ".jsonl", ".json")
 
@@ -63,9 +69,10 @@ class ManifestSource:
     """
 
     def __init__(self, path: str, image_key: str = "filepath",
-                 caption_key: str | Sequence[str] = "title", separator: str | None = None):
+                 caption_key: str | Sequence[str] = "title", separator: str | None = None,
+                 label_key: str | None = None, class_names: Sequence[str] | None = None):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"manifest {path!r} does not exist")
+            raise MissingDataError(f"manifest {path!r} does not exist")
         self.path = os.path.abspath(path)
         self.root = os.path.dirname(self.path)
         self.image_key = image_key
@@ -73,7 +80,10 @@ class ManifestSource:
         rows, columns = _read_rows(self.path, separator)
         if not rows:
             raise ValueError(f"manifest {path!r} has no rows")
-        missing = [k for k in (image_key, *self.caption_keys) if k not in columns]
+        if label_key and not any(k in columns for k in self.caption_keys):
+            self.caption_keys = ()  # a labelled eval manifest without captions
+        missing = [k for k in (image_key, *self.caption_keys, *([label_key] if label_key else []))
+                   if k not in columns]
         if missing:
             raise ValueError(
                 f"manifest {path!r} has no column(s) {missing}; its columns are {columns}. "
@@ -81,7 +91,13 @@ class ManifestSource:
                 "--csv-caption-key) to the right names, or check the separator.")
         # Keep only what __getitem__ needs: (image path, caption values) per row.
         self._rows = [(row.get(image_key), [row.get(k) for k in self.caption_keys]) for row in rows]
+        self._labels = self._read_labels(rows, label_key, class_names) if label_key else None
 
+    def _read_labels(self, rows, label_key, class_names) -> list[int]:
+        inverse = {name: i for i, name in enumerate(class_names)} if class_names is not None else None
+        return [label_index(row.get(label_key), class_names,
+                            f"manifest {self.path!r} row {i + 1} column {label_key!r}", inverse)
+                for i, row in enumerate(rows)]
     def __len__(self) -> int:
         return len(self._rows)
 
@@ -107,7 +123,12 @@ class ManifestSource:
                 image = f.read()
         except OSError as e:
             raise SkipRecord("missing_image", f"{path}: {e.strerror}") from None
-        return {"image": image, "captions": self.captions(index), "key": self._rows[index][0]}
+        example = {"image": image, "key": self._rows[index][0]}
+        if self.caption_keys:
+            example["captions"] = self.captions(index)
+        if self._labels is not None:
+            example["label"] = self._labels[index]
+        return example
 
     def __repr__(self) -> str:
         return f"ManifestSource({self.path!r}, {len(self)} rows)"

@@ -28,7 +28,9 @@ global array with `jax.make_array_from_process_local_data`, sharded over the bat
 
 Evaluation (`train=False`): `pp_eval`, no shuffle, one pass; every process yields the same
 number of batches, each padded to the per-process batch with a boolean `'mask'` field
-(False for padding), so multi-host evaluation stays in step.
+(False for padding), so multi-host evaluation stays in step. With `data.max_captions = K`
+every caption of an image is kept (`'texts'` [B, K, L] + `'caption_mask'` [B, K]), the
+retrieval protocol; a labelled source without captions gives batches without text.
 """
 
 from __future__ import annotations
@@ -47,22 +49,9 @@ from big_contrast.data.preprocess import ProcessExample
 from big_contrast.data.sources import TaggedSource, open_source
 from big_contrast.data.tokenizer import make_tokenizer
 
-BATCH_AXES = ("data", "fsdp")
-
-
 def derive_seed(seed: int, *path: int) -> int:
     """A 32-bit seed for one random stage, derived from the pipeline seed."""
     return int(np.random.SeedSequence([int(seed), *path]).generate_state(1)[0])
-
-
-def batch_sharding(mesh, batch_axes=BATCH_AXES):
-    """NamedSharding over those of `batch_axes` that `mesh` has (batch dim only)."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-    if not axes:
-        raise ValueError(f"mesh axes {mesh.axis_names} contain none of the batch axes {batch_axes}")
-    return NamedSharding(mesh, PartitionSpec(axes))
 
 
 def _data_section(config):
@@ -141,7 +130,8 @@ def build_dataset(config, *, train: bool, per_process_batch: int, process_index:
         raise ValueError(f"evaluation reads one source; config has {len(names)}: {names}")
     processor = ProcessExample(config.pp_train if train else config.pp_eval,
                                make_tokenizer(config.tokenizer, config.lowercase),
-                               config.max_len, tuple(config.label_keys))
+                               config.max_len, tuple(config.label_keys),
+                               max_captions=None if train else config.get("max_captions"))
     datasets, weights, largest_share = _source_datasets(
         config, train=train, process_index=process_index, process_count=process_count, seed=seed)
     ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
@@ -202,7 +192,7 @@ class DataIterator:
         return self._to_global(batch)
 
     def _pad(self, batch: dict) -> dict:
-        b = len(batch["text"])
+        b = len(batch["image"])
         padded = {k: np.concatenate([v, np.zeros((self.per_process_batch - b, *v.shape[1:]), v.dtype)])
                   for k, v in batch.items()}
         padded["mask"] = np.arange(self.per_process_batch) < b
@@ -302,6 +292,8 @@ def make_pipeline(config, sharding=None, *, train: bool = True, global_batch_siz
         import jax
 
         if isinstance(sharding, jax.sharding.Mesh):
+            from big_contrast.sharding import batch_sharding
+
             sharding = batch_sharding(sharding)
         real = (jax.process_index(), jax.process_count())
         if (process_index, process_count) not in ((None, None), real):

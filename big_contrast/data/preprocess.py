@@ -66,32 +66,56 @@ def choose_caption(captions, rng: np.random.Generator) -> str:
     return usable[int(rng.integers(len(usable)))] if len(usable) > 1 else usable[0]
 
 
+def all_captions(captions, max_captions: int, tokenizer, max_len: int) -> dict:
+    """Every usable caption (retrieval evaluation): `'texts'` int32 [K, max_len] and
+    `'caption_mask'` bool [K], K = max_captions, real captions first."""
+    usable = usable_captions(captions)
+    if len(usable) > max_captions:
+        raise ValueError(
+            f"an image has {len(usable)} captions, more than data.max_captions={max_captions}; raise "
+            "data.max_captions so that every caption is evaluated")
+    texts = np.zeros((max_captions, max_len), np.int32)
+    for i, caption in enumerate(usable):
+        texts[i] = encode_fixed(tokenizer, caption, max_len)
+    return {"texts": texts, "caption_mask": np.arange(max_captions) < len(usable)}
+
+
 class ProcessExample(grain.transforms.RandomMap):
     """Picks a caption, tokenizes it, decodes and preprocesses the image.
 
     Output: `{'image': [H, W, 3], 'text': int32 [max_len], '_source': k, <label_keys>...}`.
+    With `max_captions` (evaluation), every caption instead (`all_captions`). A source without
+    captions (a labelled eval set) gives no text fields.
     The random draws (caption choice, then image ops) come from grain's per-index generator,
     so an example is processed the same way whichever worker handles it.
     """
 
-    def __init__(self, image_pp: str, tokenizer, max_len: int, label_keys: Sequence[str] = ()):
+    def __init__(self, image_pp: str, tokenizer, max_len: int, label_keys: Sequence[str] = (),
+                 max_captions: int | None = None):
         if max_len < 2:
             raise ValueError(f"max_len={max_len} leaves no room for a token before EOS; use >= 2")
         self.image_pp = parse_image_pp(image_pp)
         self.tokenizer, self.max_len = tokenizer, max_len
         self.label_keys = tuple(label_keys)
+        self.max_captions = max_captions
+
+    def _text(self, raw: dict, rng: np.random.Generator) -> dict:
+        if "captions" not in raw:
+            return {}
+        if self.max_captions:
+            return all_captions(raw["captions"], self.max_captions, self.tokenizer, self.max_len)
+        return {"text": encode_fixed(self.tokenizer, choose_caption(raw["captions"], rng), self.max_len)}
 
     def random_map(self, raw: dict, rng: np.random.Generator) -> dict:
         source = raw["_source"]
         if "_skip" in raw:
             return {"_skip": REASON_INDEX[raw["_skip"]], "_source": source}
         try:
-            caption = choose_caption(raw.get("captions"), rng)
+            text = self._text(raw, rng)
             image = self.image_pp(raw.get("image"), rng)
         except SkipRecord as e:
             return {"_skip": REASON_INDEX[e.reason], "_source": source}
-        out = {"image": image, "text": encode_fixed(self.tokenizer, caption, self.max_len),
-               "_source": source}
+        out = {"image": image, **text, "_source": source}
         for key in self.label_keys:
             if key not in raw:
                 raise ValueError(

@@ -12,8 +12,14 @@ Source config (`ConfigDict` or dict), by `kind`:
   demo:          split='train' | 'eval', size=None (default 10,000 / 960), image_size=64
   array_record:  path (a file, a directory of *.array_record files, or a glob)
   manifest:      path (.csv / .tsv / .jsonl), image_key='filepath', caption_key='title'
-                 (a column or a comma-separated list of columns), separator=None
-  tfds:          name, split='train', data_dir=None, image_key='image', caption_key='captions'
+                 (a column or a comma-separated list of columns), separator=None,
+                 label_key=None (int or class-name column; captions then optional)
+  tfds:          name, split='train', data_dir=None, image_key='image', caption_key='captions',
+                 label_key=None (a ClassLabel feature; captions then optional)
+  image_folder:  path (one sub-folder of images per class); yields 'label', no captions
+  karpathy:      path (dataset_coco.json / dataset_flickr30k.json), split='test', image_dir=None
+Labelled kinds (image_folder, and manifest / tfds with a label_key) yield an int 'label' and
+take `class_names` (the evaluator's list, which the eval glue fills in) to check labels against.
 Every kind also takes `weight` (mixture weight, default 1.0). Webdataset tar shards are not
 read directly: `big-contrast data convert` turns them into ArrayRecord files first, so that
 training reads random-access, exactly resumable data.
@@ -28,11 +34,20 @@ from big_contrast.data.errors import SkipRecord
 SOURCE_FIELDS = {
     "demo": {"split": "train", "size": None, "image_size": 64},
     "array_record": {"path": None},
-    "manifest": {"path": None, "image_key": "filepath", "caption_key": "title", "separator": None},
+    "manifest": {"path": None, "image_key": "filepath", "caption_key": "title", "separator": None,
+                 "label_key": None, "class_names": None},
     "tfds": {"name": None, "split": "train", "data_dir": None, "image_key": "image",
-             "caption_key": "captions"},
+             "caption_key": "captions", "label_key": None, "class_names": None},
+    "image_folder": {"path": None, "class_names": None},
+    "karpathy": {"path": None, "split": "test", "image_dir": None},
 }
-REQUIRED = {"array_record": ("path",), "manifest": ("path",), "tfds": ("name",)}
+REQUIRED = {"array_record": ("path",), "manifest": ("path",), "tfds": ("name",),
+            "image_folder": ("path",), "karpathy": ("path",)}
+
+
+def is_labelled(config: Mapping) -> bool:
+    """Whether a source config yields an int 'label' (so it can take the evaluator's class names)."""
+    return config.get("kind") == "image_folder" or bool(config.get("label_key"))
 
 
 def source_options(name: str, config: Mapping) -> tuple[str, dict]:
@@ -74,6 +89,14 @@ def open_source(name: str, config: Mapping):
         from big_contrast.data.manifest import ManifestSource
 
         return ManifestSource(**options)
+    if kind == "image_folder":
+        from big_contrast.data.image_folder import ImageFolderSource
+
+        return ImageFolderSource(**options)
+    if kind == "karpathy":
+        from big_contrast.data.karpathy import KarpathySource
+
+        return KarpathySource(**options)
     from big_contrast.data.tfds_source import TfdsSource
 
     return TfdsSource(**options)

@@ -6,11 +6,18 @@ The dataset must already be prepared in `data_dir` in the ArrayRecord file forma
 bytes (`tfds.decode.SkipDecoding`) so that decoding happens in the pipeline's workers like
 for every other source. Keys may be nested with `/`, e.g. `caption_key='captions/text'` for
 `coco_captions`.
+
+With `label_key` (a `ClassLabel` feature, e.g. `'label'`) each example also has an int `label`,
+and the captions become optional (ImageNet, CIFAR: a missing caption feature means no captions).
+`class_names`, when the eval glue passes the evaluator's list, must have one name per class.
 """
 
 from __future__ import annotations
 
 import re
+
+from big_contrast.data.errors import MissingDataError
+from big_contrast.data.labels import check_num_classes
 
 
 def _nested(path: str, leaf):
@@ -33,11 +40,11 @@ def _open_builder(name: str, data_dir: str | None):
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
-        raise ValueError(
+        raise MissingDataError(
             f"TFDS dataset {name!r} is neither registered nor prepared in {where}; check the name "
             "(with its config, e.g. 'coco_captions/2017') and data_dir") from None
     if not builder.is_prepared():
-        raise ValueError(
+        raise MissingDataError(
             f"TFDS dataset {name!r} is not prepared in {where}; prepare it first with "
             f"`tfds build {name} --data_dir=<dir> --file_format=array_record`")
     file_format = str(getattr(builder.info.file_format, "value", builder.info.file_format))
@@ -52,7 +59,8 @@ class TfdsSource:
     """`source[i]` -> `{'image': encoded bytes, 'captions': ...}` from a prepared TFDS split."""
 
     def __init__(self, name: str, split: str = "train", data_dir: str | None = None,
-                 image_key: str = "image", caption_key: str = "captions"):
+                 image_key: str = "image", caption_key: str = "captions", label_key: str | None = None,
+                 class_names=None):
         import tensorflow_datasets as tfds
 
         builder = _open_builder(name, data_dir)
@@ -62,13 +70,23 @@ class TfdsSource:
             if base not in splits:
                 raise ValueError(f"TFDS dataset {name!r} has no split {base!r}; its splits are {splits}")
         features = builder.info.features
-        for key in (image_key, caption_key):
+        if label_key and caption_key.split("/")[0] not in features:
+            caption_key = None  # a labelled dataset without captions
+        for key in (image_key, caption_key, label_key):
+            if key is None:
+                continue
             if key.split("/")[0] not in features:
                 raise ValueError(
                     f"TFDS dataset {name!r} has no feature {key!r}; its features are "
                     f"{list(features.keys())}. Set the source's image_key / caption_key.")
+        if label_key:
+            num_classes = getattr(features[label_key], "num_classes", None)
+            if num_classes is None:
+                raise ValueError(f"TFDS feature {name!r}[{label_key!r}] is a {type(features[label_key]).__name__}, "
+                                 "not a ClassLabel; set label_key to the dataset's class-label feature")
+            check_num_classes(num_classes, class_names, f"TFDS dataset {name!r} feature {label_key!r}")
         self.name, self.split = name, split
-        self.image_key, self.caption_key = image_key, caption_key
+        self.image_key, self.caption_key, self.label_key = image_key, caption_key, label_key
         self._records = builder.as_data_source(
             split=split, decoders=_nested(image_key, tfds.decode.SkipDecoding()))
 
@@ -77,7 +95,12 @@ class TfdsSource:
 
     def __getitem__(self, index: int) -> dict:
         record = self._records[index]
-        return {"image": _get(record, self.image_key), "captions": _get(record, self.caption_key)}
+        example = {"image": _get(record, self.image_key)}
+        if self.caption_key:
+            example["captions"] = _get(record, self.caption_key)
+        if self.label_key:
+            example["label"] = int(_get(record, self.label_key))
+        return example
 
     def __repr__(self) -> str:
         return f"TfdsSource({self.name!r}, split={self.split!r}, {len(self)} records)"

@@ -9,7 +9,10 @@ An entry of `config.evals` names its evaluator `type` and, under `data`, the ove
                                          label_keys=("label/shape",)))
 
 The data pipeline reads it in eval mode (one pass, no shuffle, padded batches); padding rows
-are dropped here because the evaluators pad and mask on their own.
+are dropped here because the evaluators pad and mask on their own. The pipeline (and so each
+source) is opened before the evaluator embeds anything, with the zero-shot evaluator's class
+names handed to labelled sources, so a label that does not fit the class list fails first.
+Records the pipeline skipped (e.g. undecodable images) are reported as `<prefix>/skipped`.
 """
 
 from __future__ import annotations
@@ -20,34 +23,55 @@ import jax
 import ml_collections
 import numpy as np
 
-from big_contrast import evaluate, sharding
+from big_contrast import evaluate
 from big_contrast.data import encode_fixed, make_pipeline, make_tokenizer
+from big_contrast.data.sources import is_labelled
 
 
 def build(config) -> list:
     return list(evaluate.build_evaluators(config.evals).values()) if config.evals else []
 
 
-def eval_data_config(config, evaluator) -> ml_collections.ConfigDict:
-    """`config.data` with the evaluator's `data` overrides (its `sources` replace the train ones)."""
+def eval_data_config(config, evaluator, key: str = "data") -> ml_collections.ConfigDict:
+    """`config.data` with the evaluator's `key` overrides (its `sources` replace the train ones)."""
     data = config.data.copy_and_resolve_references()
-    overrides = evaluator.data_config or {}
+    overrides = evaluator.config[key] or {}
     overrides = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides)
     with data.unlocked():
         if "sources" in overrides:
             data.sources = ml_collections.ConfigDict(overrides.pop("sources"))
         data.update(overrides)
         data.num_workers = 0  # one pass over a small split: worker start-up would dominate
+        class_names = getattr(evaluator, "class_names", None)
+        for source in data.sources.values():
+            if class_names is not None and is_labelled(source) and source.get("class_names") is None:
+                source.class_names = list(class_names)
     return data
 
 
-def eval_batches(data_config, batch_size: int):
-    """Process-local numpy batches of one pass over the eval data, padding rows removed."""
-    with make_pipeline(data_config, None, train=False, global_batch_size=batch_size) as it:
-        for batch in it:
-            keep = np.asarray(batch.pop("mask"), bool)
-            if keep.any():
-                yield {k: np.asarray(v)[keep] for k, v in batch.items()}
+class EvalData:
+    """One pass over the eval data as process-local numpy batches, padding rows removed.
+
+    The pipeline is built here, eagerly, so that bad sources fail before any embedding;
+    `skipped` counts the records it skipped (after the pass)."""
+
+    def __init__(self, data_config, batch_size: int):
+        self._iterator = make_pipeline(data_config, None, train=False, global_batch_size=batch_size)
+
+    def __iter__(self):
+        with self._iterator as it:
+            for batch in it:
+                keep = np.asarray(batch.pop("mask"), bool)
+                if keep.any():
+                    yield {k: np.asarray(v)[keep] for k, v in batch.items()}
+
+    @property
+    def skipped(self) -> int:
+        return int(self._iterator.skips.skipped.sum())
+
+
+def eval_batches(data_config, batch_size: int) -> EvalData:
+    return EvalData(data_config, batch_size)
 
 
 def _embed_fn(run, tower: str):
@@ -70,10 +94,14 @@ def make_encoders(run, params, config) -> evaluate.Encoders:
 
     bias = float(model.bias[...]) if model.bias is not None else None
     return evaluate.Encoders(embed_images, embed_texts, tokenize, mesh=run.mesh,
-                             batch_axes=sharding.batch_axes(run.mesh), scale=float(model.scale()), bias=bias)
+                             scale=float(model.scale()), bias=bias)
 
 
 def run_one(evaluator, run, state, config) -> dict[str, float]:
-    data_config = eval_data_config(config, evaluator)
+    """The evaluator's metrics plus `<prefix>/skipped`, the records its data pipeline skipped."""
+    data = {key: eval_batches(eval_data_config(config, evaluator, key), evaluator.batch_size)
+            for key in evaluator.DATA_KEYS}
     encoders = make_encoders(run, state.params, config)
-    return evaluator.run(eval_batches(data_config, evaluator.batch_size), encoders)
+    results = evaluator.run(data if len(data) > 1 else data["data"], encoders)
+    results[f"{evaluator.prefix}/skipped"] = float(sum(d.skipped for d in data.values()))
+    return results
