@@ -2,6 +2,7 @@
 
     big-contrast train --config configs/siglip_b16.py:arg --config.batch_size=32768 --workdir DIR
     big-contrast eval  --config configs/demo.py --workdir DIR [--step N] [--json PATH]
+    big-contrast eval  --config C --workdir DIR --benchmarks imagenet2012,cifar100,coco --data_dir D
     big-contrast plan  --config configs/siglip_so400m14.py [--device_memory_gb 95]
     big-contrast data convert ... | big-contrast data train-tokenizer ...
 
@@ -50,6 +51,9 @@ def _parse_flags(command, rest):
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.", flag_values=fv)
     flags.DEFINE_integer("step", None, "eval: checkpoint step to evaluate (default: latest).", flag_values=fv)
     flags.DEFINE_string("json", None, "eval: also write the results to this JSON file.", flag_values=fv)
+    flags.DEFINE_list("benchmarks", None, "eval: named benchmarks to run instead of config.evals "
+                      "(see big_contrast.evaluate.benchmarks).", flag_values=fv)
+    flags.DEFINE_string("data_dir", None, "eval: folder of the prepared benchmark datasets.", flag_values=fv)
     flags.DEFINE_float("device_memory_gb", 16.0, "plan: memory of one device, in GiB.", flag_values=fv)
     flags.DEFINE_boolean("plot", True, "train: write a loss/accuracy plot into the workdir at the end.",
                          flag_values=fv)
@@ -97,13 +101,21 @@ def _eval(flags) -> int:
     from big_contrast.train import report
     from big_contrast.train.standalone import evaluate_checkpoint
 
-    results, step = evaluate_checkpoint(flags.config, flags.workdir, step=flags.step)
+    config, missing = flags.config, {}
+    if flags.benchmarks:
+        from big_contrast.evaluate import benchmarks
+
+        config = config.copy_and_resolve_references()
+        config.evals = benchmarks.evals(flags.benchmarks, flags.data_dir)
+    results, step = evaluate_checkpoint(config, flags.workdir, step=flags.step, missing=missing)
     print(f"step {step}")
     print(report.format_results(results))
+    for message in missing.values():
+        print(message, file=sys.stderr)
     if flags.json:
         from big_contrast.evaluate import write_json
 
-        write_json(results, flags.json, step=step)
+        write_json(results, flags.json, step=step, missing=missing)
     return 0
 
 

@@ -20,13 +20,14 @@ from big_contrast.evaluate.embed import (
 from big_contrast.evaluate.prompts import (
     IMAGENET_TEMPLATES, PHOTO_TEMPLATE, SIMPLE_IMAGENET_TEMPLATES, canonicalize_class_name, resolve_class_names,
     resolve_templates)
+from big_contrast.evaluate.fewshot import FewShotEvaluator, fewshot_accuracy
 from big_contrast.evaluate.imagenet_classes import IMAGENET_CLASSNAMES
 from big_contrast.evaluate.report import format_table, write_json
 from big_contrast.evaluate.retrieval import RetrievalEvaluator, recall_at_k, retrieval_ranks
 from big_contrast.evaluate.zero_shot import ZeroShotEvaluator, build_classifier, topk_accuracy
 
 EVALUATORS: dict[str, type[Evaluator]] = {
-    cls.TYPE: cls for cls in (ZeroShotEvaluator, RetrievalEvaluator, DiagnosticsEvaluator)}
+    cls.TYPE: cls for cls in (ZeroShotEvaluator, RetrievalEvaluator, DiagnosticsEvaluator, FewShotEvaluator)}
 
 
 def build_evaluator(name: str, config: Mapping[str, Any] | Any) -> Evaluator:
@@ -45,7 +46,7 @@ def build_evaluators(evals_config: Mapping[str, Any] | Any) -> dict[str, Evaluat
 
 __all__ = [
     "Encoders", "Evaluator", "EVALUATORS", "build_evaluator", "build_evaluators",
-    "ZeroShotEvaluator", "RetrievalEvaluator", "DiagnosticsEvaluator",
+    "ZeroShotEvaluator", "RetrievalEvaluator", "DiagnosticsEvaluator", "FewShotEvaluator", "fewshot_accuracy",
     "build_classifier", "topk_accuracy", "recall_at_k", "retrieval_ranks",
     "alignment", "uniformity", "modality_gap", "mean_pair_scores", "embedding_diagnostics",
     "embed_dataset", "embed_image_text_pairs", "batches_from_arrays", "batches_from_source", "pad_batch",

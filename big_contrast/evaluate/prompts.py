@@ -7,10 +7,11 @@ config value into a list.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import string
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from big_contrast.evaluate.imagenet_classes import IMAGENET_CLASSNAMES
 
@@ -176,7 +177,18 @@ def class_names_from_tfds(name: str, *, data_dir: str | None = None, field: str 
     """The names of the `ClassLabel` feature `field` of the TFDS dataset `name` (as prepared in data_dir)."""
     import tensorflow_datasets as tfds  # heavy import, only when asked for
 
-    features = tfds.builder(name, data_dir=data_dir).info.features
+    from big_contrast.data.errors import MissingDataError
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        prepared = builder.is_prepared()
+    except tfds.core.registered.DatasetNotFoundError:
+        prepared = False
+    if not prepared:
+        raise MissingDataError(
+            f"TFDS dataset {name!r} is not prepared in data_dir={data_dir!r}, so its class names cannot be "
+            f"read; prepare it with `tfds build {name} --data_dir=<dir> --file_format=array_record`")
+    features = builder.info.features
     if field not in features:
         raise ValueError(
             f"TFDS dataset {name!r} has no feature {field!r}; its features are {sorted(features.keys())}. "
@@ -188,18 +200,51 @@ def class_names_from_tfds(name: str, *, data_dir: str | None = None, field: str 
     return list(names)
 
 
+def read_name_map(spec: str | Mapping[str, str]) -> dict[str, str]:
+    """A class-name map: a dict, or a file of 'RAW NAME' lines (e.g. 'n01440764 tench', the
+    WordNet-id lists that come with ImageNet) or a JSON object {raw: name}."""
+    if not isinstance(spec, str):
+        return {str(k): str(v) for k, v in dict(spec).items()}
+    if not os.path.exists(spec):
+        raise ValueError(f"Class-name map {spec!r} does not exist; give a JSON object or 'RAW NAME' lines.")
+    with open(spec, encoding="utf-8") as f:
+        text = f.read()
+    if spec.endswith(".json"):
+        return {str(k): str(v) for k, v in json.loads(text).items()}
+    pairs = [line.strip().split(None, 1) for line in text.splitlines() if line.strip()]
+    bad = [" ".join(p) for p in pairs if len(p) != 2]
+    if bad:
+        raise ValueError(f"Class-name map {spec!r} has lines without a name after the raw label: {bad[:3]}.")
+    return {raw: name.strip() for raw, name in pairs}
+
+
+def map_class_names(names: Sequence[str], name_map: str | Mapping[str, str] | None) -> list[str]:
+    """Every raw class name (a folder or ClassLabel name) through the map; all must be in it."""
+    if name_map is None:
+        return list(names)
+    mapping = read_name_map(name_map)
+    missing = [n for n in names if n not in mapping]
+    if missing:
+        raise ValueError(f"The class-name map has no entry for {missing[:5]} (of {len(names)} classes); "
+                         "add them or fix the map.")
+    return [mapping[n] for n in names]
+
+
 def resolve_class_names(
     spec: str | Sequence[str],
     *,
     canonicalize: bool = False,
     tfds_data_dir: str | None = None,
     label_field: str = "label",
+    name_map: str | Mapping[str, str] | None = None,
 ) -> list[str]:
     """Class names from a config value.
 
     spec: a list of names; 'imagenet' (the 1000 CLIP names); 'file:PATH' (one name per line);
     'tfds:NAME' (NAME may carry a config and version, e.g. 'tfds:cifar10:3.0.2'; the names of its
-    `label_field` ClassLabel feature, read from tfds_data_dir).
+    `label_field` ClassLabel feature, read from tfds_data_dir); 'folder:DIR' (the sorted class
+    folders of an image-folder dataset). name_map (a dict or file, see `read_name_map`) then
+    replaces each raw name, e.g. WordNet ids by readable names.
     """
     if isinstance(spec, str):
         if spec in BUILTIN_CLASS_NAMES:
@@ -208,12 +253,17 @@ def resolve_class_names(
             names = class_names_from_file(spec[len("file:"):])
         elif spec.startswith("tfds:"):
             names = class_names_from_tfds(spec[len("tfds:"):], data_dir=tfds_data_dir, field=label_field)
+        elif spec.startswith("folder:"):
+            from big_contrast.data.image_folder import class_folders
+
+            names = class_folders(spec[len("folder:"):])
         else:
             raise ValueError(
                 f"Class names {spec!r} are neither a built-in list {sorted(BUILTIN_CLASS_NAMES)} nor "
-                "'file:PATH' nor 'tfds:NAME'; pass one of those or a list of names.")
+                "'file:PATH', 'tfds:NAME' or 'folder:DIR'; pass one of those or a list of names.")
     else:
         names = list(spec)
+    names = map_class_names(names, name_map)
     if not names:
         raise ValueError(f"The class-name list from {spec!r} is empty; zero-shot classification needs at least "
                          "one class name.")

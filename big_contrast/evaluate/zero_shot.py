@@ -99,7 +99,8 @@ def topk_accuracy(zimg, classifier, labels, ks: Sequence[int] = (1, 5), *, chunk
 class ZeroShotEvaluator(Evaluator):
     """config.evals.<name> with type='zero_shot'.
 
-    class_names: list | 'imagenet' | 'file:PATH' | 'tfds:NAME' (see prompts.resolve_class_names);
+    class_names: list | 'imagenet' | 'file:PATH' | 'tfds:NAME' | 'folder:DIR' (see
+    prompts.resolve_class_names), optionally through class_name_map;
     templates: 'imagenet80' | 'simple7' | 'photo' | list of strings with '{}'.
     """
 
@@ -109,6 +110,7 @@ class ZeroShotEvaluator(Evaluator):
         "templates": "imagenet80",
         "canonicalize": False,     # lower-case and strip punctuation from class names
         "tfds_data_dir": None,     # where 'tfds:NAME' class names are read from
+        "class_name_map": None,    # dict or file mapping raw names (folder / ClassLabel) to prompt names
         "image_field": "image",
         "label_field": "label",
         "ks": (1, 5),
@@ -122,7 +124,7 @@ class ZeroShotEvaluator(Evaluator):
         self.templates = prompts.resolve_templates(cfg["templates"])
         self.class_names = prompts.resolve_class_names(
             cfg["class_names"], canonicalize=cfg["canonicalize"], tfds_data_dir=cfg["tfds_data_dir"],
-            label_field=cfg["label_field"])
+            label_field=cfg["label_field"], name_map=cfg["class_name_map"])
         self.ks = check_ks(cfg["ks"], self.context)
         self.text_batch_size = int(cfg["text_batch_size"] or self.batch_size)
 

@@ -1,19 +1,48 @@
-"""`big-contrast eval`: evaluate a checkpoint of a workdir with the config's evaluators."""
+"""`big-contrast eval`: evaluate a checkpoint of a workdir with the config's evaluators.
+
+An evaluator whose dataset is not prepared (`MissingDataError`) is reported, with how to
+prepare it, and the others still run: a benchmark suite on a machine that has only some of
+the datasets gives the numbers it can.
+"""
 
 from __future__ import annotations
 
 import pathlib
 
+from big_contrast import evaluate
 from big_contrast.checkpoint import Checkpointer, abstract_like
+from big_contrast.data.errors import MissingDataError
+from big_contrast.evaluate import benchmarks
 from big_contrast.train import evals as train_evals
 from big_contrast.train.loop import build
 
 
-def evaluate_checkpoint(config, workdir, *, step=None, mesh=None) -> tuple[dict, int]:
-    """Restores checkpoint `step` (default: latest) of `workdir` and runs every `config.evals` entry."""
-    evaluators = train_evals.build(config)
-    if not evaluators:
+def _build_evaluators(config) -> tuple[list, dict[str, str]]:
+    """The evaluators of `config.evals` that can be built, and a message for each that cannot
+    because its data is missing (its class names are read from the dataset)."""
+    evaluators, missing = [], {}
+    for name, entry in (config.evals or {}).items():
+        try:
+            evaluators.append(evaluate.build_evaluator(name, entry))
+        except MissingDataError as e:
+            missing[name] = benchmarks.missing_message(name, e)
+    return evaluators, missing
+
+
+def evaluate_checkpoint(config, workdir, *, step=None, mesh=None, missing=None) -> tuple[dict, int]:
+    """Restores checkpoint `step` (default: latest) of `workdir` and runs every `config.evals` entry.
+
+    `missing`, a dict, receives {evaluator name: sentence} for the evaluators skipped because
+    their data is not prepared; the mean top-1 over the classification benchmarks that ran is
+    added as 'benchmarks/mean_top1'.
+    """
+    missing = {} if missing is None else missing
+    evaluators, missing_at_build = _build_evaluators(config)
+    missing.update(missing_at_build)
+    if not evaluators and not missing:
         raise ValueError("config.evals is empty: name at least one evaluator to run.")
+    if not evaluators:
+        raise MissingDataError("no evaluator's data is prepared: " + " | ".join(missing.values()))
     run = build(config, mesh=mesh)
     ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False)
     try:
@@ -22,5 +51,8 @@ def evaluate_checkpoint(config, workdir, *, step=None, mesh=None) -> tuple[dict,
         ckpt.close()
     results = {}
     for evaluator in evaluators:
-        results.update(train_evals.run_one(evaluator, run, state, config))
-    return results, step
+        try:
+            results.update(train_evals.run_one(evaluator, run, state, config))
+        except MissingDataError as e:
+            missing[evaluator.name] = benchmarks.missing_message(evaluator.name, e)
+    return benchmarks.add_mean(results, [e.name for e in evaluators]), step
