@@ -154,7 +154,9 @@ def embed_dataset(
     """Embed every example of `data` once.
 
     data: a dict of arrays (the whole set, see `batches_from_arrays`) or an iterable of
-      process-local batches, each a dict of arrays with at most batch_size/processes rows.
+      process-local batches, each a dict of arrays with at most batch_size/processes rows. A
+      batch that already has the local size and a boolean VALID field (the eval data
+      pipeline's padded batches) is used as it is, not padded again.
     embed_fns: {output_name: (input_field, fn)}; fn maps the global batch of input_field
       ([B, ...], a jax.Array sharded over batch_axes when a mesh is given, numpy otherwise) to
       [B, ...] outputs, e.g. {'zimg': ('image', embed_images)}.
@@ -180,8 +182,14 @@ def embed_dataset(
         elif template is None:
             raise ValueError(f"{context}: this process (index {jax.process_index()}) got no examples at all "
                              "while others did; give every process at least one example.")
-        batch = template if batch is None or not len(batch) else {f: batch[f] for f in fields}
-        padded = pad_batch(batch, size)
+        if batch is not None and VALID in batch and len(batch[VALID]) == size:
+            # Already padded to the local batch by the data pipeline, with its mask: pad once.
+            padded = {**{f: batch[f] for f in fields}, VALID: np.asarray(batch[VALID], bool)}
+        else:
+            if batch is not None and VALID in batch:  # padded to another size: keep the valid rows only
+                batch = {f: np.asarray(batch[f])[np.asarray(batch[VALID], bool)] for f in fields}
+            batch = template if batch is None or not len(batch) else {f: batch[f] for f in fields}
+            padded = pad_batch(batch, size)
         # Outputs stay on the devices until the end, so the next batch is dispatched without waiting.
         valid.append(_as_global(padded[VALID], mesh, batch_axes))
         for name, (field, fn) in embed_fns.items():

@@ -8,8 +8,8 @@ An entry of `config.evals` names its evaluator `type` and, under `data`, the ove
                                data=dict(sources={"demo": dict(kind="demo", split="eval")},
                                          label_keys=("label/shape",)))
 
-The data pipeline reads it in eval mode (one pass, no shuffle, padded batches); padding rows
-are dropped here because the evaluators pad and mask on their own. The pipeline (and so each
+The data pipeline reads it in eval mode (one pass, no shuffle, padded batches); its padding
+mask becomes the evaluators' validity field (`embed.VALID`), so batches are padded once. The pipeline (and so each
 source) is opened before the evaluator embeds anything, with the zero-shot evaluator's class
 names handed to labelled sources, so a label that does not fit the class list fails first.
 Records the pipeline skipped (e.g. undecodable images) are reported as `<prefix>/skipped`.
@@ -26,6 +26,7 @@ import numpy as np
 from big_contrast import evaluate
 from big_contrast.data import encode_fixed, make_pipeline, make_tokenizer
 from big_contrast.data.sources import is_labelled
+from big_contrast.evaluate.embed import VALID
 
 
 def build(config) -> list:
@@ -50,7 +51,8 @@ def eval_data_config(config, evaluator, key: str = "data") -> ml_collections.Con
 
 
 class EvalData:
-    """One pass over the eval data as process-local numpy batches, padding rows removed.
+    """One pass over the eval data as process-local numpy batches, padded to the local batch
+    with the pipeline's mask as the evaluators' validity field.
 
     The pipeline is built here, eagerly, so that bad sources fail before any embedding;
     `skipped` counts the records it skipped (after the pass)."""
@@ -61,9 +63,8 @@ class EvalData:
     def __iter__(self):
         with self._iterator as it:
             for batch in it:
-                keep = np.asarray(batch.pop("mask"), bool)
-                if keep.any():
-                    yield {k: np.asarray(v)[keep] for k, v in batch.items()}
+                batch[VALID] = np.asarray(batch.pop("mask"), bool)
+                yield batch
 
     @property
     def skipped(self) -> int:
