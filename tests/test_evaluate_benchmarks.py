@@ -35,6 +35,8 @@ def get_config(arg=None):
     config.evals.folder = dict(zero_shot, data=labelled(dict(kind="image_folder", path=data_dir + "/val")))
     config.evals.csv = dict(zero_shot, data=labelled(dict(kind="manifest", path=data_dir + "/val.csv",
                                                           label_key="label")))
+    config.evals.csv_index = dict(zero_shot, data=labelled(dict(kind="manifest", path=data_dir + "/val_index.csv",
+                                                                label_key="label")))
     config.evals.tfds = dict(zero_shot, data=labelled({tfds!r}))
     config.evals.probe = dict(type="fewshot", shots=(1, 2), holdout_per_class=1, batch_size=16,
                               train_data=labelled(dict(kind="image_folder", path=data_dir + "/val")),
@@ -49,6 +51,8 @@ def test_eval_command_runs_labelled_sources_fewshot_and_skips_a_missing_benchmar
     (data_dir / "val" / FOLDERS[2] / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
     (data_dir / "val.csv").write_text("filepath,label\n" + "".join(
         f"val/{path},{CLASSES[label]}\n" for path, label, _ in examples))
+    (data_dir / "val_index.csv").write_text("filepath,label\n" + "".join(
+        f"val/{path},{label}\n" for path, label, _ in examples))
     tfds_source = build_labelled_tfds(data_dir / "tfds", examples)
     write_karpathy(data_dir / "flickr30k")
     (data_dir / "flickr30k" / "images").rename(data_dir / "flickr30k" / "flickr30k-images")
@@ -73,11 +77,12 @@ def test_eval_command_runs_labelled_sources_fewshot_and_skips_a_missing_benchmar
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     metrics = report["results"]
-    for key in ("folder/top1", "csv/top1", "tfds/top1", "flickr30k/t2i_recall@1", "flickr30k/i2t_recall@5",
+    for key in ("folder/top1", "csv/top1", "csv_index/top1", "tfds/top1",
+                "flickr30k/t2i_recall@1", "flickr30k/i2t_recall@5",
                 "probe/1shot", "probe/2shot"):
         assert 0.0 <= metrics[key] <= 1.0, key
-    # The csv names the same images with class-name labels: the same accuracy as the folder.
-    assert metrics["csv/top1"] == metrics["folder/top1"]
+    # The csvs name the same images with class-name / index labels: the same accuracy as the folder.
+    assert metrics["csv/top1"] == metrics["csv_index/top1"] == metrics["folder/top1"]
     assert metrics["folder/skipped"] == 1 and metrics["csv/skipped"] == 0
     assert "step 3" in result.stdout and "folder" in result.stdout
     assert "cifar10" not in metrics and "tfds build cifar10" in report["missing"]["cifar10"]

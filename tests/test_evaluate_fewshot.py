@@ -60,7 +60,8 @@ def test_equals_numpy_closed_form_and_the_held_out_choice_of_l2():
     shots, holdout = draw_shots(y_train, 10, 4, seed=2, num_classes=C)
     for k in (5, 10):
         rows = shots[:, :k].reshape(-1)
-        held_out = [reference_accuracy(x_train, y_train, x_train[holdout], y_train[holdout], rows, l2) for l2 in l2_regs]
+        held_out = [reference_accuracy(x_train, y_train, x_train[holdout], y_train[holdout], rows, l2)
+                    for l2 in l2_regs]
         best = max(i for i, acc in enumerate(held_out) if acc == max(held_out))  # ties -> larger λ
         assert results[f"{k}shot_l2"] == l2_regs[best]
         assert results[f"{k}shot"] == pytest.approx(

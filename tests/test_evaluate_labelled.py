@@ -144,7 +144,8 @@ def build_labelled_tfds(data_dir, examples, names=FOLDERS):
                 yield i, {"image": data, "label": label}
 
     BcTestLabelled(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
-    return {"kind": "tfds", "name": "bc_test_labelled", "split": "test", "data_dir": str(data_dir), "label_key": "label"}
+    return {"kind": "tfds", "name": "bc_test_labelled", "split": "test", "data_dir": str(data_dir),
+            "label_key": "label"}
 
 
 def test_tfds_class_label_dataset_without_captions(tmp_path):

@@ -74,7 +74,8 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
               prepare="put Karpathy's dataset_flickr30k.json in <data_dir>/flickr30k/ and the images in "
                       "<data_dir>/flickr30k/flickr30k-images/"),
 )}
-ALIASES = {"imagenet": "imagenet2012", "imagenet1k": "imagenet2012", "imagenetv2": "imagenet_v2", "pets": "oxford_iiit_pet",
+ALIASES = {"imagenet": "imagenet2012", "imagenet1k": "imagenet2012", "imagenetv2": "imagenet_v2",
+           "pets": "oxford_iiit_pet",
            "mscoco": "coco", "flickr": "flickr30k"}
 CLASSIFICATION_METRIC = "top1"
 MEAN_PREFIX = "benchmarks"
@@ -163,7 +164,8 @@ def evals(names: Sequence[str] | str, data_dir: str, *, batch_size: int = 256, e
 def missing_message(name: str, error: Exception) -> str:
     """One sentence for a benchmark whose data is not there: what is missing, how to prepare it."""
     hint = BENCHMARKS[name].prepare if name in BENCHMARKS else ""
-    return f"benchmark {name!r} skipped: {error}" + (f"; to prepare it: {hint}" if hint and hint not in str(error) else "")
+    advice = f"; to prepare it: {hint}" if hint and hint not in str(error) else ""
+    return f"benchmark {name!r} skipped: {error}{advice}"
 
 
 def add_mean(results: dict[str, float], names: Sequence[str]) -> dict[str, float]:
