@@ -71,10 +71,6 @@ class EvalData:
         return int(self._iterator.skips.skipped.sum())
 
 
-def eval_batches(data_config, batch_size: int) -> EvalData:
-    return EvalData(data_config, batch_size)
-
-
 def _embed_fn(run, tower: str):
     """jit(params, inputs -> embeddings) of one tower, compiled once per run (params are an
     argument, not a constant baked into the program)."""
@@ -100,7 +96,7 @@ def make_encoders(run, params, config) -> evaluate.Encoders:
 
 def run_one(evaluator, run, state, config) -> dict[str, float]:
     """The evaluator's metrics plus `<prefix>/skipped`, the records its data pipeline skipped."""
-    data = {key: eval_batches(eval_data_config(config, evaluator, key), evaluator.batch_size)
+    data = {key: EvalData(eval_data_config(config, evaluator, key), evaluator.batch_size)
             for key in evaluator.DATA_KEYS}
     encoders = make_encoders(run, state.params, config)
     results = evaluator.run(data if len(data) > 1 else data["data"], encoders)

@@ -32,7 +32,8 @@ def plot_run(workdir) -> pathlib.Path | None:
     import matplotlib.pyplot as plt
 
     loss = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    eval_keys = sorted({k for r in rows for k in r if "/" in k and not k.startswith(("skipped/", "seen/"))})
+    eval_keys = sorted({k for r in rows for k in r
+                        if "/" in k and not k.startswith(("skipped/", "seen/")) and not k.endswith("/skipped")})
     fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
     if loss:
         ax_loss.plot(*zip(*loss), marker=".")
