@@ -235,3 +235,37 @@ def test_retrieval_embeds_every_caption_through_the_pipeline(tmp_path):
                                                         data={**data, "max_captions": 4}))
     with pytest.raises(ValueError, match="an image has 5 captions, more than data.max_captions=4"):
         evaluator.evaluate(EvalData(eval_data_config(config, evaluator), 4), ENCODERS)
+
+
+def test_tfds_captions_sequence_keeps_every_caption(tmp_path):
+    """coco_captions-style `captions/text` (a Sequence): every caption of every image reaches the batch."""
+    counts = (3, 1, 5, 2)
+
+    class BcTestManyCaptions(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(),
+                "captions": tfds.features.Sequence({"text": tfds.features.Text()})}))
+
+        def _split_generators(self, dl_manager):
+            return {"test": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, k in enumerate(counts):
+                captions = [{"text": f"img {i} cap {j}"} for j in range(k)]
+                yield i, {"image": encoded_image(colour(0, i)), "captions": captions}
+
+    BcTestManyCaptions(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    config, data = full_config({"kind": "tfds", "name": "bc_test_many_captions", "split": "test",
+                                "data_dir": str(tmp_path), "caption_key": "captions/text"}, max_captions=5)
+    config.data.update(data)
+    config.data.sources = ml_collections.ConfigDict(data["sources"])
+    captions = {}
+    for batch in EvalData(config.data, 4):
+        for texts, mask, valid in zip(batch["texts"], batch["caption_mask"], batch["_valid"]):
+            if valid:
+                decoded = [bytes(int(t) - 3 for t in row if t > 2).decode() for row in texts[mask]]
+                captions[decoded[0].split(" cap")[0]] = decoded
+    assert captions == {f"img {i}": [f"img {i} cap {j}" for j in range(k)] for i, k in enumerate(counts)}
