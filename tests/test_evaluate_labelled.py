@@ -269,3 +269,15 @@ def test_tfds_captions_sequence_keeps_every_caption(tmp_path):
                 decoded = [bytes(int(t) - 3 for t in row if t > 2).decode() for row in texts[mask]]
                 captions[decoded[0].split(" cap")[0]] = decoded
     assert captions == {f"img {i}": [f"img {i} cap {j}" for j in range(k)] for i, k in enumerate(counts)}
+
+
+def test_captions_are_optional_in_evaluation_only():
+    from big_contrast.data.errors import REASON_INDEX
+    from big_contrast.data.preprocess import ProcessExample
+
+    raw = {"image": encoded_image((10, 20, 30)), "label": 2, "_source": 0}
+    rng = np.random.default_rng(0)
+    evaluation = ProcessExample("decode|resize(4)", TOKENIZER, MAX_LEN, ("label",), captions_optional=True)
+    assert sorted(evaluation.random_map(dict(raw), rng)) == ["_source", "image", "label"]
+    training = ProcessExample("decode|resize(4)", TOKENIZER, MAX_LEN, ("label",))
+    assert training.random_map(dict(raw), rng) == {"_skip": REASON_INDEX["empty_caption"], "_source": 0}

@@ -84,27 +84,28 @@ class ProcessExample(grain.transforms.RandomMap):
     """Picks a caption, tokenizes it, decodes and preprocesses the image.
 
     Output: `{'image': [H, W, 3], 'text': int32 [max_len], '_source': k, <label_keys>...}`.
-    With `max_captions` (evaluation), every caption instead (`all_captions`). A source without
-    captions (a labelled eval set) gives no text fields.
+    With `max_captions` (evaluation), every caption instead (`all_captions`). With
+    `captions_optional` (evaluation), a record without a `captions` field (a labelled source
+    without captions) gives no text fields; in training it is skipped as `empty_caption`.
     The random draws (caption choice, then image ops) come from grain's per-index generator,
     so an example is processed the same way whichever worker handles it.
     """
 
     def __init__(self, image_pp: str, tokenizer, max_len: int, label_keys: Sequence[str] = (),
-                 max_captions: int | None = None):
+                 max_captions: int | None = None, captions_optional: bool = False):
         if max_len < 2:
             raise ValueError(f"max_len={max_len} leaves no room for a token before EOS; use >= 2")
         self.image_pp = parse_image_pp(image_pp)
         self.tokenizer, self.max_len = tokenizer, max_len
         self.label_keys = tuple(label_keys)
-        self.max_captions = max_captions
+        self.max_captions, self.captions_optional = max_captions, captions_optional
 
     def _text(self, raw: dict, rng: np.random.Generator) -> dict:
-        if "captions" not in raw:
+        if "captions" not in raw and self.captions_optional:
             return {}
         if self.max_captions:
-            return all_captions(raw["captions"], self.max_captions, self.tokenizer, self.max_len)
-        return {"text": encode_fixed(self.tokenizer, choose_caption(raw["captions"], rng), self.max_len)}
+            return all_captions(raw.get("captions"), self.max_captions, self.tokenizer, self.max_len)
+        return {"text": encode_fixed(self.tokenizer, choose_caption(raw.get("captions"), rng), self.max_len)}
 
     def random_map(self, raw: dict, rng: np.random.Generator) -> dict:
         source = raw["_source"]
