@@ -98,6 +98,7 @@ class ManifestSource:
         return [label_index(row.get(label_key), class_names,
                             f"manifest {self.path!r} row {i + 1} column {label_key!r}", inverse)
                 for i, row in enumerate(rows)]
+
     def __len__(self) -> int:
         return len(self._rows)
 

@@ -78,7 +78,7 @@ class TfdsSource:
             if key.split("/")[0] not in features:
                 raise ValueError(
                     f"TFDS dataset {name!r} has no feature {key!r}; its features are "
-                    f"{list(features.keys())}. Set the source's image_key / caption_key.")
+                    f"{list(features.keys())}. Set the source's image_key / caption_key / label_key.")
         if label_key:
             num_classes = getattr(features[label_key], "num_classes", None)
             if num_classes is None:
