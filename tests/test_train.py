@@ -280,3 +280,24 @@ def test_resume_onto_a_different_mesh_shape(tmp_path):
     assert rel_err(resumed["loss"], straight["loss"]) <= 1e-4
     rows = read_metrics(tmp_path / "moved")
     assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+def test_a_step_on_uint8_images_equals_the_step_on_float_images():
+    """data.device_normalize: the pipeline sends uint8 images and the jitted step applies the
+    pp string's value_range; loss and updated parameters match the float path."""
+    config = tiny_config()
+    run = build(config)
+    batch_sharding = sharding.batch_sharding(run.mesh)
+    results = {}
+    for uint8 in (False, True):
+        cfg = config.copy_and_resolve_references()
+        cfg.data.device_normalize = uint8
+        with make_pipeline(cfg.data, batch_sharding, train=True, global_batch_size=cfg.batch_size) as data:
+            batch = {k: v for k, v in next(data).items() if k in ("image", "text")}
+        assert batch["image"].dtype == (jnp.uint8 if uint8 else jnp.float32)
+        state = jax.tree.map(jnp.copy, run.state)  # the step donates its input state
+        state, metrics = make_step_fn(dataclasses.replace(run, config=cfg), batch_sharding)(state, batch)
+        results[uint8] = float(metrics["loss"]), jax.device_get(state.params)
+    assert rel_err(results[True][0], results[False][0]) <= 1e-6
+    for a, b in zip(jax.tree.leaves(results[True][1]), jax.tree.leaves(results[False][1])):
+        assert rel_err(a, b) <= 1e-5

@@ -22,6 +22,7 @@ import numpy as np
 
 from big_contrast import evaluate, sharding
 from big_contrast.data import encode_fixed, make_pipeline, make_tokenizer
+from big_contrast.data.device_ops import device_normalization, normalize_on_device
 
 
 def build(config) -> list:
@@ -50,17 +51,20 @@ def eval_batches(data_config, batch_size: int):
                 yield {k: np.asarray(v)[keep] for k, v in batch.items()}
 
 
-def _embed_fn(run, tower: str):
+def _embed_fn(run, tower: str, image_norm=None):
     """jit(params, inputs -> embeddings) of one tower, compiled once per run (params are an
-    argument, not a constant baked into the program)."""
-    if tower not in run.jitted:
-        run.jitted[tower] = jax.jit(lambda params, inputs: getattr(run.model(params), tower)(inputs))
-    return run.jitted[tower]
+    argument, not a constant baked into the program); uint8 images are normalised inside the
+    same program by `image_norm` (`device_ops`)."""
+    key = (tower, image_norm)
+    if key not in run.jitted:
+        run.jitted[key] = jax.jit(lambda params, inputs: getattr(run.model(params), tower)(
+            normalize_on_device(inputs, image_norm)))
+    return run.jitted[key]
 
 
-def make_encoders(run, params, config) -> evaluate.Encoders:
+def make_encoders(run, params, config, image_norm=None) -> evaluate.Encoders:
     model = run.model(params)
-    embed_images = functools.partial(_embed_fn(run, "embed_images"), params)
+    embed_images = functools.partial(_embed_fn(run, "embed_images", image_norm), params)
     embed_texts = functools.partial(_embed_fn(run, "embed_texts"), params)
     tokenizer = make_tokenizer(config.data.tokenizer, config.data.lowercase)
     max_len = config.data.max_len
@@ -75,5 +79,5 @@ def make_encoders(run, params, config) -> evaluate.Encoders:
 
 def run_one(evaluator, run, state, config) -> dict[str, float]:
     data_config = eval_data_config(config, evaluator)
-    encoders = make_encoders(run, state.params, config)
+    encoders = make_encoders(run, state.params, config, device_normalization(data_config.pp_eval))
     return evaluator.run(eval_batches(data_config, evaluator.batch_size), encoders)
