@@ -292,6 +292,18 @@ def test_towers_give_the_same_embeddings_with_fused_and_einsum_attention():
                                    atol=1e-5, rtol=1e-5)
 
 
+def test_auto_attention_falls_back_to_xla_when_cudnn_refuses(monkeypatch):
+    """On a GPU 'auto' asks cuDNN first for bf16; here (no cuDNN) it raises while tracing and
+    the XLA kernel answers instead."""
+    q, k, v = attention_inputs(jnp.bfloat16)
+    with transformer.attention_implementation("xla"):
+        expected = transformer.dot_product_attention(q, k, v)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with pytest.raises(RuntimeError):
+        jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    np.testing.assert_array_equal(transformer.dot_product_attention(q, k, v), expected)
+
+
 def test_attention_implementation_rejects_unknown_names():
     with pytest.raises(ValueError, match="einsum"):
         with transformer.attention_implementation("flash"):
