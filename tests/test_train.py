@@ -283,8 +283,12 @@ def test_resume_onto_a_different_mesh_shape(tmp_path):
 
 
 def test_a_step_on_uint8_images_equals_the_step_on_float_images():
-    """data.device_normalize: the pipeline sends uint8 images and the jitted step applies the
-    pp string's value_range; loss and updated parameters match the float path."""
+    """data.device_normalize: the pipeline sends uint8 images and the jitted step (and the eval
+    embedding) applies the pp string's value_range; loss, updated parameters and image
+    embeddings match the float path."""
+    from big_contrast.data.device_ops import device_normalization
+    from big_contrast.train.evals import make_encoders
+
     config = tiny_config()
     run = build(config)
     batch_sharding = sharding.batch_sharding(run.mesh)
@@ -301,7 +305,10 @@ def test_a_step_on_uint8_images_equals_the_step_on_float_images():
         step = step.lower(state, batch).compile(dict(xla_backend_optimization_level=0,
                                                      xla_llvm_disable_expensive_passes=True))
         state, metrics = step(state, batch)
-        results[uint8] = float(metrics["loss"]), jax.device_get(state.params)
+        encoders = make_encoders(run, run.state.params, cfg, device_normalization(cfg.data.pp_train))
+        results[uint8] = (float(metrics["loss"]), jax.device_get(state.params),
+                          encoders.embed_images(batch["image"]))
     assert rel_err(results[True][0], results[False][0]) <= 1e-6
+    assert rel_err(results[True][2], results[False][2]) <= 1e-6
     for a, b in zip(jax.tree.leaves(results[True][1]), jax.tree.leaves(results[False][1])):
         assert rel_err(a, b) <= 1e-5

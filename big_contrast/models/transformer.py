@@ -86,7 +86,7 @@ _attention_impl = contextvars.ContextVar("attention_impl", default="auto")
 def attention_implementation(name: str):
     """Selects the attention kernel for models *traced* inside the block (benchmarks, tests).
 
-    'auto' (the default): cuDNN flash attention on a GPU for bf16 / f16 inputs, XLA's fused
+    'auto' (the default): cuDNN flash attention on a GPU for bf16 / f16 inputs, XLA's
     ``jax.nn.dot_product_attention`` otherwise; 'xla' / 'cudnn' force one of those; 'einsum'
     is the materialised float32 reference (`einsum_attention`). A function already jitted keeps
     the kernel it was traced with.
@@ -103,8 +103,8 @@ def dot_product_attention(q_bqhk, k_bkhk, v_bkhk, mask=None) -> jax.Array:
     """Softmax attention, logits and softmax in float32; ``mask`` [B|1, 1|H, Q, K] is True where
     attending is allowed.
 
-    Goes through ``jax.nn.dot_product_attention`` (a fused kernel where the backend has one:
-    XLA on CPU / TPU, cuDNN flash attention on GPU for bf16 / f16) unless
+    Goes through ``jax.nn.dot_product_attention`` (cuDNN flash attention on a GPU for bf16 /
+    f16, which never writes the logits to memory; XLA's implementation elsewhere) unless
     `attention_implementation('einsum')` asks for the reference. A query with no allowed key
     yields finite garbage instead of NaN (masked logits get a large negative finite value);
     such queries are padding and are never pooled.
