@@ -7,15 +7,17 @@ clamped at 100. Defaults read the built-in demo data at 224 px with byte-level t
 config.data at your data (see big_contrast/train/config.py).
 """
 
-from big_contrast.train import apply_arg, default_config, use_real_data_defaults
+import os
+import sys
+
+from big_contrast.train import apply_arg
+
+sys.path.insert(0, os.path.dirname(__file__))
+import common  # noqa: E402
 
 
 def get_config(arg=None):
-    config = default_config()
-    config.batch_size = 32_768
-    config.total_steps = 400_000
-    config.log_every = 50
-    config.checkpoint_every = 1000
+    config = common.paper_scale_config(total_steps=400_000, max_len=77)
     m = config.model
     m.loss = "softmax"
     m.image.update(variant="B/16", image_size=224, pool="tok", posemb="learn")
@@ -24,6 +26,5 @@ def get_config(arg=None):
     config.optimizer.update(lr=5e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2, warmup_steps=2000,
                             schedule="cosine")
     config.peak_flops_per_device = 989e12  # H100 bf16 dense; set your chip's peak
-    config = use_real_data_defaults(config, max_len=77)
     apply_arg(config, arg)  # e.g. configs/clip_b16.py:batch_size=65536,total_steps=1000
     return config

@@ -8,15 +8,15 @@ image tower has the same variant; its latest checkpoint's image tower is loaded 
 locked at its random initialisation, which is only useful to smoke-test the config.
 """
 
-from big_contrast.train import default_config, use_real_data_defaults
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import common  # noqa: E402
 
 
 def get_config(arg=None):
-    config = default_config()
-    config.batch_size = 32_768
-    config.total_steps = 60_000
-    config.log_every = 50
-    config.checkpoint_every = 1000
+    config = common.paper_scale_config(total_steps=60_000, max_len=16)
     m = config.model
     m.loss = "softmax"
     m.lock_image = True
@@ -27,4 +27,4 @@ def get_config(arg=None):
         config.init_towers = {"image": arg}
     config.optimizer.update(lr=1e-3, b2=0.95, weight_decay=1e-4, warmup_steps=2000, schedule="cosine")
     config.peak_flops_per_device = 197e12
-    return use_real_data_defaults(config, max_len=16)
+    return config

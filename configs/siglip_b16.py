@@ -9,15 +9,17 @@ Larger batches: --config.batch_size=1048576 --config.microbatch_size=... (`big-c
 prints the largest micro-batch that fits).
 """
 
-from big_contrast.train import apply_arg, default_config, use_real_data_defaults
+import os
+import sys
+
+from big_contrast.train import apply_arg
+
+sys.path.insert(0, os.path.dirname(__file__))
+import common  # noqa: E402
 
 
 def get_config(arg=None):
-    config = default_config()
-    config.batch_size = 32_768
-    config.total_steps = 107_000  # ~3.5B examples at 32k
-    config.log_every = 50
-    config.checkpoint_every = 1000
+    config = common.paper_scale_config(total_steps=107_000, max_len=64)  # ~3.5B examples at 32k
     config.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
     m = config.model
     m.loss = "sigmoid"
@@ -26,6 +28,5 @@ def get_config(arg=None):
     m.embed_dim = 768
     config.optimizer.update(lr=1e-3, b2=0.95, weight_decay=1e-4, warmup_steps=5000, schedule="cosine")
     config.peak_flops_per_device = 197e12  # TPU v5e bf16; set your chip's peak
-    config = use_real_data_defaults(config, max_len=64)
     apply_arg(config, arg)  # e.g. configs/siglip_b16.py:batch_size=65536,total_steps=1000
     return config

@@ -247,3 +247,19 @@ def test_shared_memory_stacking_matches_numpy_and_allocator_tuning_applies():
         assert type(shared[key]).__name__ == "SharedMemoryArray"
         shared[key].unlink_on_del()  # as the receiving process does; frees /dev/shm
     assert keep_freed_memory() is True  # Linux / glibc, as on the test machine
+
+
+def test_device_normalize_sends_uint8_images_that_normalise_to_the_float_batch(records):
+    """Same examples either way; only the final value_range moves to `device_ops`."""
+    from big_contrast.data.device_ops import device_normalization, normalize_on_device
+
+    batches = {}
+    for uint8 in (False, True):
+        with make_pipeline(config_for({"d": {"kind": "array_record", "path": records}},
+                                      device_normalize=uint8)) as it:
+            batches[uint8] = next(it)
+    assert batches[False]["image"].dtype == np.float32 and batches[True]["image"].dtype == np.uint8
+    np.testing.assert_array_equal(batches[True]["text"], batches[False]["text"])
+    norm = device_normalization(config_for({}).pp_train)
+    np.testing.assert_allclose(normalize_on_device(batches[True]["image"], norm),
+                               batches[False]["image"], rtol=1e-6, atol=1e-6)

@@ -5,6 +5,8 @@ initialisers: compiling dozens of threefry draws costs seconds per model on
 this CPU, and the forward checks do not depend on how weights were drawn.
 ``test_create_sharded_*`` covers the real initialisation path.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -229,6 +231,83 @@ def test_mask_is_what_makes_padding_invisible():
     masked, unmasked, alone = attend(q, k, v)
     np.testing.assert_allclose(masked, alone, atol=1e-6)
     assert float(jnp.abs(unmasked - alone).max()) > 1e-3
+
+
+def attention_inputs(dtype, length=9, seed=0):
+    q, k, v = np.random.default_rng(seed).normal(size=(3, 2, length, 4, 8))
+    return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
+
+
+def attention_masks(length=9):
+    """[B, 1, Q, K] as text.py builds them: keys past each row's length masked, and causal."""
+    valid_bk = np.arange(length)[None] < np.array([[length], [4]])
+    padding = np.broadcast_to(valid_bk[:, None, None, :], (2, 1, length, length))
+    causal = padding & np.tril(np.ones((length, length), bool))
+    return {"none": None, "padding": padding, "causal": causal, "probe": padding[:, :, :1]}
+
+
+@functools.partial(jax.jit, static_argnums=0, compiler_options=FAST)
+def attention_and_grads(impl, q, k, v):
+    """{mask name: (output, d/dq, d/dk, d/dv)} of `impl`; 'probe' is one query (the MAP head)."""
+    results = {}
+    for name, mask in attention_masks(q.shape[1]).items():
+        q_used = q[:, :1] if name == "probe" else q
+
+        def attend(q, k, v):
+            with transformer.attention_implementation(impl):
+                return transformer.dot_product_attention(q, k, v, mask).astype(jnp.float32)
+
+        grads = jax.grad(lambda *a: jnp.sum(jnp.sin(attend(*a))), argnums=(0, 1, 2))(q_used, k, v)
+        results[name] = (attend(q_used, k, v), *(g.astype(jnp.float32) for g in grads))
+    return results
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_fused_attention_equals_einsum_reference_with_masks_and_gradients(dtype, tol):
+    """jax.nn.dot_product_attention (the default) against the materialised einsum it replaced:
+    outputs and input gradients, unmasked, with a padding mask, a causal one, and one query."""
+    fused = attention_and_grads("auto", *attention_inputs(dtype))
+    ref = attention_and_grads("einsum", *attention_inputs(dtype))
+    for name in fused:
+        for what, a, b in zip(("out", "dq", "dk", "dv"), fused[name], ref[name]):
+            assert rel_err(a, b) < tol, (name, what, rel_err(a, b))
+    # The check can fail: the masks change the numbers.
+    assert rel_err(fused["padding"][0], ref["none"][0]) > 1e-2
+    assert rel_err(fused["causal"][0], ref["padding"][0]) > 1e-2
+
+
+def test_towers_give_the_same_embeddings_with_fused_and_einsum_attention():
+    """Whole model (ViT with a MAP head, causal text tower with padding): the default kernel
+    against the einsum reference."""
+    images, tokens = batch()
+    tokens = tokens.at[:, 5:].set(0)  # padding
+    graphdef, state = nnx.split(random_model(tiny_config(**{"text.causal": True, "text.pool": "last"})))
+    results = {}
+    for impl in ("auto", "einsum"):  # a fresh jit each: the kernel is chosen while tracing
+        with transformer.attention_implementation(impl):
+            results[impl] = jax.jit(lambda s, i, t: nnx.merge(graphdef, s)(i, t),
+                                    compiler_options=FAST)(state, images, tokens)
+    for field in ("zimg", "ztxt"):
+        np.testing.assert_allclose(getattr(results["auto"], field), getattr(results["einsum"], field),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_auto_attention_falls_back_to_xla_when_cudnn_refuses(monkeypatch):
+    """On a GPU 'auto' asks cuDNN first for bf16; here (no cuDNN) it raises while tracing and
+    the XLA kernel answers instead."""
+    q, k, v = attention_inputs(jnp.bfloat16)
+    with transformer.attention_implementation("xla"):
+        expected = transformer.dot_product_attention(q, k, v)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with pytest.raises(RuntimeError):
+        jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    np.testing.assert_array_equal(transformer.dot_product_attention(q, k, v), expected)
+
+
+def test_attention_implementation_rejects_unknown_names():
+    with pytest.raises(ValueError, match="einsum"):
+        with transformer.attention_implementation("flash"):
+            pass
 
 
 # ----------------------------------------------------------------------------

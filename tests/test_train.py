@@ -280,3 +280,35 @@ def test_resume_onto_a_different_mesh_shape(tmp_path):
     assert rel_err(resumed["loss"], straight["loss"]) <= 1e-4
     rows = read_metrics(tmp_path / "moved")
     assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+def test_a_step_on_uint8_images_equals_the_step_on_float_images():
+    """data.device_normalize: the pipeline sends uint8 images and the jitted step (and the eval
+    embedding) applies the pp string's value_range; loss, updated parameters and image
+    embeddings match the float path."""
+    from big_contrast.data.device_ops import device_normalization
+    from big_contrast.train.evals import make_encoders
+
+    config = tiny_config(loss_impl="dense")  # the image path is the point: the cheapest loss to compile
+    run = build(config)
+    batch_sharding = sharding.batch_sharding(run.mesh)
+    results = {}
+    for uint8 in (False, True):
+        cfg = config.copy_and_resolve_references()
+        cfg.data.device_normalize = uint8
+        with make_pipeline(cfg.data, batch_sharding, train=True, global_batch_size=cfg.batch_size) as data:
+            batch = {k: v for k, v in next(data).items() if k in ("image", "text")}
+        assert batch["image"].dtype == (jnp.uint8 if uint8 else jnp.float32)
+        state = jax.tree.map(jnp.copy, run.state)  # the step donates its input state
+        step = make_step_fn(dataclasses.replace(run, config=cfg), batch_sharding)
+        # XLA:CPU compiles ~3x faster without its expensive passes; both paths compile alike.
+        step = step.lower(state, batch).compile(dict(xla_backend_optimization_level=0,
+                                                     xla_llvm_disable_expensive_passes=True))
+        state, metrics = step(state, batch)
+        encoders = make_encoders(run, run.state.params, cfg, device_normalization(cfg.data.pp_train))
+        results[uint8] = (float(metrics["loss"]), jax.device_get(state.params),
+                          encoders.embed_images(batch["image"]))
+    assert rel_err(results[True][0], results[False][0]) <= 1e-6
+    assert rel_err(results[True][2], results[False][2]) <= 1e-6
+    for a, b in zip(jax.tree.leaves(results[True][1]), jax.tree.leaves(results[False][1])):
+        assert rel_err(a, b) <= 1e-5

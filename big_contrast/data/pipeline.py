@@ -2,6 +2,7 @@
 
     it = make_pipeline(config.data, sharding)      # sharding: NamedSharding | Mesh | None
     batch = next(it)    # {'image': [B, H, W, 3] float32, 'text': [B, L] int32, <label_keys>}
+                        # (images uint8 with data.device_normalize: see device_ops.py)
     it.skip_counts()    # {'skipped/<source>/<reason>': n, 'skipped/<reason>': n, 'seen/<source>': n}
     state = it.get_state()  # JSON-serialisable; it.set_state(state) resumes exactly
     it.close()
@@ -43,6 +44,7 @@ import numpy as np
 
 from big_contrast.data.batching import SkipCountingBatchIterDataset
 from big_contrast.data.config import check_data_config
+from big_contrast.data.device_ops import host_spec
 from big_contrast.data.errors import SkipCounter
 from big_contrast.data.memory import keep_freed_memory, worker_init
 from big_contrast.data.preprocess import ProcessExample
@@ -128,8 +130,8 @@ def build_dataset(config, *, train: bool, per_process_batch: int, process_index:
     names = tuple(config.sources.keys())
     if not train and len(names) > 1:
         raise ValueError(f"evaluation reads one source; config has {len(names)}: {names}")
-    processor = ProcessExample(config.pp_train if train else config.pp_eval,
-                               make_tokenizer(config.tokenizer, config.lowercase),
+    pp = host_spec(config.pp_train if train else config.pp_eval, config.get("device_normalize", False))
+    processor = ProcessExample(pp, make_tokenizer(config.tokenizer, config.lowercase),
                                config.max_len, tuple(config.label_keys),
                                max_captions=None if train else config.get("max_captions"),
                                captions_optional=not train)

@@ -11,6 +11,8 @@ attention with q/k/v kernels ``[D, H, D/H]`` and an output kernel
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any
 
 import jax
@@ -76,13 +78,54 @@ class Mlp(nnx.Module):
         return self.fc2(h_blf)
 
 
-def dot_product_attention(q_bqhk, k_bkhk, v_bkhk, mask=None) -> jax.Array:
-    """Softmax attention in float32; ``mask`` [B|1, 1|H, Q, K] is True where attending is allowed.
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum")
+_attention_impl = contextvars.ContextVar("attention_impl", default="auto")
 
-    Masked logits get the most negative finite float (not -inf), so a query
-    with no allowed key yields finite garbage instead of NaN; such queries are
-    padding and are never pooled.
+
+@contextlib.contextmanager
+def attention_implementation(name: str):
+    """Selects the attention kernel for models *traced* inside the block (benchmarks, tests).
+
+    'auto' (the default): cuDNN flash attention on a GPU for bf16 / f16 inputs, XLA's
+    ``jax.nn.dot_product_attention`` otherwise; 'xla' / 'cudnn' force one of those; 'einsum'
+    is the materialised float32 reference (`einsum_attention`). A function already jitted keeps
+    the kernel it was traced with.
     """
+    check_choice("attention implementation", name, ATTENTION_IMPLS)
+    token = _attention_impl.set(name)
+    try:
+        yield
+    finally:
+        _attention_impl.reset(token)
+
+
+def dot_product_attention(q_bqhk, k_bkhk, v_bkhk, mask=None) -> jax.Array:
+    """Softmax attention, logits and softmax in float32; ``mask`` [B|1, 1|H, Q, K] is True where
+    attending is allowed.
+
+    Goes through ``jax.nn.dot_product_attention`` (cuDNN flash attention on a GPU for bf16 /
+    f16, which never writes the logits to memory; XLA's implementation elsewhere) unless
+    `attention_implementation('einsum')` asks for the reference. A query with no allowed key
+    yields finite garbage instead of NaN (masked logits get a large negative finite value);
+    such queries are padding and are never pooled.
+    """
+    impl = _attention_impl.get()
+    if impl == "einsum":
+        return einsum_attention(q_bqhk, k_bkhk, v_bkhk, mask)
+    if impl != "auto":
+        return jax.nn.dot_product_attention(q_bqhk, k_bkhk, v_bkhk, mask=mask, implementation=impl)
+    if q_bqhk.dtype in (jnp.bfloat16, jnp.float16) and jax.default_backend() == "gpu":
+        try:  # cuDNN refuses some shapes / masks while tracing: XLA's kernel then
+            return jax.nn.dot_product_attention(q_bqhk, k_bkhk, v_bkhk, mask=mask,
+                                                implementation="cudnn")
+        except (ValueError, NotImplementedError, RuntimeError):
+            pass
+    return jax.nn.dot_product_attention(q_bqhk, k_bkhk, v_bkhk, mask=mask, implementation="xla")
+
+
+def einsum_attention(q_bqhk, k_bkhk, v_bkhk, mask=None) -> jax.Array:
+    """The materialised reference: full float32 logits [B, H, Q, K], masked with the most
+    negative finite float, softmax, weights back in the value dtype."""
     q_bqhk = q_bqhk * (q_bqhk.shape[-1] ** -0.5)
     logits_bhqk = jnp.einsum("bqhk,bvhk->bhqv", q_bqhk, k_bkhk).astype(jnp.float32)
     if mask is not None:

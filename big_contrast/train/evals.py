@@ -27,6 +27,7 @@ from big_contrast import evaluate
 from big_contrast.data import encode_fixed, make_pipeline, make_tokenizer
 from big_contrast.data.sources import is_labelled
 from big_contrast.evaluate.embed import VALID
+from big_contrast.data.device_ops import device_normalization, normalize_on_device
 
 
 def build(config) -> list:
@@ -71,17 +72,20 @@ class EvalData:
         return int(self._iterator.skips.skipped.sum())
 
 
-def _embed_fn(run, tower: str):
+def _embed_fn(run, tower: str, image_norm=None):
     """jit(params, inputs -> embeddings) of one tower, compiled once per run (params are an
-    argument, not a constant baked into the program)."""
-    if tower not in run.jitted:
-        run.jitted[tower] = jax.jit(lambda params, inputs: getattr(run.model(params), tower)(inputs))
-    return run.jitted[tower]
+    argument, not a constant baked into the program); uint8 images are normalised inside the
+    same program by `image_norm` (`device_ops`)."""
+    key = (tower, image_norm)
+    if key not in run.jitted:
+        run.jitted[key] = jax.jit(lambda params, inputs: getattr(run.model(params), tower)(
+            normalize_on_device(inputs, image_norm)))
+    return run.jitted[key]
 
 
-def make_encoders(run, params, config) -> evaluate.Encoders:
+def make_encoders(run, params, config, image_norm=None) -> evaluate.Encoders:
     model = run.model(params)
-    embed_images = functools.partial(_embed_fn(run, "embed_images"), params)
+    embed_images = functools.partial(_embed_fn(run, "embed_images", image_norm), params)
     embed_texts = functools.partial(_embed_fn(run, "embed_texts"), params)
     tokenizer = make_tokenizer(config.data.tokenizer, config.data.lowercase)
     max_len = config.data.max_len
@@ -96,9 +100,10 @@ def make_encoders(run, params, config) -> evaluate.Encoders:
 
 def run_one(evaluator, run, state, config) -> dict[str, float]:
     """The evaluator's metrics plus `<prefix>/skipped`, the records its data pipeline skipped."""
-    data = {key: EvalData(eval_data_config(config, evaluator, key), evaluator.batch_size)
-            for key in evaluator.DATA_KEYS}
-    encoders = make_encoders(run, state.params, config)
+    data_configs = {key: eval_data_config(config, evaluator, key) for key in evaluator.DATA_KEYS}
+    data = {key: EvalData(c, evaluator.batch_size) for key, c in data_configs.items()}
+    image_norm = device_normalization(data_configs["data"].pp_eval)
+    encoders = make_encoders(run, state.params, config, image_norm)
     results = evaluator.run(data if len(data) > 1 else data["data"], encoders)
     results[f"{evaluator.prefix}/skipped"] = float(sum(d.skipped for d in data.values()))
     return results

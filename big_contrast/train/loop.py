@@ -27,6 +27,7 @@ from flax import nnx
 from big_contrast import models, sharding
 from big_contrast.checkpoint import Checkpointer, abstract_like
 from big_contrast.data import make_pipeline
+from big_contrast.data.device_ops import device_normalization
 from big_contrast.train import config as train_config
 from big_contrast.train import evals as train_evals
 from big_contrast.train.metrics import MetricWriter
@@ -119,6 +120,7 @@ def make_step_fn(run: Run, batch_sharding):
         train_step, graphdef=run.graphdef, rest=run.rest, tx=run.tx, loss=loss, mesh=run.mesh,
         axis=sharding.batch_axes(run.mesh), n_shards=run.n_shards,
         microbatches=train_config.microbatches(config, run.n_shards), lr_fn=learning_rate_schedule(opt),
+        image_norm=device_normalization(config.data.pp_train),
     )
     batch_shardings = {k: batch_sharding for k in BATCH_FIELDS}
     return jax.jit(step, in_shardings=(run.state_shardings, batch_shardings),

@@ -31,6 +31,7 @@ import optax
 from flax import nnx
 
 from big_contrast import losses
+from big_contrast.data.device_ops import normalize_on_device
 
 
 @jax.tree_util.register_dataclass
@@ -126,8 +127,14 @@ def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis,
     return value, dict(scale=scale, bias=bias), grads
 
 
-def train_step(state: TrainState, batch, *, graphdef, rest, tx, loss, mesh, axis, n_shards, microbatches, lr_fn):
-    """One optimizer step; returns the new state and scalar metrics."""
+def train_step(state: TrainState, batch, *, graphdef, rest, tx, loss, mesh, axis, n_shards, microbatches, lr_fn,
+               image_norm=None):
+    """One optimizer step; returns the new state and scalar metrics.
+
+    `image_norm` (a `device_ops.DeviceNormalization`) turns uint8 images into the model's
+    float input here, on the device; float images pass through.
+    """
+    batch = {**batch, "image": normalize_on_device(batch["image"], image_norm)}
     value, aux, grads = loss_and_grads(
         graphdef, state.params, rest, batch, loss=loss, mesh=mesh, axis=axis, n_shards=n_shards,
         microbatches=microbatches,

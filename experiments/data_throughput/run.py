@@ -8,7 +8,9 @@ What is measured (the training pipeline of `big_contrast.data`, nothing mocked):
     photo-like synthetic content (multi-scale noise + grain, quality 95) at two source sizes:
     256 x 256 (img2dataset's default output) and 512 x 384 (DataComp-like, longer side 512);
   * per image: decode -> random_resized_crop(224) -> flip_lr -> value_range(-1, 1), one of
-    several captions sampled and tokenized by a sentencepiece model (max_len 64);
+    several captions sampled and tokenized by a sentencepiece model (max_len 64); with
+    `data.device_normalize` the pipeline stops before value_range and yields uint8 images
+    (the trainer applies value_range on the device);
   * stage costs on one thread, then the full grain pipeline (`make_pipeline`) on one core
     (num_workers=0, num_threads=1) and on all cores (num_workers=2), numpy batches of 64.
 The load average of the (shared) machine is recorded next to every figure.
@@ -133,7 +135,8 @@ def _cpu_seconds() -> float:
 
 
 def pipeline_rate(path: str, tokenizer_path: str, pp: str, workers: int, threads: int,
-                  seconds: float, batch: int = 64, window: int = 4) -> dict:
+                  seconds: float, device_normalize: bool = False, batch: int = 64,
+                  window: int = 4) -> dict:
     """Images/s on the wall clock, and images per CPU-second of all pipeline processes over
     windows of `window` batches: median and best window (a busy shared machine disturbs CPU
     time much less than the wall clock, and the best window least)."""
@@ -142,6 +145,7 @@ def pipeline_rate(path: str, tokenizer_path: str, pp: str, workers: int, threads
     config.batch_size, config.max_len = batch, 64
     config.tokenizer, config.pp_train = tokenizer_path, pp
     config.num_workers, config.num_threads = workers, threads
+    config.device_normalize = device_normalize  # uint8 images: value_range left to the device
     with make_pipeline(config) as iterator:
         for _ in range(3 if workers == 0 else 3 * workers):  # warm-up (worker start-up)
             next(iterator)
@@ -185,13 +189,14 @@ def main():
             images = [source[i]["image"] for i in range(min(64, len(source)))]
             entry = {"jpeg_kb": kb, "stages_ms": stage_costs(images, tokenizer, 2 if args.quick else 12)}
             runs = {}
-            for label, pp, workers, threads, cores_used in (
-                    ("1 core, in-process (num_workers=0, num_threads=1)", PP_FLOAT, 0, 1, 1),
-                    ("1 core, uint8 out (no value_range)", PP_UINT8, 0, 1, 1),
-                    ("1 core, decode(fast=True)", PP_FAST, 0, 1, 1),
-                    (f"{cores} cores, in-process threads (num_threads={cores})", PP_FLOAT, 0, cores, cores),
-                    (f"{cores} cores, num_workers={cores}", PP_FLOAT, cores, 1, cores)):
-                run = pipeline_rate(path, tokenizer_path, pp, workers, threads, args.seconds)
+            for label, pp, workers, threads, cores_used, uint8 in (
+                    ("1 core, in-process (num_workers=0, num_threads=1)", PP_FLOAT, 0, 1, 1, False),
+                    ("1 core, uint8 out (device_normalize)", PP_FLOAT, 0, 1, 1, True),
+                    ("1 core, decode(fast=True)", PP_FAST, 0, 1, 1, False),
+                    (f"{cores} cores, in-process threads (num_threads={cores})", PP_FLOAT, 0, cores, cores, False),
+                    (f"{cores} cores, num_workers={cores}", PP_FLOAT, cores, 1, cores, False),
+                    (f"{cores} cores, num_workers={cores}, uint8 out", PP_FLOAT, cores, 1, cores, True)):
+                run = pipeline_rate(path, tokenizer_path, pp, workers, threads, args.seconds, uint8)
                 run["per_core"] = run["images_per_s"] / cores_used
                 runs[label] = run
                 print(f"{name:8s} {label:55s} {run['images_per_s']:7.0f} img/s "
