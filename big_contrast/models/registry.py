@@ -6,7 +6,8 @@ config passed to ``create`` may set any subset, unknown keys are an error):
 ``image``: ``variant`` ('B/16', 'So400m/14', 'mu/8', ...), ``image_size``
   (int or (h, w)), ``pool`` ('tok' | 'gap' | 'map'), ``posemb`` ('learn' |
   'sincos2d'), ``channels``, optional overrides ``width``, ``depth``,
-  ``mlp_dim``, ``num_heads``, and ``head`` (project to ``embed_dim``).
+  ``mlp_dim``, ``num_heads``, ``head`` (project to ``embed_dim``), and
+  ``patch_dropout`` (FLIP: fraction of patch tokens dropped in training, 0.0).
 ``text``: ``variant`` ('B', 'So400m', ...), ``vocab_size``, ``max_len``,
   ``causal`` (CLIP) or bidirectional (SigLIP), ``pool`` (None: 'eos' if
   causal else 'last'; see ``text.POOLS``), ``pad_id``, ``eos_id`` (None:
@@ -65,7 +66,7 @@ def default_model_config() -> ml_collections.ConfigDict:
 
     return ml_collections.ConfigDict(dict(
         image=dict(variant="B/16", image_size=224, pool="map", posemb="learn", channels=3,
-                   head=True, **size_overrides()),
+                   head=True, patch_dropout=0.0, **size_overrides()),
         text=dict(variant="B", vocab_size=32_000, max_len=64, causal=False, pool=_optional(str),
                   pad_id=0, eos_id=1, head=True, **size_overrides()),
         embed_dim=768,
@@ -119,7 +120,8 @@ def create_image_tower(cfg: dict, rngs: nnx.Rngs) -> ViT:
     size, patch = variants.decode_image_variant(image["variant"])
     size = variants.with_overrides(size, **_size_overrides(image))
     return ViT(patch_size=patch, image_size=image["image_size"], pool=image["pool"],
-               posemb=image["posemb"], channels=image["channels"], **vars(size), **_common(cfg),
+               posemb=image["posemb"], channels=image["channels"],
+               patch_dropout=image["patch_dropout"], **vars(size), **_common(cfg),
                rngs=rngs)
 
 

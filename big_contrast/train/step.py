@@ -11,13 +11,14 @@ Two ways to get the same gradient:
   3. re-run each micro-batch under `jax.vjp` with its slice of the embedding gradients as
      cotangent and accumulate the parameter gradients; add the scale/bias path once.
   The encoders' memory is bounded by one micro-batch; the result is the one-pass gradient
-  up to float round-off. The towers are deterministic functions of (params, batch) (no
-  dropout; augmentation happens in the input pipeline), so both passes see the same
-  computation.
+  up to float round-off. The towers are deterministic functions of (params, batch, step):
+  patch dropout draws its masks from the step and each example's global row index
+  (`patch_keys`), so both passes, and a resumed run, see the same computation.
 
-Micro-batches are cut per device: with `n` batch shards, per-device batch `b` and `k`
-micro-batches of `m = b / k`, micro-batch `c` holds rows `c*m ... (c+1)*m` of every device's
-local rows, so slicing never moves data between devices.
+Steps 1 and 3 run on each device's own rows under `jax.shard_map` (`_OwnRows`): micro-batch
+`c` holds rows `c*m ... (c+1)*m` of every device's `b` local rows, slicing never moves data,
+the loops contain no collective, and the parameter gradients are reduced once per step,
+after the loop (GSPMD would all-reduce them inside the loop body, once per micro-batch).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from big_contrast import losses
 
@@ -48,8 +50,11 @@ class LossSpec:
     name: str  # "softmax" | "sigmoid"
     impl: str = "ring"
     block: int | None = None
+    dtype: str | None = None  # e.g. "bfloat16": embeddings enter the loss in it (f32 accumulation)
 
     def __call__(self, zimg, ztxt, scale, bias, mesh, axis):
+        if self.dtype is not None:
+            zimg, ztxt = zimg.astype(self.dtype), ztxt.astype(self.dtype)
         if self.name == "softmax":
             return losses.softmax_loss(zimg, ztxt, scale, impl=self.impl, mesh=mesh, axis=axis, block=self.block)
         return losses.sigmoid_loss(zimg, ztxt, scale, bias, impl=self.impl, mesh=mesh, axis=axis, block=self.block)
@@ -60,51 +65,60 @@ def _scale_and_bias(model):
     return model.scale(), bias
 
 
-def _microbatches(x, n_shards, k):
-    """[B, ...] -> [k, B/k, ...]: micro-batch c takes rows c*m:(c+1)*m of every device's block."""
-    b = x.shape[0] // n_shards
-    m = b // k
-    x = x.reshape(n_shards, k, m, *x.shape[1:])
-    return jnp.swapaxes(x, 0, 1).reshape(k, n_shards * m, *x.shape[3:])
+def _microbatches(x, k):
+    """[b, ...] -> [k, b/k, ...]: a device's own rows, cut into k micro-batches."""
+    return x.reshape(k, x.shape[0] // k, *x.shape[1:])
 
 
-def _from_microbatches(x, n_shards):
-    """Inverse of `_microbatches`: [k, B/k, ...] -> [B, ...] in the original row order."""
-    k, rows = x.shape[:2]
-    m = rows // n_shards
-    x = x.reshape(k, n_shards, m, *x.shape[2:])
-    return jnp.swapaxes(x, 0, 1).reshape(k * rows, *x.shape[3:])
+def _from_microbatches(x):
+    """Inverse of `_microbatches`."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis, n_shards, microbatches):
-    """(loss, aux, grads) for one global batch, in one pass or with gradient caching."""
+def patch_keys(step, rows, seed=0):
+    """Per-example PRNG keys for patch dropout, from the step and each row's global index, so
+    both passes of gradient caching and a resumed run draw the same masks."""
+    base = jax.random.fold_in(jax.random.key(seed), step)
+    return jax.vmap(lambda row: jax.random.fold_in(base, row))(rows)
 
-    def embed(p, images, texts):
+
+def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis, n_shards, microbatches,
+                   step=None, seed=0):
+    """(loss, aux, grads) for one global batch, in one pass or with gradient caching.
+
+    `step` (the train step) seeds the image tower's patch dropout; None turns it off.
+    `n_shards` is implied by the mesh (micro-batches are cut on each device's own rows).
+    """
+    del n_shards
+
+    def embed(p, images, texts, rows):
         model = nnx.merge(graphdef, p, rest)
-        return model.embed_images(images), model.embed_texts(texts)
+        keys = None if step is None else patch_keys(step, rows, seed)
+        return model.embed_images(images, keys), model.embed_texts(texts)
 
     def scalars(p):
         return _scale_and_bias(nnx.merge(graphdef, p, rest))
 
-    images, texts = batch["image"], batch["text"]
+    inputs = (batch["image"], batch["text"], jnp.arange(batch["image"].shape[0], dtype=jnp.int32))
     if microbatches <= 1:
 
         def full_loss(p):
-            zimg, ztxt = embed(p, images, texts)
+            zimg, ztxt = embed(p, *inputs)
             scale, bias = scalars(p)
             return loss(zimg, ztxt, scale, bias, mesh, axis), (scale, bias)
 
         (value, (scale, bias)), grads = jax.value_and_grad(full_loss, has_aux=True)(params)
         return value, dict(scale=scale, bias=bias), grads
 
+    on_devices = _OwnRows(mesh, axis)
+
     # 1. embeddings, micro-batch by micro-batch, no activations kept
-    images_k, texts_k = _microbatches(images, n_shards, microbatches), _microbatches(texts, n_shards, microbatches)
+    def embed_all(params, *rows):
+        _, z_k = jax.lax.scan(lambda _, rows_c: (None, embed(params, *rows_c)), None,
+                              tuple(_microbatches(x, microbatches) for x in rows))
+        return jax.tree.map(_from_microbatches, z_k)
 
-    def embed_one(_, inputs):
-        return None, embed(params, *inputs)
-
-    _, (zimg_k, ztxt_k) = jax.lax.scan(embed_one, None, (images_k, texts_k))
-    zimg, ztxt = _from_microbatches(zimg_k, n_shards), _from_microbatches(ztxt_k, n_shards)
+    zimg, ztxt = on_devices(embed_all, params, inputs, reduce=False)
 
     # 2. the loss over the whole global batch and its embedding / scalar gradients
     (scale, bias), scalars_vjp = jax.vjp(scalars, params)
@@ -113,24 +127,78 @@ def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis,
     )(zimg, ztxt, scale, bias)
     (grads,) = scalars_vjp((dscale, dbias))
 
-    # 3. parameter gradients, micro-batch by micro-batch
-    dzimg_k, dztxt_k = _microbatches(dzimg, n_shards, microbatches), _microbatches(dztxt, n_shards, microbatches)
+    # 3. parameter gradients, micro-batch by micro-batch, reduced over the devices once
+    def backprop_all(params, *rows):
+        def backprop_one(grads, rows_c):
+            _, embed_vjp = jax.vjp(lambda p: embed(p, *rows_c[:-2]), params)
+            (grads_c,) = embed_vjp(tuple(rows_c[-2:]))
+            return jax.tree.map(jnp.add, grads, grads_c), None
 
-    def backprop_one(grads, inputs):
-        images_c, texts_c, dzimg_c, dztxt_c = inputs
-        _, embed_vjp = jax.vjp(lambda p: embed(p, images_c, texts_c), params)
-        (grads_c,) = embed_vjp((dzimg_c, dztxt_c))
-        return jax.tree.map(jnp.add, grads, grads_c), None
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads, _ = jax.lax.scan(backprop_one, zeros, tuple(_microbatches(x, microbatches) for x in rows))
+        return grads
 
-    grads, _ = jax.lax.scan(backprop_one, grads, (images_k, texts_k, dzimg_k, dztxt_k))
-    return value, dict(scale=scale, bias=bias), grads
+    grads_embed = on_devices(backprop_all, params, (*inputs, dzimg, dztxt), reduce=True)
+    return value, dict(scale=scale, bias=bias), jax.tree.map(jnp.add, grads, grads_embed)
 
 
-def train_step(state: TrainState, batch, *, graphdef, rest, tx, loss, mesh, axis, n_shards, microbatches, lr_fn):
-    """One optimizer step; returns the new state and scalar metrics."""
+class _OwnRows:
+    """Runs `fn(params, *rows)` on every device's own rows: `jax.shard_map` over the batch axes.
+
+    Left to GSPMD, a micro-batch scan all-reduces every parameter gradient inside the loop
+    body, once per micro-batch, and under FSDP it may all-reduce activations there too. Here
+    each device gets its own copy of the parameters (gathered once when they are FSDP-sharded;
+    a per-device value, so its vjp has no implicit psum) and loops over its own rows without
+    any collective; with `reduce=True` one `psum` after the loop sums the devices' gradients
+    (XLA turns psum + slice into a reduce-scatter for FSDP on GPU/TPU). Other mesh axes
+    (tensor) stay automatic. Without a mesh, `fn` runs as it is.
+    """
+
+    def __init__(self, mesh, axis):
+        self.mesh = mesh
+        self.axes = () if mesh is None else ((axis,) if isinstance(axis, str) else tuple(axis))
+
+    def __call__(self, fn, params, rows, *, reduce):
+        if self.mesh is None:
+            return fn(params, *rows)
+        mesh, axes, rows_spec = self.mesh, self.axes, P(self.axes)
+
+        def body(params, *rows):
+            params = jax.tree.map(lambda x: jax.lax.pcast(x, axes, to="varying"), params)
+            out = fn(params, *rows)
+            return jax.lax.psum(out, axes) if reduce else out
+
+        if _is_explicit(mesh, axes):  # shard_map wants its inputs laid out as its in_specs
+            place = lambda x, spec: jax.reshard(x, NamedSharding(mesh, spec))  # noqa: E731
+            params = jax.tree.map(lambda x: place(x, _without_axes(jax.typeof(x).sharding.spec, axes)),
+                                  params)
+            rows = tuple(place(x, rows_spec) for x in rows)
+        return jax.shard_map(body, mesh=mesh, in_specs=(P(),) + (rows_spec,) * len(rows),
+                             out_specs=P() if reduce else rows_spec, axis_names=set(axes))(params, *rows)
+
+
+def _is_explicit(mesh, axes):
+    return any(mesh.axis_types[mesh.axis_names.index(a)] == AxisType.Explicit for a in axes)
+
+
+def _without_axes(spec, axes):
+    """`spec` with the mesh axes `axes` removed (those dimensions become replicated over them)."""
+
+    def keep(entry):
+        names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        kept = tuple(n for n in names if n not in axes)
+        return kept[0] if len(kept) == 1 else (kept or None)
+
+    return P(*(keep(entry) for entry in spec))
+
+
+def train_step(state: TrainState, batch, *, graphdef, rest, tx, loss, mesh, axis, n_shards, microbatches, lr_fn,
+               seed=0):
+    """One optimizer step; returns the new state and scalar metrics. `seed` and the step number
+    seed patch dropout."""
     value, aux, grads = loss_and_grads(
         graphdef, state.params, rest, batch, loss=loss, mesh=mesh, axis=axis, n_shards=n_shards,
-        microbatches=microbatches,
+        microbatches=microbatches, step=state.step, seed=seed,
     )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
