@@ -3,8 +3,6 @@
 dropout through both passes. Tiny towers with numpy weights, 8 simulated devices."""
 
 import functools
-import math
-import re
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +12,7 @@ from flax import nnx
 
 from big_contrast import models, sharding
 from big_contrast.train.step import LossSpec, loss_and_grads
+from conftest import all_reduce_elements
 
 B = 16  # 2 rows per device on 8 devices: 2 micro-batches of 1
 FAST = dict(xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True)
@@ -60,49 +59,6 @@ def setup(mesh_shape, axis_types="auto", loss="sigmoid", **image):
         return jax.jit(lambda params, batch, step: fn(params, batch=batch, step=step), compiler_options=FAST)
 
     return step, params, batch, mesh
-
-
-# ----------------------------------------------------------------------------- HLO
-
-
-def _computations(hlo):
-    """{name: body text} of every computation in an HLO module's text."""
-    blocks = re.split(r"\n(?=(?:ENTRY )?%?[\w.\-]+ [^\n]*\{\n)", "\n" + hlo)
-    named = {}
-    for block in blocks:
-        match = re.match(r"(ENTRY )?%?([\w.\-]+) ", block.strip())
-        if match:
-            named["ENTRY" if match.group(1) else match.group(2)] = block
-    return named
-
-
-def _loop_computations(named):
-    """Names of the while-loop bodies and conditions and every computation they call."""
-    roots = {m for text in named.values() for m in re.findall(r"(?:body|condition)=%?([\w.\-]+)", text)}
-    seen, todo = set(), list(roots)
-    while todo:
-        name = todo.pop()
-        if name in seen or name not in named:
-            continue
-        seen.add(name)
-        todo += re.findall(r"(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)", named[name])
-    return seen
-
-
-def all_reduce_elements(hlo):
-    """(all-reduces inside loops, total elements all-reduced outside loops)."""
-    named = _computations(hlo)
-    in_loops = _loop_computations(named)
-    op = re.compile(r"= (\([^()]*\)|\w+\[[\d,]*\]\S*) all-reduce(?:-start)?\(")
-    inside, outside = 0, 0
-    for name, text in named.items():
-        for shape in op.findall(text):
-            if name in in_loops:
-                inside += 1
-            else:
-                outside += sum(math.prod(map(int, filter(None, dims.split(","))))
-                               for dims in re.findall(r"\w+\[([\d,]*)\]", shape))
-    return inside, outside
 
 
 # ----------------------------------------------------------------------------- tests
