@@ -24,6 +24,7 @@ after the loop (GSPMD would all-reduce them inside the loop body, once per micro
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -32,7 +33,7 @@ import optax
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from big_contrast import losses
+from big_contrast import losses, sharding
 
 
 @jax.tree_util.register_dataclass
@@ -110,7 +111,7 @@ def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis,
         (value, (scale, bias)), grads = jax.value_and_grad(full_loss, has_aux=True)(params)
         return value, dict(scale=scale, bias=bias), grads
 
-    on_devices = _OwnRows(mesh, axis)
+    on_devices = _OwnRows(mesh, axis, None if mesh is None else _param_specs(graphdef, params, rest, mesh))
 
     # 1. embeddings, micro-batch by micro-batch, no activations kept
     def embed_all(params, *rows):
@@ -132,14 +133,20 @@ def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis,
         def backprop_one(grads, rows_c):
             _, embed_vjp = jax.vjp(lambda p: embed(p, *rows_c[:-2]), params)
             (grads_c,) = embed_vjp(tuple(rows_c[-2:]))
-            return jax.tree.map(jnp.add, grads, grads_c), None
+            return jax.tree.map(jnp.add, grads, on_devices.scatter(grads_c)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
+        zeros = on_devices.scattered_zeros(params)
         grads, _ = jax.lax.scan(backprop_one, zeros, tuple(_microbatches(x, microbatches) for x in rows))
         return grads
 
     grads_embed = on_devices(backprop_all, params, (*inputs, dzimg, dztxt), reduce=True)
     return value, dict(scale=scale, bias=bias), jax.tree.map(jnp.add, grads, grads_embed)
+
+
+def _param_specs(graphdef, params, rest, mesh):
+    """Each parameter's PartitionSpec on `mesh`, from its logical axis names (sharding rules)."""
+    state = nnx.state(nnx.merge(graphdef, params, rest), nnx.Param)
+    return jax.tree.map(lambda s: s.spec, nnx.to_pure_dict(sharding.state_shardings(state, mesh)))
 
 
 class _OwnRows:
@@ -148,33 +155,82 @@ class _OwnRows:
     Left to GSPMD, a micro-batch scan all-reduces every parameter gradient inside the loop
     body, once per micro-batch, and under FSDP it may all-reduce activations there too. Here
     each device gets its own copy of the parameters (gathered once when they are FSDP-sharded;
-    a per-device value, so its vjp has no implicit psum) and loops over its own rows without
-    any collective; with `reduce=True` one `psum` after the loop sums the devices' gradients
-    (XLA turns psum + slice into a reduce-scatter for FSDP on GPU/TPU). Other mesh axes
-    (tensor) stay automatic. Without a mesh, `fn` runs as it is.
+    a per-device value, so its vjp has no implicit psum) and loops over its own rows. The
+    gradient accumulator keeps each parameter's sharding over the batch axes: a parameter
+    sharded over `fsdp` is reduce-scattered over `fsdp` in each micro-batch (`scatter`), so its
+    accumulator stays sharded; with `reduce=True` one `psum` after the loop sums the rest
+    (over `data`: the only all-reduce of the gradients in the step). Other mesh axes (tensor)
+    stay automatic. Without a mesh, `fn` runs as it is.
     """
 
-    def __init__(self, mesh, axis):
+    def __init__(self, mesh, axis, param_specs):
         self.mesh = mesh
         self.axes = () if mesh is None else ((axis,) if isinstance(axis, str) else tuple(axis))
+        # Per parameter: {dimension: batch axes it is sharded over}. On Explicit meshes every
+        # accumulator is kept whole (psum_scatter fails to trace under sharding-in-types in
+        # jax 0.10), so FSDP gradients are reduced once after the loop at full size there.
+        explicit = mesh is not None and _is_explicit(mesh, self.axes)
+        self.dims = None if mesh is None else jax.tree.map(
+            lambda spec: {} if explicit else self._batch_dims(spec), param_specs,
+            is_leaf=lambda x: isinstance(x, P))
+
+    def _batch_dims(self, spec):
+        dims = {}
+        for d, entry in enumerate(spec):
+            names = tuple(n for n in ((entry,) if isinstance(entry, str) else tuple(entry or ())) if n in self.axes)
+            if names:
+                dims[d] = names
+        return dims
+
+    def _map(self, fn, tree):
+        return jax.tree.map(fn, tree, self.dims)  # `dims` has `tree`'s structure as a prefix
+
+    def scatter(self, grads):
+        """Inside the loop: reduce-scatter each gradient over the batch axes its parameter is
+        sharded over (FSDP); the identity for replicated parameters and without a mesh."""
+        if self.mesh is None:
+            return grads
+
+        def one(g, dims):
+            for d, names in dims.items():
+                g = jax.lax.psum_scatter(g, names, scatter_dimension=d, tiled=True)
+            return g
+
+        return self._map(one, grads)
+
+    def scattered_zeros(self, params):
+        if self.mesh is None:
+            return jax.tree.map(jnp.zeros_like, params)
+
+        def one(x, dims):  # x: the per-device parameter; its zeros keep its type (and sharding)
+            shard = {d: x.shape[d] // math.prod(self.mesh.shape[n] for n in names) for d, names in dims.items()}
+            return jnp.zeros_like(x)[tuple(slice(0, shard.get(d)) for d in range(x.ndim))]
+
+        return self._map(one, params)
 
     def __call__(self, fn, params, rows, *, reduce):
         if self.mesh is None:
             return fn(params, *rows)
         mesh, axes, rows_spec = self.mesh, self.axes, P(self.axes)
 
+        def sum_rest(g, dims):
+            scattered = {n for names in dims.values() for n in names}
+            rest = tuple(a for a in axes if a not in scattered)
+            return jax.lax.psum(g, rest) if rest else g
+
         def body(params, *rows):
             params = jax.tree.map(lambda x: jax.lax.pcast(x, axes, to="varying"), params)
             out = fn(params, *rows)
-            return jax.lax.psum(out, axes) if reduce else out
+            return self._map(sum_rest, out) if reduce else out
 
         if _is_explicit(mesh, axes):  # shard_map wants its inputs laid out as its in_specs
             place = lambda x, spec: jax.reshard(x, NamedSharding(mesh, spec))  # noqa: E731
             params = jax.tree.map(lambda x: place(x, _without_axes(jax.typeof(x).sharding.spec, axes)),
                                   params)
             rows = tuple(place(x, rows_spec) for x in rows)
+        grad_specs = self._map(lambda x, dims: P(*(dims.get(d) for d in range(x.ndim))), params)
         return jax.shard_map(body, mesh=mesh, in_specs=(P(),) + (rows_spec,) * len(rows),
-                             out_specs=P() if reduce else rows_spec, axis_names=set(axes))(params, *rows)
+                             out_specs=grad_specs if reduce else rows_spec, axis_names=set(axes))(params, *rows)
 
 
 def _is_explicit(mesh, axes):
