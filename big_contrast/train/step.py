@@ -17,8 +17,10 @@ Two ways to get the same gradient:
 
 Steps 1 and 3 run on each device's own rows under `jax.shard_map` (`_OwnRows`): micro-batch
 `c` holds rows `c*m ... (c+1)*m` of every device's `b` local rows, slicing never moves data,
-the loops contain no collective, and the parameter gradients are reduced once per step,
-after the loop (GSPMD would all-reduce them inside the loop body, once per micro-batch).
+the loops contain no collective over `data`, and the parameter gradients are all-reduced
+once per step, after the loop (GSPMD would all-reduce them inside the loop body, once per
+micro-batch). FSDP-sharded parameters are gathered once per pass and their gradients
+reduce-scattered over `fsdp` per micro-batch, so accumulators stay sharded.
 """
 
 from __future__ import annotations
