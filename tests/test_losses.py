@@ -325,3 +325,13 @@ def test_bfloat16_ring_equals_float32_ring_within_bfloat16_round_off(loss):
     assert 0 < rel_err(value16, value) < 1e-2  # the inputs were rounded to 8 bits of mantissa
     for g16, g in zip(grads16, grads):
         assert rel_err(g16, g) < 3e-2
+
+
+def test_default_block_is_512_on_cpu_and_large_within_the_budget_on_accelerators(monkeypatch):
+    from big_contrast.losses import ring
+
+    assert ring.default_block(make_mesh((8,), ("data",))) == ring.default_block() == 512
+    monkeypatch.setattr(ring.jax, "default_backend", lambda: "gpu")
+    assert ring.default_block() == 4096  # 6 f32 tiles of 4096^2: 384 MiB
+    monkeypatch.setattr(ring, "TILE_BUDGET_BYTES", 100 << 20)
+    assert ring.default_block() == 2048

@@ -1,5 +1,5 @@
 """The train step on its own: gradient caching reduces the parameter gradients once per step
-(counted in the compiled HLO), on Auto and Explicit meshes, with and without FSDP; patch
+(counted in the compiled HLO) on Auto and Explicit data x fsdp meshes; patch
 dropout through both passes. Tiny towers with numpy weights, 8 simulated devices."""
 
 import functools

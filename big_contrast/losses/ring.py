@@ -46,7 +46,8 @@ TILE_BUDGET_BYTES = 512 << 20  # the f32 temporaries of one tile (~6 of t x t) s
 def default_block(mesh=None):
     """The tile size when the caller gives none: 512 on CPU; on GPU/TPU the largest power of two
     up to `ACCELERATOR_BLOCK` whose tile temporaries fit `TILE_BUDGET_BYTES`."""
-    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    concrete = isinstance(mesh, jax.sharding.Mesh)  # an AbstractMesh has no devices
+    platform = mesh.devices.flat[0].platform if concrete else jax.default_backend()
     if platform == "cpu":
         return DEFAULT_BLOCK
     block = ACCELERATOR_BLOCK
