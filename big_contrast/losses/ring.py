@@ -89,9 +89,9 @@ class Ring:
         sends (accumulator received, contribution of step k - 1), which trails the block by
         one hop, so neither transfer of a step waits for its compute. Returns the final
         `local` and the block's complete accumulator, which then belongs to device `me + 1`:
-        one more `shift` brings it home. (n block hops and n accumulator hops where a serial
-        ring needs n - 1 of each: the first accumulator hop carries `empty`, the last block
-        hop is unused; both overlap compute.)
+        one more `shift` brings it home. (n block hops where a serial ring needs n - 1, and
+        n + 1 accumulator hops instead of n: the last block hop is unused and the first
+        accumulator hop carries `empty`; every hop overlaps compute.)
         """
         empty = self.per_device(empty)
 
