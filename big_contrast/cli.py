@@ -29,6 +29,9 @@ def main(argv=None) -> int:
     if command not in ("train", "eval", "plan"):
         print(f"Unknown command {command!r}; use train, eval, plan or data.\n{USAGE}", file=sys.stderr)
         return 2
+    from big_contrast import distributed
+
+    distributed.set_xla_flag_defaults()  # before jax starts a backend
     flags = _parse_flags(command, rest)
     _init_distributed(flags)
     if command == "train":

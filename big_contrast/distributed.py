@@ -8,6 +8,11 @@
 
 On CPU the cross-process collectives go through gloo. A process that cannot reach the
 coordinator fails after `timeout_s` with a sentence instead of hanging.
+
+`set_xla_flag_defaults()` (the CLI calls it first) adds XLA flags the trainer relies on to
+`XLA_FLAGS` before jax starts its backends: on GPU the latency-hiding scheduler, which lets
+the ring's transfers and the gradient reduction overlap compute. A flag the user already
+set in `XLA_FLAGS` wins (e.g. `--xla_gpu_enable_latency_hiding_scheduler=false`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,27 @@ import socket
 import time
 
 import jax
+
+
+XLA_FLAG_DEFAULTS = {"xla_gpu_enable_latency_hiding_scheduler": "true"}
+
+
+def set_xla_flag_defaults(environ=os.environ) -> str:
+    """Adds each of `XLA_FLAG_DEFAULTS` that `XLA_FLAGS` does not set yet; returns the flags.
+
+    Call before jax initialises its backends (the first computation or device query). Nothing
+    changes when `JAX_PLATFORMS` names no GPU platform (e.g. the CPU tests, whose compilation
+    cache keys include XLA_FLAGS).
+    """
+    flags = environ.get("XLA_FLAGS", "")
+    platforms = environ.get("JAX_PLATFORMS", "")
+    if platforms and not any(p in platforms for p in ("cuda", "gpu", "rocm")):
+        return flags
+    for name, value in XLA_FLAG_DEFAULTS.items():
+        if f"--{name}=" not in flags and f"--{name} " not in f"{flags} ":
+            flags = f"{flags} --{name}={value}".strip()
+    environ["XLA_FLAGS"] = flags
+    return flags
 
 
 def cluster_detected() -> bool:

@@ -267,12 +267,19 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     axes and ``reshard`` on Explicit ones.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    if mesh.empty or not _free_axes(mesh):
         return x
-    spec = logical_to_spec(logical_axes, x.shape, dict(mesh.shape))
+    spec = logical_to_spec(logical_axes, x.shape, _free_axes(mesh))
     if mesh.are_all_axes_explicit:
         return jax.sharding.reshard(x, spec)
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def _free_axes(mesh) -> dict[str, int]:
+    """Mesh axes a sharding may name: all but the manual ones of an enclosing ``shard_map``
+    (inside it the batch is already split; its rows are local)."""
+    manual = set(getattr(mesh, "manual_axes", ()))
+    return {name: size for name, size in mesh.shape.items() if name not in manual}
 
 
 def call_with_auto_axes(fn: Callable[..., jax.Array], modules: Any, args: tuple,
@@ -300,9 +307,9 @@ def call_with_auto_axes(fn: Callable[..., jax.Array], modules: Any, args: tuple,
     def run(state, *args):
         return fn(nnx.merge(graphdef, state), *args)
 
-    spec = logical_to_spec(out_logical_axes, out_shape, dict(mesh.shape))
+    spec = logical_to_spec(out_logical_axes, out_shape, _free_axes(mesh))
     with jax.sharding.use_abstract_mesh(mesh):
-        return jax.sharding.auto_axes(run, out_sharding=spec)(state, *args)
+        return jax.sharding.auto_axes(run, axes=mesh.explicit_axes, out_sharding=spec)(state, *args)
 
 
 # ----------------------------------------------------------------------------

@@ -288,3 +288,50 @@ def test_bad_input_errors_name_the_numbers():
         softmax_loss(z[:8], z[:8], 1.0, mesh=mesh, axis="batch")
     with pytest.raises(ValueError, match=r"block must be a positive integer.*0"):
         sigmoid_loss(z, z, 1.0, 0.0, block=0)
+
+
+# --------------------------------------------------------------------- overlap and bfloat16
+
+
+@pytest.mark.parametrize("loss", ["softmax", "sigmoid"])
+def test_ring_transfers_never_wait_for_the_step_compute(loss):
+    """In the compiled forward+backward, no collective-permute inside a ring loop depends on
+    that iteration's tile loop or matmuls: the next block and the double-buffered accumulator
+    both travel while the step computes."""
+    from conftest import loop_collective_permute_dependencies
+
+    mesh = make_mesh((8,), ("data",))
+    zimg = jax.ShapeDtypeStruct((64, 4), jnp.float32)
+    if loss == "softmax":
+        fn = lambda x, y: softmax_loss(x, y, 10.0, mesh=mesh, block=4)  # noqa: E731
+    else:
+        fn = lambda x, y: sigmoid_loss(x, y, 10.0, -10.0, mesh=mesh, block=4)  # noqa: E731
+    hlo = jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).lower(zimg, zimg).compile().as_text()
+    dependencies = loop_collective_permute_dependencies(hlo)
+    assert len(dependencies) >= 2  # the block and its accumulator, in every ring loop
+    for opcodes in dependencies:
+        assert not opcodes & {"while", "dot", "convolution"}, sorted(opcodes)
+
+
+@pytest.mark.parametrize("loss", ["softmax", "sigmoid"])
+def test_bfloat16_ring_equals_float32_ring_within_bfloat16_round_off(loss):
+    rng = np.random.default_rng(7)
+    mesh = make_mesh((8,), ("data",))
+    zimg, ztxt = unit_rows(rng, 64, 32), unit_rows(rng, 64, 32)
+    value, grads = loss_and_grads(loss, zimg, ztxt, 10.0, -5.0, mesh=mesh, block=4)
+    value16, grads16 = loss_and_grads(loss, zimg.astype(jnp.bfloat16), ztxt.astype(jnp.bfloat16), 10.0, -5.0,
+                                      mesh=mesh, block=4)
+    assert value16.dtype == jnp.float32 and grads16[0].dtype == jnp.bfloat16
+    assert 0 < rel_err(value16, value) < 1e-2  # the inputs were rounded to 8 bits of mantissa
+    for g16, g in zip(grads16, grads):
+        assert rel_err(g16, g) < 3e-2
+
+
+def test_default_block_is_512_on_cpu_and_large_within_the_budget_on_accelerators(monkeypatch):
+    from big_contrast.losses import ring
+
+    assert ring.default_block(make_mesh((8,), ("data",))) == ring.default_block() == 512
+    monkeypatch.setattr(ring.jax, "default_backend", lambda: "gpu")
+    assert ring.default_block() == 4096  # 6 f32 tiles of 4096^2: 384 MiB
+    monkeypatch.setattr(ring, "TILE_BUDGET_BYTES", 100 << 20)
+    assert ring.default_block() == 2048

@@ -472,3 +472,35 @@ def test_image_shape_is_checked():
     with pytest.raises(ValueError, match=r"\(2, 8, 8, 3\)"):
         model.embed_images(jnp.zeros((2, 8, 8, 3)))
 
+
+
+# ----------------------------------------------------------------------------
+# Patch dropout (FLIP)
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pool", ["tok", "gap", "map"])
+def test_patch_dropout_keeps_a_random_subset_of_patches_in_training_only(pool):
+    cfg = tiny_config(**{"image.pool": pool, "image.patch_dropout": 0.5})
+    model = random_model(cfg)
+    plain = random_model(tiny_config(**{"image.pool": pool}))  # same weights, no dropout
+    images, tokens = batch()
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(B))
+    tokens_fn = jax.jit(lambda graphdef, state, images, keys: nnx.merge(graphdef, state).tokens(images, keys),
+                        static_argnums=0, compiler_options=FAST)
+    cls = int(pool == "tok")
+    assert model.image.num_kept_patches == 2  # int(4 patches * 0.5)
+    kept = tokens_fn(*nnx.split(model.image), images, keys)
+    full = tokens_fn(*nnx.split(model.image), images, None)
+    assert kept.shape == (B, 2 + cls, 32) and full.shape == (B, 4 + cls, 32)
+    # The kept tokens are rows of the full sequence, in order; images draw different subsets.
+    full_np, kept_np = np.asarray(full), np.asarray(kept)
+    chosen = [tuple(int(np.argmin(np.abs(full_np[b] - t).sum(-1))) for t in kept_np[b]) for b in range(B)]
+    assert all(list(c) == sorted(c) and len(set(c)) == len(c) for c in chosen)
+    if cls:
+        assert all(c[0] == 0 for c in chosen)  # the class token is always kept
+    np.testing.assert_allclose(kept_np, np.take_along_axis(full_np, np.array(chosen)[..., None], 1), atol=1e-6)
+    assert len(set(chosen)) > 1
+    # Evaluation (no keys) is unchanged by the option.
+    for name in ("zimg", "ztxt"):
+        np.testing.assert_array_equal(getattr(forward(*nnx.split(model), images, tokens), name),
+                                      getattr(forward(*nnx.split(plain), images, tokens), name))

@@ -88,3 +88,14 @@ def test_unreachable_coordinator_fails_fast_with_a_sentence(tmp_path):
     assert result.returncode != 0
     assert "could not join the distributed run" in result.stderr
     assert time.time() - start < 60
+
+
+def test_xla_flag_defaults_add_the_gpu_scheduler_unless_set_or_cpu_only():
+    from big_contrast.distributed import set_xla_flag_defaults
+
+    on = "--xla_gpu_enable_latency_hiding_scheduler=true"
+    assert set_xla_flag_defaults({"XLA_FLAGS": "--a=1"}) == f"--a=1 {on}"
+    assert set_xla_flag_defaults({"JAX_PLATFORMS": "cuda"}) == on
+    off = "--xla_gpu_enable_latency_hiding_scheduler=false"
+    assert set_xla_flag_defaults({"XLA_FLAGS": off}) == off  # the user's setting wins
+    assert set_xla_flag_defaults({"XLA_FLAGS": "--a=1", "JAX_PLATFORMS": "cpu"}) == "--a=1"

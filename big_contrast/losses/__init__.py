@@ -11,9 +11,13 @@ tuple of names). `impl` picks the scheme:
 * "all_gather": local rows against all-gathered columns, (B/n) x B logits per device;
 * "ring" (default): text blocks travel around the mesh axis, tiles of `block` rows are
   recomputed in the backward pass; no tensor larger than block x block + O(b * D).
+  `block=None` picks `ring.default_block(mesh)`: 512 on CPU, up to 4,096 on GPU/TPU
+  (bounded by `ring.TILE_BUDGET_BYTES`).
 
-All are differentiable in every argument with plain `jax.grad`, accept bfloat16 embeddings
-(accumulated in float32) and return a float32 scalar.
+All are differentiable in every argument with plain `jax.grad` and return a float32 scalar.
+The compute dtype follows the inputs: bfloat16 embeddings run bfloat16 matmuls with float32
+accumulation and statistics (half the bytes on the wire of the ring), and their gradients
+come back in bfloat16; cast `zimg`, `ztxt` to choose (the train step's `LossSpec.dtype`).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def softmax_loss(zimg, ztxt, scale, *, impl="ring", mesh=None, axis="data", bloc
     layout = _layout(zimg, mesh, axis)
     if impl == "all_gather":
         return _all_gather(softmax_all_gather_shard, layout, n_scalars=1)(zimg, ztxt, scale)
-    return ring.softmax_ring_loss(*layout, block or ring.DEFAULT_BLOCK, zimg.shape[0])(zimg, ztxt, scale)
+    return ring.softmax_ring_loss(*layout, block or ring.default_block(mesh), zimg.shape[0])(zimg, ztxt, scale)
 
 
 def sigmoid_loss(zimg, ztxt, scale, bias, *, impl="ring", mesh=None, axis="data", block=None):
@@ -54,7 +58,7 @@ def sigmoid_loss(zimg, ztxt, scale, bias, *, impl="ring", mesh=None, axis="data"
     layout = _layout(zimg, mesh, axis)
     if impl == "all_gather":
         return _all_gather(sigmoid_all_gather_shard, layout, n_scalars=2)(zimg, ztxt, scale, bias)
-    return ring.sigmoid_ring_loss(*layout, block or ring.DEFAULT_BLOCK, zimg.shape[0])(zimg, ztxt, scale, bias)
+    return ring.sigmoid_ring_loss(*layout, block or ring.default_block(mesh), zimg.shape[0])(zimg, ztxt, scale, bias)
 
 
 def _axis_spec(axis):

@@ -3,10 +3,13 @@
 With n devices on the batch axis, device r holds image rows and text rows of block r. In
 each of n steps it computes its image block against the text block it currently holds and
 passes that block one hop along the ring with `lax.ppermute` (r -> r + 1), so after step k
-it holds the block of device r - k. The next block's transfer is issued before the compute
-on the current one and does not depend on it, so XLA can overlap the two. Everything that
-belongs to a text block (softmax column statistics, the text gradient accumulator) travels
-with it and takes one last hop home at the end.
+it holds the block of device r - k. Everything that belongs to a text block (softmax column
+statistics, the text gradient accumulator) travels with it, double-buffered: in step k a
+device computes its contribution to the current block into a fresh buffer and sends on the
+accumulator of the *previous* block merged with its previous contribution. Both transfers
+of a step (the next block and that accumulator) therefore depend only on the step's inputs,
+never on its compute, and XLA overlaps them with it: no hop is serial. The accumulator
+trails its block by one hop and takes one last hop home at the end.
 
 Inside a step the block pair is tiled (`tiles.py`), so per device nothing larger than a
 `block x block` tile of logits plus O(b * D) buffers is ever live, in the forward or the
@@ -35,7 +38,22 @@ from jax.sharding import PartitionSpec as P
 from big_contrast.losses import tiles
 from big_contrast.losses.tiles import F32, Tiling
 
-DEFAULT_BLOCK = 512
+DEFAULT_BLOCK = 512  # CPU: keeps the tests' memory bars and fits its caches
+ACCELERATOR_BLOCK = 4096  # GPU/TPU: tiles big enough to fill the chip
+TILE_BUDGET_BYTES = 512 << 20  # the f32 temporaries of one tile (~6 of t x t) stay below this
+
+
+def default_block(mesh=None):
+    """The tile size when the caller gives none: 512 on CPU; on GPU/TPU the largest power of two
+    up to `ACCELERATOR_BLOCK` whose tile temporaries fit `TILE_BUDGET_BYTES`."""
+    concrete = isinstance(mesh, jax.sharding.Mesh)  # an AbstractMesh has no devices
+    platform = mesh.devices.flat[0].platform if concrete else jax.default_backend()
+    if platform == "cpu":
+        return DEFAULT_BLOCK
+    block = ACCELERATOR_BLOCK
+    while block > DEFAULT_BLOCK and 6 * 4 * block * block > TILE_BUDGET_BYTES:
+        block //= 2
+    return block
 
 
 class Ring:
@@ -62,24 +80,34 @@ class Ring:
             return tree
         return jax.tree.map(lambda a: lax.pcast(a, self.axis, to="varying"), tree)
 
-    def visit_all_blocks(self, compute, local, block, travelling):
-        """Runs `local, travelling = compute(local, block, travelling, src)` for every block.
+    def visit_all_blocks(self, compute, local, block, empty, merge):
+        """Runs `local, part = compute(local, block, empty, src)` for every block.
 
-        `block` (read-only data) and `travelling` (accumulators that belong to the block)
-        move one hop per step; `src` is the device the current block came from. Returns the
-        final `local` and `travelling`, which then belongs to device `me + 1`: one more
-        `shift` brings it home.
+        `block` (read-only data) moves one hop per step; `part` is this device's contribution
+        to the block's accumulator, started from `empty`; `merge(acc, part)` folds it in;
+        `src` is the device the block came from. The accumulator is double-buffered: step k
+        sends (accumulator received, contribution of step k - 1), which trails the block by
+        one hop, so neither transfer of a step waits for its compute. Returns the final
+        `local` and the block's complete accumulator, which then belongs to device `me + 1`:
+        one more `shift` brings it home. (n block hops where a serial ring needs n - 1, and
+        n + 1 accumulator hops instead of n: the last block hop is unused and the first
+        accumulator hop carries `empty`; every hop overlaps compute.)
         """
+        empty = self.per_device(empty)
 
         def step(k, carry):
-            local, block, travelling = carry
-            next_block = self.shift(block)  # independent of the compute below: overlaps it
-            local, travelling = compute(local, block, travelling, (self.me - k) % self.n)
-            return local, next_block, self.shift(travelling)
+            local, block, travelling, part = carry
+            next_block, next_travelling = self.shift((block, merge(travelling, part)))
+            local, part = compute(local, block, empty, (self.me - k) % self.n)
+            return local, next_block, next_travelling, part
 
-        carry = (self.per_device(local), block, self.per_device(travelling))
-        local, block, travelling = lax.fori_loop(0, self.n - 1, step, carry)
-        return compute(local, block, travelling, (self.me - (self.n - 1)) % self.n)
+        carry = (self.per_device(local), block, empty, empty)
+        local, _, travelling, part = lax.fori_loop(0, self.n, step, carry)
+        return local, merge(travelling, part)
+
+
+def _add(acc, part):
+    return jax.tree.map(jnp.add, acc, part)
 
 
 # ----------------------------------------------------------------------------- sigmoid
@@ -106,7 +134,7 @@ def sigmoid_shard(zimg, ztxt, scale, bias, *, axis, n, block, batch, with_grads)
             row0=ring.me * b, col0=src * b, with_grads=with_grads,
         )
 
-    local, dy_ntd = ring.visit_all_blocks(compute, local, y_ntd, dy_ntd)
+    local, dy_ntd = ring.visit_all_blocks(compute, local, y_ntd, dy_ntd, _add)
     loss = ring.psum(local["loss"].sum()) / batch
     if not with_grads:
         return loss
@@ -145,7 +173,7 @@ def softmax_stats_shard(zimg, ztxt, scale, *, axis, n, block, batch, residuals):
         del src  # the softmax needs no positions: the diagonal is handled outside the ring
         return tiles.softmax_stats_block_pair(tiling, x_ntd, y_ntd, scale, row_stats, col_stats)
 
-    row_stats, col_stats = ring.visit_all_blocks(compute, empty, y_ntd, empty)
+    row_stats, col_stats = ring.visit_all_blocks(compute, empty, y_ntd, empty, tiles.merge_lse)
     if residuals:
         col_stats = ring.shift(col_stats)  # home, next to the text rows they belong to
     row_lse = tuple(tiling.from_tiles(part) for part in tiles.lse_parts(row_stats))
@@ -176,7 +204,7 @@ def softmax_grad_shard(zimg, ztxt, scale, row_lse, col_lse, *, axis, n, block, b
         return tiles.softmax_grad_block_pair(tiling, x_ntd, y_ntd, scale, row_lse_nt, col_lse_nt, local, dy_ntd)
 
     block_data = (y_ntd, as_tiles(col_lse))
-    local, dy_ntd = ring.visit_all_blocks(compute, local, block_data, tiles.zeros_like_tiles(tiling, dim))
+    local, dy_ntd = ring.visit_all_blocks(compute, local, block_data, tiles.zeros_like_tiles(tiling, dim), _add)
     dy_ntd = ring.shift(dy_ntd)
     x_bd, y_bd = zimg.astype(F32), ztxt.astype(F32)
     dx_bd = tiling.from_tiles(local["dx"])  # sum_j (P_row + P_col)_ij y_j

@@ -147,6 +147,14 @@ def _fold_lse(max_t, sum_t, logits_tt, axis):
     return new_max_t, new_sum_t
 
 
+def merge_lse(a, b):
+    """Merges two running (max, sum) statistics of disjoint sets of logits into one."""
+    (max_a, sum_a), (max_b, sum_b) = a, b
+    new_max = jnp.maximum(max_a, max_b)
+    shift = jnp.where(jnp.isneginf(new_max), 0.0, new_max)  # both empty: no inf - inf
+    return new_max, sum_a * jnp.exp(max_a - shift) + sum_b * jnp.exp(max_b - shift)
+
+
 def softmax_stats_block_pair(tiling, x_ntd, y_ntd, scale, row_stats, col_stats):
     """Folds the logits of (local image block) x (one text block) into log-sum-exp statistics.
 
@@ -216,6 +224,7 @@ __all__ = [
     "Tiling",
     "for_each_tile",
     "sigmoid_block_pair",
+    "merge_lse",
     "softmax_stats_block_pair",
     "softmax_grad_block_pair",
     "zeros_like_rows",

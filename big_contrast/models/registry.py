@@ -6,7 +6,8 @@ config passed to ``create`` may set any subset, unknown keys are an error):
 ``image``: ``variant`` ('B/16', 'So400m/14', 'mu/8', ...), ``image_size``
   (int or (h, w)), ``pool`` ('tok' | 'gap' | 'map'), ``posemb`` ('learn' |
   'sincos2d'), ``channels``, optional overrides ``width``, ``depth``,
-  ``mlp_dim``, ``num_heads``, and ``head`` (project to ``embed_dim``).
+  ``mlp_dim``, ``num_heads``, ``head`` (project to ``embed_dim``), and
+  ``patch_dropout`` (FLIP: fraction of patch tokens dropped in training, 0.0).
 ``text``: ``variant`` ('B', 'So400m', ...), ``vocab_size``, ``max_len``,
   ``causal`` (CLIP) or bidirectional (SigLIP), ``pool`` (None: 'eos' if
   causal else 'last'; see ``text.POOLS``), ``pad_id``, ``eos_id`` (None:
@@ -34,7 +35,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 from big_contrast import sharding
@@ -55,36 +55,47 @@ TOWERS = ("image", "text")
 
 def _optional(field_type):
     """A None default that `--config.key=value` can still override (typed FieldReference)."""
+    import ml_collections  # only configs need it: models build from plain dicts without it
+
     return ml_collections.FieldReference(None, field_type=field_type)
 
 
-def default_model_config() -> ml_collections.ConfigDict:
-    def size_overrides():
-        return dict(width=_optional(int), depth=_optional(int), mlp_dim=_optional(int),
-                    num_heads=_optional(int))
+def default_model_config():
+    """The defaults as an ``ml_collections.ConfigDict`` (for configs and command-line overrides)."""
+    import ml_collections
 
-    return ml_collections.ConfigDict(dict(
+    return ml_collections.ConfigDict(_model_defaults(_optional))
+
+
+def _model_defaults(optional) -> dict:
+    """Every model option with its default; ``optional(type)`` stands for an unset (None) one."""
+    def size_overrides():
+        return dict(width=optional(int), depth=optional(int), mlp_dim=optional(int),
+                    num_heads=optional(int))
+
+    return dict(
         image=dict(variant="B/16", image_size=224, pool="map", posemb="learn", channels=3,
-                   head=True, **size_overrides()),
-        text=dict(variant="B", vocab_size=32_000, max_len=64, causal=False, pool=_optional(str),
+                   head=True, patch_dropout=0.0, **size_overrides()),
+        text=dict(variant="B", vocab_size=32_000, max_len=64, causal=False, pool=optional(str),
                   pad_id=0, eos_id=1, head=True, **size_overrides()),
         embed_dim=768,
         loss="sigmoid",
-        log_scale_init=_optional(float),
-        max_log_scale=_optional(float),
-        bias_init=_optional(float),
+        log_scale_init=optional(float),
+        max_log_scale=optional(float),
+        bias_init=optional(float),
         lock_image=False,
         dtype="float32",
         param_dtype="float32",
         remat="none",
         scan_layers=False,
-    ))
+    )
 
 
-def resolve_config(config: Mapping | ml_collections.ConfigDict | None) -> dict:
-    """Defaults updated with ``config``, as plain nested dicts; unknown keys raise."""
-    resolved = default_model_config().to_dict()
-    given = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config or {})
+def resolve_config(config: Mapping | None) -> dict:
+    """Defaults updated with ``config`` (a dict or a ConfigDict), as plain nested dicts; unknown
+    keys raise."""
+    resolved = _model_defaults(lambda _: None)
+    given = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
     _update_checked(resolved, given, "config")
     return resolved
 
@@ -119,7 +130,8 @@ def create_image_tower(cfg: dict, rngs: nnx.Rngs) -> ViT:
     size, patch = variants.decode_image_variant(image["variant"])
     size = variants.with_overrides(size, **_size_overrides(image))
     return ViT(patch_size=patch, image_size=image["image_size"], pool=image["pool"],
-               posemb=image["posemb"], channels=image["channels"], **vars(size), **_common(cfg),
+               posemb=image["posemb"], channels=image["channels"],
+               patch_dropout=image["patch_dropout"], **vars(size), **_common(cfg),
                rngs=rngs)
 
 
@@ -132,7 +144,7 @@ def create_text_tower(cfg: dict, rngs: nnx.Rngs) -> TextTransformer:
                            eos_id=text["eos_id"], **vars(size), **_common(cfg), rngs=rngs)
 
 
-def create(config: Mapping | ml_collections.ConfigDict | None = None,
+def create(config: Mapping | None = None,
            rngs: nnx.Rngs | int = 0) -> TwoTowers:
     """Builds a ``TwoTowers`` model (eagerly, unsharded) from a model config."""
     cfg = resolve_config(config)
@@ -216,7 +228,7 @@ def _flat_params(tree) -> list[tuple[str, Any]]:
         tree = nnx.to_pure_dict(tree)
     elif isinstance(tree, nnx.Module):
         tree = nnx.to_pure_dict(nnx.state(tree, nnx.Param))
-    if isinstance(tree, ml_collections.ConfigDict):
+    if hasattr(tree, "to_dict") and not isinstance(tree, Mapping):  # an ml_collections.ConfigDict
         tree = tree.to_dict()
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
     return [(sharding.path_str(path), leaf) for path, leaf in leaves]

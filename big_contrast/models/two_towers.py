@@ -86,22 +86,25 @@ class TwoTowers(nnx.Module):
                           ztxt=None if texts is None else self.embed_texts(texts),
                           scale=self.scale(), bias=None if self.bias is None else self.bias[...])
 
-    def embed_images(self, images_bhwc: jax.Array) -> jax.Array:
-        return self._embed(self.image, self.image_head, images_bhwc, self.lock_image)
+    def embed_images(self, images_bhwc: jax.Array, patch_keys: jax.Array | None = None) -> jax.Array:
+        """``patch_keys``: per-example PRNG keys [B] for the image tower's patch dropout
+        (training only; see ``ViT``)."""
+        extra = () if patch_keys is None else (patch_keys,)
+        return self._embed(self.image, self.image_head, images_bhwc, self.lock_image, *extra)
 
     def embed_texts(self, tokens_bl: jax.Array) -> jax.Array:
         return self._embed(self.text, self.text_head, tokens_bl, False)
 
-    def _embed(self, tower, head, inputs, locked: bool) -> jax.Array:
-        def embed(tower_and_head, inputs):
+    def _embed(self, tower, head, inputs, locked: bool, *tower_args) -> jax.Array:
+        def embed(tower_and_head, inputs, *tower_args):
             tower, head = tower_and_head
-            features_bd = tower(inputs)
+            features_bd = tower(inputs, *tower_args)
             if locked:  # LiT: no backward pass through the locked tower
                 features_bd = jax.lax.stop_gradient(features_bd)
             z_bd = features_bd if head is None else head(features_bd)
             return constrain(l2_normalize(z_bd), EMBEDDINGS_LOGICAL)
 
-        return call_with_auto_axes(embed, (tower, head), (inputs,), EMBEDDINGS_LOGICAL,
+        return call_with_auto_axes(embed, (tower, head), (inputs, *tower_args), EMBEDDINGS_LOGICAL,
                                    (inputs.shape[0], self.embed_dim))
 
     def scale(self) -> jax.Array:

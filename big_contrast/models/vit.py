@@ -11,6 +11,15 @@ compute dtype. Pooling:
 
 Position embeddings: ``'learn'`` (normal, std 1/sqrt(width)) or the fixed
 ``'sincos2d'`` (the class token then gets a zero embedding, as in MoCo v3).
+
+Patch dropout (FLIP, Li et al. 2023; open_clip's ``patch_dropout``): with
+``patch_dropout=p`` and per-example PRNG keys passed as ``patch_keys``, each
+image keeps a random ``max(1, int(N * (1 - p)))`` of its ``N`` patch tokens,
+chosen after the position embeddings and before the class token, so the
+encoder runs on fewer tokens (the training speed-up). Without keys (evaluation)
+every token is kept. The keys, not module state, decide the mask: a caller
+that derives them from (step, example index) gets the same mask in every
+pass over the same rows and after a resume.
 """
 from __future__ import annotations
 
@@ -39,7 +48,7 @@ class ViT(nnx.Module):
                  width: int, depth: int, mlp_dim: int, num_heads: int, pool: str = "tok",
                  posemb: str = "learn", channels: int = 3, dtype=jnp.float32,
                  param_dtype=jnp.float32, remat: str = "none", scan: bool = False,
-                 rngs: nnx.Rngs):
+                 patch_dropout: float = 0.0, rngs: nnx.Rngs):
         tfm.check_choice("image pool", pool, POOLS)
         tfm.check_choice("image posemb", posemb, POSEMBS)
         tfm.check_heads(width, num_heads)
@@ -47,7 +56,11 @@ class ViT(nnx.Module):
         if size[0] % patch[0] or size[1] % patch[1]:
             raise ValueError(f"patch size {patch_size} does not divide image size {image_size}; "
                              "pick an image size that is a multiple of the patch size.")
+        if not 0.0 <= patch_dropout < 1.0:
+            raise ValueError(f"patch_dropout={patch_dropout} must be in [0, 1): it is the fraction "
+                             "of patch tokens dropped in training.")
         self.grid = (size[0] // patch[0], size[1] // patch[1])
+        self.patch_dropout = float(patch_dropout)
         self.image_size, self.channels, self.width = size, channels, width
         self.pool, self.posemb_kind, self.dtype = pool, posemb, dtype
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -68,21 +81,35 @@ class ViT(nnx.Module):
         self.map_head = (tfm.MAPHead(width, mlp_dim, num_heads, **common)
                          if pool == "map" else nnx.data(None))
 
-    def __call__(self, images_bhwc: jax.Array) -> jax.Array:
-        self._check_images(images_bhwc)
-        x = self.embedding(images_bhwc.astype(self.dtype))
-        x_bnd = x.reshape(x.shape[0], -1, self.width)
-        if self.pool == "tok":
-            cls = jnp.broadcast_to(self.cls.get_value().astype(x_bnd.dtype),
-                                   (x_bnd.shape[0], 1, self.width))
-            x_bnd = jnp.concatenate([cls, x_bnd], axis=1)
-        x_bnd = constrain(x_bnd + self._position_embedding().astype(x_bnd.dtype), tfm.ACT_BLD)
-        x_bnd = self.encoder(x_bnd)
+    def __call__(self, images_bhwc: jax.Array, patch_keys: jax.Array | None = None) -> jax.Array:
+        """Pooled features; ``patch_keys`` [B] (PRNG keys) turn on patch dropout (training)."""
+        x_bnd = self.encoder(self.tokens(images_bhwc, patch_keys))
         if self.pool == "tok":
             return x_bnd[:, 0]
         if self.pool == "gap":
             return jnp.mean(x_bnd, axis=1)
         return self.map_head(x_bnd)
+
+    @property
+    def num_kept_patches(self) -> int:
+        """Patch tokens per image that patch dropout keeps (all of them at rate 0)."""
+        num_patches = self.grid[0] * self.grid[1]
+        return max(1, int(num_patches * (1.0 - self.patch_dropout)))
+
+    def tokens(self, images_bhwc: jax.Array, patch_keys: jax.Array | None = None) -> jax.Array:
+        """The encoder's input [B, L, D]: embedded patches (a kept subset with patch dropout),
+        position embeddings added, the class token first for ``'tok'`` pooling."""
+        self._check_images(images_bhwc)
+        x = self.embedding(images_bhwc.astype(self.dtype))
+        x_bnd = x.reshape(x.shape[0], -1, self.width)
+        posemb = self._position_embedding().astype(x_bnd.dtype)
+        x_bnd = x_bnd + posemb[:, int(self.pool == "tok"):]
+        if patch_keys is not None and self.num_kept_patches < x_bnd.shape[1]:
+            x_bnd = _keep_patches(x_bnd, patch_keys, self.num_kept_patches)
+        if self.pool == "tok":
+            cls = self.cls.get_value().astype(x_bnd.dtype) + posemb[:, :1]
+            x_bnd = jnp.concatenate([jnp.broadcast_to(cls, (x_bnd.shape[0], 1, self.width)), x_bnd], axis=1)
+        return constrain(x_bnd, tfm.ACT_BLD)
 
     def _position_embedding(self) -> jax.Array:
         if self.posemb_kind == "learn":
@@ -98,3 +125,11 @@ class ViT(nnx.Module):
             raise ValueError(f"images of shape {tuple(images.shape)} do not match the model's "
                              f"[B, {expected[0]}, {expected[1]}, {expected[2]}]; resize them or "
                              "set config.image.image_size.")
+
+
+def _keep_patches(x_bnd: jax.Array, keys_b: jax.Array, keep: int) -> jax.Array:
+    """The ``keep`` tokens of each row with the highest uniform score drawn from its own key,
+    in their original order."""
+    scores_bn = jax.vmap(lambda key: jax.random.uniform(key, (x_bnd.shape[1],)))(keys_b)
+    kept_bk = jnp.sort(jax.lax.top_k(scores_bn, keep)[1], axis=1)
+    return jnp.take_along_axis(x_bnd, kept_bk[..., None], axis=1)

@@ -1,8 +1,22 @@
 """Training: config defaults and validation, optimizer, train step (with gradient caching), loop.
 
-Only `big_contrast.cli` imports this package (data flows one way: see DESIGN.md)."""
+Only `big_contrast.cli` imports this package (data flows one way: see DESIGN.md). The names
+below are imported on first use, so `big_contrast.train.step` loads with jax, flax and optax
+alone (no data pipeline, no ml_collections): what `experiments/step_throughput` runs on an
+accelerator image that lacks them."""
 
-from big_contrast.train.config import apply_arg, default_config, split_arg, use_real_data_defaults, validate
-from big_contrast.train.loop import NonFiniteLoss, build, train
+import importlib
 
-__all__ = ["NonFiniteLoss", "apply_arg", "build", "default_config", "split_arg", "train", "use_real_data_defaults", "validate"]
+_EXPORTS = {
+    "apply_arg": "config", "default_config": "config", "split_arg": "config",
+    "use_real_data_defaults": "config", "validate": "config",
+    "NonFiniteLoss": "loop", "build": "loop", "train": "loop",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'big_contrast.train' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"big_contrast.train.{_EXPORTS[name]}"), name)

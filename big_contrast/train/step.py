@@ -11,26 +11,31 @@ Two ways to get the same gradient:
   3. re-run each micro-batch under `jax.vjp` with its slice of the embedding gradients as
      cotangent and accumulate the parameter gradients; add the scale/bias path once.
   The encoders' memory is bounded by one micro-batch; the result is the one-pass gradient
-  up to float round-off. The towers are deterministic functions of (params, batch) (no
-  dropout; augmentation happens in the input pipeline), so both passes see the same
-  computation.
+  up to float round-off. The towers are deterministic functions of (params, batch, step):
+  patch dropout draws its masks from the step and each example's global row index
+  (`patch_keys`), so both passes, and a resumed run, see the same computation.
 
-Micro-batches are cut per device: with `n` batch shards, per-device batch `b` and `k`
-micro-batches of `m = b / k`, micro-batch `c` holds rows `c*m ... (c+1)*m` of every device's
-local rows, so slicing never moves data between devices.
+Steps 1 and 3 run on each device's own rows under `jax.shard_map` (`_OwnRows`): micro-batch
+`c` holds rows `c*m ... (c+1)*m` of every device's `b` local rows, slicing never moves data,
+the loops contain no collective over `data`, and the parameter gradients are all-reduced
+once per step, after the loop (GSPMD would all-reduce them inside the loop body, once per
+micro-batch). FSDP-sharded parameters are gathered once per pass and their gradients
+reduce-scattered over `fsdp` per micro-batch, so accumulators stay sharded.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from big_contrast import losses
+from big_contrast import losses, sharding
 from big_contrast.data.device_ops import normalize_on_device
 
 
@@ -49,8 +54,11 @@ class LossSpec:
     name: str  # "softmax" | "sigmoid"
     impl: str = "ring"
     block: int | None = None
+    dtype: str | None = None  # e.g. "bfloat16": embeddings enter the loss in it (f32 accumulation)
 
     def __call__(self, zimg, ztxt, scale, bias, mesh, axis):
+        if self.dtype is not None:
+            zimg, ztxt = zimg.astype(self.dtype), ztxt.astype(self.dtype)
         if self.name == "softmax":
             return losses.softmax_loss(zimg, ztxt, scale, impl=self.impl, mesh=mesh, axis=axis, block=self.block)
         return losses.sigmoid_loss(zimg, ztxt, scale, bias, impl=self.impl, mesh=mesh, axis=axis, block=self.block)
@@ -61,51 +69,60 @@ def _scale_and_bias(model):
     return model.scale(), bias
 
 
-def _microbatches(x, n_shards, k):
-    """[B, ...] -> [k, B/k, ...]: micro-batch c takes rows c*m:(c+1)*m of every device's block."""
-    b = x.shape[0] // n_shards
-    m = b // k
-    x = x.reshape(n_shards, k, m, *x.shape[1:])
-    return jnp.swapaxes(x, 0, 1).reshape(k, n_shards * m, *x.shape[3:])
+def _microbatches(x, k):
+    """[b, ...] -> [k, b/k, ...]: a device's own rows, cut into k micro-batches."""
+    return x.reshape(k, x.shape[0] // k, *x.shape[1:])
 
 
-def _from_microbatches(x, n_shards):
-    """Inverse of `_microbatches`: [k, B/k, ...] -> [B, ...] in the original row order."""
-    k, rows = x.shape[:2]
-    m = rows // n_shards
-    x = x.reshape(k, n_shards, m, *x.shape[2:])
-    return jnp.swapaxes(x, 0, 1).reshape(k * rows, *x.shape[3:])
+def _from_microbatches(x):
+    """Inverse of `_microbatches`."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis, n_shards, microbatches):
-    """(loss, aux, grads) for one global batch, in one pass or with gradient caching."""
+def patch_keys(step, rows, seed=0):
+    """Per-example PRNG keys for patch dropout, from the step and each row's global index, so
+    both passes of gradient caching and a resumed run draw the same masks."""
+    base = jax.random.fold_in(jax.random.key(seed), step)
+    return jax.vmap(lambda row: jax.random.fold_in(base, row))(rows)
 
-    def embed(p, images, texts):
+
+def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis, n_shards, microbatches,
+                   step=None, seed=0):
+    """(loss, aux, grads) for one global batch, in one pass or with gradient caching.
+
+    `step` (the train step) seeds the image tower's patch dropout; None turns it off.
+    `n_shards` is implied by the mesh (micro-batches are cut on each device's own rows).
+    """
+    del n_shards
+
+    def embed(p, images, texts, rows):
         model = nnx.merge(graphdef, p, rest)
-        return model.embed_images(images), model.embed_texts(texts)
+        keys = None if step is None else patch_keys(step, rows, seed)
+        return model.embed_images(images, keys), model.embed_texts(texts)
 
     def scalars(p):
         return _scale_and_bias(nnx.merge(graphdef, p, rest))
 
-    images, texts = batch["image"], batch["text"]
+    inputs = (batch["image"], batch["text"], jnp.arange(batch["image"].shape[0], dtype=jnp.int32))
     if microbatches <= 1:
 
         def full_loss(p):
-            zimg, ztxt = embed(p, images, texts)
+            zimg, ztxt = embed(p, *inputs)
             scale, bias = scalars(p)
             return loss(zimg, ztxt, scale, bias, mesh, axis), (scale, bias)
 
         (value, (scale, bias)), grads = jax.value_and_grad(full_loss, has_aux=True)(params)
         return value, dict(scale=scale, bias=bias), grads
 
+    on_devices = _OwnRows(mesh, axis, None if mesh is None else _param_specs(graphdef, params, rest, mesh))
+
     # 1. embeddings, micro-batch by micro-batch, no activations kept
-    images_k, texts_k = _microbatches(images, n_shards, microbatches), _microbatches(texts, n_shards, microbatches)
+    def embed_all(params, *rows):
+        _, z_k = jax.lax.scan(lambda _, rows_c: (None, embed(params, *rows_c)), None,
+                              tuple(_microbatches(x, microbatches) for x in rows))
+        return jax.tree.map(_from_microbatches, z_k)
 
-    def embed_one(_, inputs):
-        return None, embed(params, *inputs)
-
-    _, (zimg_k, ztxt_k) = jax.lax.scan(embed_one, None, (images_k, texts_k))
-    zimg, ztxt = _from_microbatches(zimg_k, n_shards), _from_microbatches(ztxt_k, n_shards)
+    zimg, ztxt = on_devices(embed_all, params, inputs, reduce=False)
 
     # 2. the loss over the whole global batch and its embedding / scalar gradients
     (scale, bias), scalars_vjp = jax.vjp(scalars, params)
@@ -114,22 +131,130 @@ def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis,
     )(zimg, ztxt, scale, bias)
     (grads,) = scalars_vjp((dscale, dbias))
 
-    # 3. parameter gradients, micro-batch by micro-batch
-    dzimg_k, dztxt_k = _microbatches(dzimg, n_shards, microbatches), _microbatches(dztxt, n_shards, microbatches)
+    # 3. parameter gradients, micro-batch by micro-batch, reduced over the devices once
+    def backprop_all(params, *rows):
+        def backprop_one(grads, rows_c):
+            _, embed_vjp = jax.vjp(lambda p: embed(p, *rows_c[:-2]), params)
+            (grads_c,) = embed_vjp(tuple(rows_c[-2:]))
+            return jax.tree.map(jnp.add, grads, on_devices.scatter(grads_c)), None
 
-    def backprop_one(grads, inputs):
-        images_c, texts_c, dzimg_c, dztxt_c = inputs
-        _, embed_vjp = jax.vjp(lambda p: embed(p, images_c, texts_c), params)
-        (grads_c,) = embed_vjp((dzimg_c, dztxt_c))
-        return jax.tree.map(jnp.add, grads, grads_c), None
+        zeros = on_devices.scattered_zeros(params)
+        grads, _ = jax.lax.scan(backprop_one, zeros, tuple(_microbatches(x, microbatches) for x in rows))
+        return grads
 
-    grads, _ = jax.lax.scan(backprop_one, grads, (images_k, texts_k, dzimg_k, dztxt_k))
-    return value, dict(scale=scale, bias=bias), grads
+    grads_embed = on_devices(backprop_all, params, (*inputs, dzimg, dztxt), reduce=True)
+    return value, dict(scale=scale, bias=bias), jax.tree.map(jnp.add, grads, grads_embed)
+
+
+def _param_specs(graphdef, params, rest, mesh):
+    """Each parameter's PartitionSpec on `mesh`, from its logical axis names (sharding rules)."""
+    state = nnx.state(nnx.merge(graphdef, params, rest), nnx.Param)
+    return jax.tree.map(lambda s: s.spec, nnx.to_pure_dict(sharding.state_shardings(state, mesh)))
+
+
+class _OwnRows:
+    """Runs `fn(params, *rows)` on every device's own rows: `jax.shard_map` over the batch axes.
+
+    Left to GSPMD, a micro-batch scan all-reduces every parameter gradient inside the loop
+    body, once per micro-batch, and under FSDP it may all-reduce activations there too. Here
+    each device gets its own copy of the parameters (gathered once when they are FSDP-sharded;
+    a per-device value, so its vjp has no implicit psum) and loops over its own rows. The
+    gradient accumulator keeps each parameter's sharding over the batch axes: a parameter
+    sharded over `fsdp` is reduce-scattered over `fsdp` in each micro-batch (`scatter`), so its
+    accumulator stays sharded; with `reduce=True` one `psum` after the loop sums the rest
+    (over `data`: the only all-reduce of the gradients in the step). Other mesh axes (tensor)
+    stay automatic. Without a mesh, `fn` runs as it is.
+    """
+
+    def __init__(self, mesh, axis, param_specs):
+        self.mesh = mesh
+        self.axes = () if mesh is None else ((axis,) if isinstance(axis, str) else tuple(axis))
+        # Per parameter: {dimension: batch axes it is sharded over}. On Explicit meshes every
+        # accumulator is kept whole (psum_scatter fails to trace under sharding-in-types in
+        # jax 0.10), so FSDP gradients are reduced once after the loop at full size there.
+        explicit = mesh is not None and _is_explicit(mesh, self.axes)
+        self.dims = None if mesh is None else jax.tree.map(
+            lambda spec: {} if explicit else self._batch_dims(spec), param_specs,
+            is_leaf=lambda x: isinstance(x, P))
+
+    def _batch_dims(self, spec):
+        dims = {}
+        for d, entry in enumerate(spec):
+            names = tuple(n for n in ((entry,) if isinstance(entry, str) else tuple(entry or ())) if n in self.axes)
+            if names:
+                dims[d] = names
+        return dims
+
+    def _map(self, fn, tree):
+        return jax.tree.map(fn, tree, self.dims)  # `dims` has `tree`'s structure as a prefix
+
+    def scatter(self, grads):
+        """Inside the loop: reduce-scatter each gradient over the batch axes its parameter is
+        sharded over (FSDP); the identity for replicated parameters and without a mesh."""
+        if self.mesh is None:
+            return grads
+
+        def one(g, dims):
+            for d, names in dims.items():
+                g = jax.lax.psum_scatter(g, names, scatter_dimension=d, tiled=True)
+            return g
+
+        return self._map(one, grads)
+
+    def scattered_zeros(self, params):
+        if self.mesh is None:
+            return jax.tree.map(jnp.zeros_like, params)
+
+        def one(x, dims):  # x: the per-device parameter; its zeros keep its type (and sharding)
+            shard = {d: x.shape[d] // math.prod(self.mesh.shape[n] for n in names) for d, names in dims.items()}
+            return jnp.zeros_like(x)[tuple(slice(0, shard.get(d)) for d in range(x.ndim))]
+
+        return self._map(one, params)
+
+    def __call__(self, fn, params, rows, *, reduce):
+        if self.mesh is None:
+            return fn(params, *rows)
+        mesh, axes, rows_spec = self.mesh, self.axes, P(self.axes)
+
+        def sum_rest(g, dims):
+            scattered = {n for names in dims.values() for n in names}
+            rest = tuple(a for a in axes if a not in scattered)
+            return jax.lax.psum(g, rest) if rest else g
+
+        def body(params, *rows):
+            params = jax.tree.map(lambda x: jax.lax.pcast(x, axes, to="varying"), params)
+            out = fn(params, *rows)
+            return self._map(sum_rest, out) if reduce else out
+
+        if _is_explicit(mesh, axes):  # shard_map wants its inputs laid out as its in_specs
+            place = lambda x, spec: jax.reshard(x, NamedSharding(mesh, spec))  # noqa: E731
+            params = jax.tree.map(lambda x: place(x, _without_axes(jax.typeof(x).sharding.spec, axes)),
+                                  params)
+            rows = tuple(place(x, rows_spec) for x in rows)
+        grad_specs = self._map(lambda x, dims: P(*(dims.get(d) for d in range(x.ndim))), params)
+        return jax.shard_map(body, mesh=mesh, in_specs=(P(),) + (rows_spec,) * len(rows),
+                             out_specs=grad_specs if reduce else rows_spec, axis_names=set(axes))(params, *rows)
+
+
+def _is_explicit(mesh, axes):
+    return any(mesh.axis_types[mesh.axis_names.index(a)] == AxisType.Explicit for a in axes)
+
+
+def _without_axes(spec, axes):
+    """`spec` with the mesh axes `axes` removed (those dimensions become replicated over them)."""
+
+    def keep(entry):
+        names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        kept = tuple(n for n in names if n not in axes)
+        return kept[0] if len(kept) == 1 else (kept or None)
+
+    return P(*(keep(entry) for entry in spec))
 
 
 def train_step(state: TrainState, batch, *, graphdef, rest, tx, loss, mesh, axis, n_shards, microbatches, lr_fn,
-               image_norm=None):
-    """One optimizer step; returns the new state and scalar metrics.
+               seed=0, image_norm=None):
+    """One optimizer step; returns the new state and scalar metrics. `seed` and the step number
+    seed patch dropout.
 
     `image_norm` (a `device_ops.DeviceNormalization`) turns uint8 images into the model's
     float input here, on the device; float images pass through.
@@ -137,7 +262,7 @@ def train_step(state: TrainState, batch, *, graphdef, rest, tx, loss, mesh, axis
     batch = {**batch, "image": normalize_on_device(batch["image"], image_norm)}
     value, aux, grads = loss_and_grads(
         graphdef, state.params, rest, batch, loss=loss, mesh=mesh, axis=axis, n_shards=n_shards,
-        microbatches=microbatches,
+        microbatches=microbatches, step=state.step, seed=seed,
     )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -1,0 +1,118 @@
+"""The train step on its own: gradient caching reduces the parameter gradients once per step
+(counted in the compiled HLO) on Auto and Explicit data x fsdp meshes; patch
+dropout through both passes. Tiny towers with numpy weights, 8 simulated devices."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from big_contrast import models, sharding
+from big_contrast.train.step import LossSpec, loss_and_grads
+from conftest import all_reduce_elements
+
+B = 16  # 2 rows per device on 8 devices: 2 micro-batches of 1
+FAST = dict(xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True)
+
+
+def tiny_config(loss="sigmoid", **image):
+    cfg = models.default_model_config()
+    cfg.image.update(dict(dict(variant="mu/8", image_size=16, pool="gap", posemb="sincos2d"), **image))
+    cfg.text.update(variant="mu", vocab_size=50, max_len=8, causal=loss == "softmax")
+    cfg.update(embed_dim=16, loss=loss)
+    return cfg
+
+
+def random_params_model(config, seed=0):
+    graphdef, state = nnx.split(models.abstract_model(config))
+    rng = np.random.default_rng(seed)
+    state = jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.2, x.shape), x.dtype), state)
+    return nnx.merge(graphdef, state)
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def setup(mesh_shape, axis_types="auto", loss="sigmoid", **image):
+    """(step(microbatches, step_number) -> (loss, aux, grads), params, batch, mesh) on a mesh."""
+    config = tiny_config(loss, **image)
+    mesh = sharding.make_mesh(tuple(zip(("data", "fsdp", "tensor"), mesh_shape)), axis_types=axis_types)
+    model = random_params_model(config)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = nnx.to_pure_dict(sharding.shard_state(params, mesh))
+    rng = np.random.default_rng(1)
+    size = config.image.image_size
+    batch = dict(image=rng.normal(size=(B, size, size, 3)).astype(np.float32),
+                 text=rng.integers(2, 50, size=(B, 8)).astype(np.int32))
+    batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+
+    @functools.lru_cache(maxsize=None)
+    def step(microbatches):
+        fn = functools.partial(loss_and_grads, graphdef, rest=rest, loss=LossSpec(loss), mesh=mesh,
+                               axis=sharding.batch_axes(mesh), n_shards=sharding.num_batch_shards(mesh),
+                               microbatches=microbatches)
+        return jax.jit(lambda params, batch, step: fn(params, batch=batch, step=step), compiler_options=FAST)
+
+    return step, params, batch, mesh
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def flat(tree):
+    return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+
+
+@pytest.mark.parametrize("axis_types,patch_dropout", [("auto", 0.5), ("explicit", 0.0)])
+def test_gradient_caching_reduces_gradients_once_and_equals_the_one_pass_step(axis_types, patch_dropout):
+    """data x fsdp = 4 x 2. Under FSDP (Auto axes) a parameter's gradient is reduce-scattered
+    over `fsdp` in the loop and its shard all-reduced over `data` after it; Explicit meshes keep
+    whole accumulators and all-reduce them once after the loop. With patch dropout the second
+    pass must redraw the first pass's masks (seeded by step and row) to match one pass."""
+    step, params, batch, _ = setup((4, 2, 1), axis_types, patch_dropout=patch_dropout)
+    shard = (lambda x: x.size) if axis_types == "explicit" else (lambda x: np.prod(x.sharding.shard_shape(x.shape)))
+    n_params = sum(shard(x) for x in jax.tree.leaves(params))
+    cached = step(2)
+    inside, outside = all_reduce_elements(cached.lower(params, batch, jnp.int32(3)).compile().as_text())
+    assert inside == 0
+    # Every parameter gradient (shard) is all-reduced exactly once (plus a few loss scalars).
+    assert n_params <= outside <= n_params + 64, (outside, n_params)
+
+    loss_1, _, grads_1 = step(1)(params, batch, jnp.int32(3))
+    loss_k, _, grads_k = cached(params, batch, jnp.int32(3))
+    assert rel_err(loss_k, loss_1) <= 1e-5
+    assert rel_err(flat(grads_k), flat(grads_1)) <= 1e-5
+    if patch_dropout:
+        again, _, _ = step(1)(params, batch, jnp.int32(3))
+        other_step, _, _ = step(1)(params, batch, jnp.int32(4))
+        assert float(again) == float(loss_1)  # deterministic: a resumed step redraws the same masks
+        assert float(other_step) != float(loss_1)  # the masks depend on the step
+
+
+def test_step_benchmark_imports_without_the_data_stack():
+    """experiments/step_throughput must run on an accelerator image without grain, TFDS,
+    array_record, ml_collections or tensorboardX: import it with those modules blocked."""
+    import pathlib
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    code = (
+        "import runpy, sys\n"
+        "for name in ('grain', 'tensorflow_datasets', 'array_record', 'ml_collections', 'tensorboardX'):\n"
+        "    sys.modules[name] = None  # importing any of them raises ImportError\n"
+        "bench = runpy.run_path('experiments/step_throughput/run.py')\n"
+        "args = bench['parse_args'](['--quick'])\n"
+        "print(bench['model_config'](args, bench['Variant']('base'))['image']['variant'])\n"
+        "print(sorted(m for m in sys.modules if m.startswith('big_contrast')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120,
+                         env=dict(__import__("os").environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines()[0] == "Ti/16"
+    assert "big_contrast.data" not in out.stdout and "big_contrast.train.loop" not in out.stdout
