@@ -18,8 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from big_contrast.data import image_ops
-
 VALUE_OPS = ("value_range", "normalize")
 
 
@@ -40,7 +38,9 @@ class DeviceNormalization:
 
 
 def device_normalization(spec: str) -> DeviceNormalization | None:
-    """The final op of `spec` if it is a value op, else None."""
+    """The final op of `spec` if it is a value op, else None (host side: parses the pp string)."""
+    from big_contrast.data import image_ops  # OpenCV / Pillow: not needed by the step itself
+
     name, kwargs = image_ops.parse_image_pp(spec).ops[-1]
     if name not in VALUE_OPS:
         return None
