@@ -11,6 +11,11 @@ config passed to ``create`` may set any subset, unknown keys are an error):
   ``causal`` (CLIP) or bidirectional (SigLIP), ``pool`` (None: 'eos' if
   causal else 'last'; see ``text.POOLS``), ``pad_id``, ``eos_id`` (None:
   OpenAI's argmax-id convention), the same overrides, and ``head``.
+Options for released checkpoints (``big_contrast/interop``), per tower:
+  ``act`` ('gelu_tanh' | 'gelu' | 'quick_gelu'), ``norm_eps`` (LayerNorm
+  epsilon), ``head_bias`` (CLIP's projections have none); image ``ln_pre``
+  and ``patch_bias`` (CLIP); text ``mask_padding=False`` (SigLIP as released:
+  no padding mask, texts padded to max_len, 'last' pools the final position).
 ``embed_dim``: shared embedding width, or None for no projection heads (the
   two tower widths must then agree).
 ``loss``: 'softmax' | 'sigmoid'; picks the defaults of the three fields below.
@@ -65,9 +70,11 @@ def default_model_config() -> ml_collections.ConfigDict:
 
     return ml_collections.ConfigDict(dict(
         image=dict(variant="B/16", image_size=224, pool="map", posemb="learn", channels=3,
-                   head=True, **size_overrides()),
+                   head=True, head_bias=True, ln_pre=False, patch_bias=True, act="gelu_tanh",
+                   norm_eps=1e-6, **size_overrides()),
         text=dict(variant="B", vocab_size=32_000, max_len=64, causal=False, pool=_optional(str),
-                  pad_id=0, eos_id=1, head=True, **size_overrides()),
+                  pad_id=0, eos_id=1, head=True, head_bias=True, mask_padding=True,
+                  act="gelu_tanh", norm_eps=1e-6, **size_overrides()),
         embed_dim=768,
         loss="sigmoid",
         log_scale_init=_optional(float),
@@ -119,8 +126,9 @@ def create_image_tower(cfg: dict, rngs: nnx.Rngs) -> ViT:
     size, patch = variants.decode_image_variant(image["variant"])
     size = variants.with_overrides(size, **_size_overrides(image))
     return ViT(patch_size=patch, image_size=image["image_size"], pool=image["pool"],
-               posemb=image["posemb"], channels=image["channels"], **vars(size), **_common(cfg),
-               rngs=rngs)
+               posemb=image["posemb"], channels=image["channels"], ln_pre=image["ln_pre"],
+               patch_bias=image["patch_bias"], act=image["act"], norm_eps=image["norm_eps"],
+               **vars(size), **_common(cfg), rngs=rngs)
 
 
 def create_text_tower(cfg: dict, rngs: nnx.Rngs) -> TextTransformer:
@@ -129,7 +137,9 @@ def create_text_tower(cfg: dict, rngs: nnx.Rngs) -> TextTransformer:
                                    **_size_overrides(text))
     return TextTransformer(vocab_size=text["vocab_size"], max_len=text["max_len"],
                            causal=text["causal"], pool=text["pool"], pad_id=text["pad_id"],
-                           eos_id=text["eos_id"], **vars(size), **_common(cfg), rngs=rngs)
+                           eos_id=text["eos_id"], mask_padding=text["mask_padding"],
+                           act=text["act"], norm_eps=text["norm_eps"], **vars(size),
+                           **_common(cfg), rngs=rngs)
 
 
 def create(config: Mapping | ml_collections.ConfigDict | None = None,
@@ -143,7 +153,9 @@ def create(config: Mapping | ml_collections.ConfigDict | None = None,
     scalars = {k: loss_defaults[k] if cfg[k] is None else cfg[k] for k in loss_defaults}
     return TwoTowers(create_image_tower(cfg, rngs), create_text_tower(cfg, rngs),
                      embed_dim=cfg["embed_dim"], image_head=cfg["image"]["head"],
-                     text_head=cfg["text"]["head"], lock_image=cfg["lock_image"],
+                     text_head=cfg["text"]["head"],
+                     head_bias=(cfg["image"]["head_bias"], cfg["text"]["head_bias"]),
+                     lock_image=cfg["lock_image"],
                      param_dtype=_dtype(cfg["param_dtype"]), rngs=rngs, **scalars)
 
 
