@@ -8,6 +8,7 @@ Dense_0``, ``img/MAPHead_0``, ``txt/Embed_0``, ``txt/Encoder_0/...``, ``txt/head
 
     "B/16,B"                          image variant, text variant (big_vision names)
     "B/16,B,vocab=32000,size=224,len=64,pad=1,eos=1"   with the defaults spelled out
+    "mu/8,mu,img_depth=2,txt_mlp_dim=64"   size overrides (width, depth, mlp_dim, num_heads)
 
 SigLIP's text is padded to 64 with id 1 (big_vision's ``tok(..., pad_value=1)``, EOS 1) and
 pooled at the last position with no padding mask. The file has no tokenizer: set
@@ -23,10 +24,13 @@ from big_contrast.interop.hf import check_exportable, size_fields
 from big_contrast.models import variants
 
 ARCH_DEFAULTS = dict(vocab=32000, size=224, len=64, pad=1, eos=1)
+SIZE_FIELDS = ("width", "depth", "mlp_dim", "num_heads")
+ARCH_OPTIONS = (*ARCH_DEFAULTS, *(f"{t}_{f}" for t in ("img", "txt") for f in SIZE_FIELDS))
 NAMES = dict(block="/encoderblock_", norm1="LayerNorm_0", norm2="LayerNorm_1",
              q="MultiHeadDotProductAttention_0/query", k="MultiHeadDotProductAttention_0/key",
              v="MultiHeadDotProductAttention_0/value", out="MultiHeadDotProductAttention_0/out",
-             fc1="MlpBlock_0/Dense_0", fc2="MlpBlock_0/Dense_1", w="kernel", b="bias")
+             fc1="MlpBlock_0/Dense_0", fc2="MlpBlock_0/Dense_1", w="kernel", b="bias",
+             scale="scale")
 
 
 def parse_arch(arch: str) -> dict:
@@ -38,12 +42,14 @@ def parse_arch(arch: str) -> dict:
     options = dict(ARCH_DEFAULTS)
     for part in parts[2:]:
         key, _, value = part.partition("=")
-        if key not in ARCH_DEFAULTS or not value.isdigit():
+        if key not in ARCH_OPTIONS or not value.isdigit():
             raise ValueError(f"--arch option {part!r} is unknown; use integer options among "
-                             f"{sorted(ARCH_DEFAULTS)}.")
+                             f"{ARCH_OPTIONS}.")
         options[key] = int(value)
     isize, patch = variants.decode_image_variant(parts[0])
     tsize = variants.decode_text_variant(parts[1])
+    isize = variants.with_overrides(isize, **{f: options.get(f"img_{f}") for f in SIZE_FIELDS})
+    tsize = variants.with_overrides(tsize, **{f: options.get(f"txt_{f}") for f in SIZE_FIELDS})
     image = dict(size_fields(**vars(isize), patch=patch), image_size=options["size"], pool="map",
                  posemb="learn", head=False)
     text = dict(size_fields(**vars(tsize)), vocab_size=options["vocab"], max_len=options["len"],

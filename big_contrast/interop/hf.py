@@ -326,8 +326,11 @@ def tokenizer_of(directory, family: str, max_len: int) -> dict | None:
             raise ValueError(f"{directory}/tokenizer.json has no padding token; set pad_token in "
                              "tokenizer_config.json.")
         # SigLIP 2 was trained on lowercased text: transformers' Siglip2Tokenizer lowercases.
+        side = token_config.get("padding_side") or (
+            "left" if token_config.get("tokenizer_class") == "Siglip2Tokenizer" else "right")
         settings = dict(kind="tokenizers", file="tokenizer.json", max_len=max_len, pad_id=pad,
-                        eos_id=eos, normalize="lower" if family == "siglip" else "none")
+                        eos_id=eos, normalize="lower" if family == "siglip" else "none",
+                        padding_side=side)
     else:
         return None
     return dict(directory=str(directory), settings=settings,

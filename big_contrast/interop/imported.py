@@ -71,17 +71,7 @@ def flatten(tree) -> dict:
 
 def build_model(model_config: dict, flat_params: dict) -> models.TwoTowers:
     """The model of ``model_config`` holding ``flat_params`` (nothing random is initialised)."""
-    abstract = models.abstract_model(model_config)
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    expected = {sharding.path_str(p): v for p, v in nnx.to_flat_state(params)}
-    missing = sorted(set(expected) - set(flat_params))
-    unexpected = sorted(set(flat_params) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"the weights do not fit the model config: missing {missing[:8]}, "
-                         f"unexpected {unexpected[:8]}.")
-    values = {k: jax.numpy.asarray(flat_params[k], v.get_value().dtype) for k, v in expected.items()}
-    nnx.replace_by_pure_dict(params, nest(values))
-    return nnx.merge(graphdef, params, rest)
+    return models.create_from_params(model_config, nest(flat_params))
 
 
 def finish_scalars(model_config: dict, params: dict) -> dict:

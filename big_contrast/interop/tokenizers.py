@@ -12,6 +12,7 @@ family's own file (``spiece.model`` or a ``tokenizer.json``) and ``settings.json
     pad_id     the padding id (SigLIP pads with EOS = 1, HF CLIP with <|endoftext|>)
     eos_id     appended by sentencepiece; a ``tokenizer.json`` adds its own special
                tokens with its post-processor, as transformers' fast tokenizers do
+    padding_side  'right' (default) | 'left' (transformers' Siglip2Tokenizer)
 
 ``PretrainedTokenizer(dir)(texts)`` returns int32 ``[n, max_len]``: ids truncated so the
 specials fit (the EOS survives truncation), then padded with ``pad_id`` — the ids of
@@ -114,7 +115,10 @@ class PretrainedTokenizer:
             finally:
                 self._tok.no_truncation()
         out = np.full((max_len,), self.pad_id, np.int32)
-        out[: len(ids)] = ids
+        if self.settings.get("padding_side", "right") == "left":
+            out[max_len - len(ids):] = ids
+        else:
+            out[: len(ids)] = ids
         return out
 
     def __call__(self, texts, max_len: int | None = None) -> np.ndarray:
@@ -124,7 +128,8 @@ class PretrainedTokenizer:
 
 
 def write_tokenizer_dir(directory, *, kind: str, source_file, normalize: str, max_len: int,
-                        pad_id: int, eos_id: int | None, extra_files=()) -> epath.Path:
+                        pad_id: int, eos_id: int | None, padding_side: str = "right",
+                        extra_files=()) -> epath.Path:
     """Copies the family's tokenizer file (and ``extra_files``, e.g. tokenizer_config.json)
     into ``directory`` with its ``settings.json``."""
     directory = epath.Path(directory)
@@ -136,7 +141,7 @@ def write_tokenizer_dir(directory, *, kind: str, source_file, normalize: str, ma
         if extra.exists():
             (directory / extra.name).write_bytes(extra.read_bytes())
     settings = dict(kind=kind, file=source_file.name, normalize=normalize, max_len=max_len,
-                    pad_id=pad_id, eos_id=eos_id)
+                    pad_id=pad_id, eos_id=eos_id, padding_side=padding_side)
     (directory / SETTINGS).write_text(json.dumps(settings, indent=1))
     return directory
 

@@ -73,7 +73,7 @@ def read_weights(path) -> dict[str, np.ndarray]:
 def write_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
     from safetensors.numpy import save
 
-    epath.Path(path).write_bytes(save({k: np.ascontiguousarray(v, np.float32)
+    epath.Path(path).write_bytes(save({k: np.array(v, np.float32, order="C")  # keeps 0-d arrays 0-d
                                        for k, v in tensors.items()}, metadata=metadata))
 
 
@@ -153,7 +153,8 @@ def encoder_rules(ours: str, theirs: str, depth: int, names: dict) -> list[Rule]
 
 
 def norm_rules(ours: str, theirs: str, n: dict) -> list[Rule]:
-    return [Rule(f"{ours}/scale", f"{theirs}.{n['w']}"), Rule(f"{ours}/bias", f"{theirs}.{n['b']}")]
+    scale = n.get("scale", n["w"])  # big_vision / flax: 'scale'; torch: 'weight'
+    return [Rule(f"{ours}/scale", f"{theirs}.{scale}"), Rule(f"{ours}/bias", f"{theirs}.{n['b']}")]
 
 
 def linear_rules(ours: str, theirs: str, n: dict, bias: bool = True) -> list[Rule]:

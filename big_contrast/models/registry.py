@@ -172,6 +172,21 @@ def create_sharded(config, mesh: jax.sharding.Mesh, seed: int | jax.Array = 0,
                                  compiler_options=compiler_options)
 
 
+def create_from_params(config, params_tree) -> TwoTowers:
+    """The model of ``config`` holding ``params_tree`` (nested like ``nnx.to_pure_dict`` of its
+    parameters, e.g. imported weights), cast to the parameter dtype; nothing is initialised at
+    random, so a large released model costs no throw-away initialisation."""
+    abstract = abstract_model(config)
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    expected = {sharding.path_str(p): v.get_value() for p, v in nnx.to_flat_state(params)}
+    given = dict(_flat_params(params_tree))
+    _check_same_params("model", expected, given)
+    values = [(path, variable.replace(jnp.asarray(given[sharding.path_str(path)],
+                                                  variable.get_value().dtype)))
+              for path, variable in nnx.to_flat_state(params)]
+    return nnx.merge(graphdef, nnx.from_flat_state(values), rest)
+
+
 def abstract_model(config) -> TwoTowers:
     """The model with ``jax.ShapeDtypeStruct`` parameters: nothing is allocated."""
     return nnx.eval_shape(lambda: create(config, nnx.Rngs(0)))

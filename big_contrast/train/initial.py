@@ -7,7 +7,6 @@ fresh optimizer state of the config), and a later `train` resumes from it.
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 
 import jax
@@ -20,10 +19,10 @@ from big_contrast.train.loop import build
 
 def save_initial_checkpoint(config, workdir, params_tree) -> None:
     """Writes `params_tree` (nested like the model's parameters) as step 0 of `workdir`."""
-    run = build(config)
-    params = jax.tree.map(lambda new, old: jax.device_put(jax.numpy.asarray(new, old.dtype), old.sharding),
-                          {k: params_tree[k] for k in run.state.params}, run.state.params)
-    state = dataclasses.replace(run.state, params=params)  # fresh optimizer state: zero moments
+    # On one device: the checkpoint restores onto any mesh, and orbax has no replicas to slice.
+    mesh = sharding.make_mesh([(name, 1) for name, _ in config.mesh], devices=jax.devices()[:1])
+    run = build(config, mesh=mesh, params=params_tree)
+    state = run.state  # the given parameters, a fresh optimizer state (zero moments)
     data = make_pipeline(config.data, sharding.batch_sharding(run.mesh), train=True,
                          global_batch_size=config.batch_size)
     try:
