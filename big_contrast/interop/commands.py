@@ -1,6 +1,6 @@
 """`big-contrast import` and `big-contrast export`.
 
-    big-contrast import SOURCE --workdir W [--arch NAME]
+    big-contrast import SOURCE --workdir W [--arch NAME] [--tokenizer DIR]
     big-contrast export --workdir W --to hf OUT     # transformers SiglipModel / CLIPModel
     big-contrast export --workdir W --to npz OUT    # big_vision SigLIP .npz
 
@@ -26,6 +26,9 @@ def parser() -> argparse.ArgumentParser:
     imp.add_argument("--workdir", required=True)
     imp.add_argument("--arch", default=None,
                      help="open_clip model-config name or JSON path; big_vision 'B/16,B,...'")
+    imp.add_argument("--tokenizer", default=None,
+                     help="HF tokenizer directory (spiece.model or tokenizer.json) for sources "
+                          "that carry none (open_clip, big_vision)")
     exp = sub.add_parser("export", help="write a workdir's model in another layout")
     exp.add_argument("--workdir", required=True)
     exp.add_argument("--to", required=True, choices=("hf", "npz"))
@@ -41,17 +44,26 @@ def main(argv, save_checkpoint) -> int:
     (``train.initial.save_initial_checkpoint``; cli.py passes it in)."""
     args = parser().parse_args(argv)
     if args.command == "import":
-        return run_import(args.source, args.workdir, args.arch, save_checkpoint)
+        return run_import(args.source, args.workdir, args.arch, save_checkpoint,
+                          tokenizer=args.tokenizer)
     return run_export(args.workdir, args.to, args.out, step=args.step, config=args.config)
 
 
-def run_import(source, workdir, arch, save_checkpoint) -> int:
+def run_import(source, workdir, arch, save_checkpoint, tokenizer=None) -> int:
     from big_contrast import interop
+    from big_contrast.interop import hf
     from big_contrast.interop.imported import write_workdir
 
     record = interop.read(source, arch)
+    if tokenizer is not None:
+        record.tokenizer = hf.tokenizer_of(tokenizer, record.family,
+                                           record.model_config["text"]["max_len"])
+        if record.tokenizer is None:
+            raise FileNotFoundError(f"--tokenizer {tokenizer}: no spiece.model or tokenizer.json there.")
     workdir = write_workdir(workdir, record, save_checkpoint)
-    counts = models.count_params(record.model())
+    counts = {tower: sum(v.size for k, v in record.params.items() if k.startswith(tower))
+              for tower in ("image", "text")}
+    counts["total"] = sum(v.size for v in record.params.values())
     print(json.dumps(dict(workdir=str(workdir), family=record.family, params=counts,
                           tokenizer=record.tokenizer is not None,
                           eval=f"big-contrast eval --config {workdir}/config.py --workdir {workdir}"),

@@ -172,11 +172,12 @@ def create_sharded(config, mesh: jax.sharding.Mesh, seed: int | jax.Array = 0,
                                  compiler_options=compiler_options)
 
 
-def create_from_params(config, params_tree) -> TwoTowers:
+def create_from_params(config, params_tree, abstract: TwoTowers | None = None) -> TwoTowers:
     """The model of ``config`` holding ``params_tree`` (nested like ``nnx.to_pure_dict`` of its
     parameters, e.g. imported weights), cast to the parameter dtype; nothing is initialised at
-    random, so a large released model costs no throw-away initialisation."""
-    abstract = abstract_model(config)
+    random, so a large released model costs no throw-away initialisation. ``abstract``:
+    ``abstract_model(config)`` when the caller has it already."""
+    abstract = abstract_model(config) if abstract is None else abstract
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     expected = {sharding.path_str(p): v.get_value() for p, v in nnx.to_flat_state(params)}
     given = dict(_flat_params(params_tree))

@@ -77,7 +77,7 @@ def build(config, *, mesh=None, params=None) -> Run:
     if params is None:
         model = models.create_sharded(config.model, mesh, seed=jax.random.key(config.seed))
     else:
-        model = models.create_from_params(config.model, params)
+        model = models.create_from_params(config.model, params, abstract)
         nnx.update(model, sharding.shard_state(nnx.state(model), mesh))
     for tower, directory in config.init_towers.items():
         models.load_tower_params(model, tower, _tower_params_from_checkpoint(directory, tower))
