@@ -404,6 +404,38 @@ def test_import_eval_export_round_trip(hf_siglip, siglip_workdir, tmp_path, caps
     assert all(np.array_equal(again.params[k], v) for k, v in original.params.items())
 
 
+def test_a_workdir_that_was_not_imported_exports_with_its_config(hf_siglip, siglip_workdir, tmp_path):
+    import shutil
+
+    from big_contrast.interop.commands import run_export
+
+    _, reference, _ = hf_siglip
+    plain = tmp_path / "plain"  # checkpoints only, as a run of this project leaves them
+    shutil.copytree(siglip_workdir / "checkpoints", plain / "checkpoints")
+    with pytest.raises(ValueError, match="pass --config"):
+        run_export(plain, "hf", tmp_path / "x")
+    run_export(plain, "hf", tmp_path / "hf", config=str(siglip_workdir / "config.py"))
+    back = transformers.AutoModel.from_pretrained(str(tmp_path / "hf")).eval()
+    pixels, ids = random_inputs(reference.config.text_config.vocab_size, 64)
+    for got, want in zip(reference_outputs(back, pixels, ids), reference_outputs(reference, pixels, ids)):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_npz_import_takes_the_tokenizer_of_an_hf_directory(hf_siglip, tmp_path):
+    from big_contrast.interop.commands import run_import
+
+    directory, reference, tokenizer = hf_siglip
+    path = tmp_path / "siglip.npz"
+    np.savez(path, **flat_npz(big_vision_tree(reference.state_dict(), depth=2)))
+    saved = []
+    run_import(path, tmp_path / "W", bv_arch(reference.config.text_config.vocab_size),
+               lambda config, workdir, params: saved.append(params), tokenizer=str(directory))
+    ours = PretrainedTokenizer(tmp_path / "W" / "tokenizer")
+    expected = tokenizer(TRICKY, padding="max_length", max_length=64, truncation=True).input_ids
+    np.testing.assert_array_equal(ours(TRICKY), np.asarray(expected))
+    assert saved and set(saved[0]) == {"image", "text", "text_head", "log_scale", "bias"}
+
+
 def test_clip_exports_to_transformers_and_refuses_npz(hf_clip, tmp_path):
     from big_contrast.interop.commands import run_export
     from big_contrast.interop.imported import write_workdir
@@ -421,7 +453,13 @@ def test_clip_exports_to_transformers_and_refuses_npz(hf_clip, tmp_path):
         run_export(workdir, "npz", tmp_path / "x.npz")
 
 
-def test_lit_from_an_imported_tower_trains_with_the_tower_frozen(siglip_workdir, tmp_path):
+@pytest.mark.parametrize("how", ["lit", "fine_tune"])
+def test_an_imported_model_trains_a_step_with_the_image_tower_frozen(siglip_workdir, tmp_path, how):
+    """LiT: a fresh workdir loads the imported image tower (`init_towers`); fine-tuning: a copy
+    of the imported workdir resumes from its step-0 checkpoint. Both lock the image tower, so
+    they compile the same step."""
+    import shutil
+
     import jax
 
     from big_contrast import sharding
@@ -431,20 +469,23 @@ def test_lit_from_an_imported_tower_trains_with_the_tower_frozen(siglip_workdir,
 
     config = load_config(siglip_workdir / "config.py")
     config.model.lock_image = True
-    config.init_towers = {"image": str(siglip_workdir)}
     config.evals = {}
-    config.model.text.update(depth=1)  # a new text tower, trained from scratch
+    workdir = tmp_path / how
+    if how == "lit":
+        config.init_towers = {"image": str(siglip_workdir)}
+    else:
+        shutil.copytree(siglip_workdir / "checkpoints", workdir / "checkpoints")
     one_device = sharding.make_mesh([("data", 1)], devices=jax.devices()[:1])  # a faster save
-    train(config, tmp_path / "lit", mesh=one_device, progress=False)
-    ckpt = Checkpointer(tmp_path / "lit" / "checkpoints", async_save=False)
+    train(config, workdir, mesh=one_device, progress=False)
+    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
     state, step = ckpt.restore_arrays()
     ckpt.close()
-    imported = interop.read(siglip_workdir).params
+    imported, trained = interop.read(siglip_workdir).params, flatten(state["params"])
     assert step == 1
-    image = {k: v for k, v in imported.items() if k.startswith("image/")}
-    trained = flatten(state["params"])
-    assert all(np.array_equal(trained[k], v) for k, v in image.items())
+    assert all(np.array_equal(trained[k], v) for k, v in imported.items() if k.startswith("image/"))
     assert not np.array_equal(trained["text_head/kernel"], imported["text_head/kernel"])
+    if how == "fine_tune":  # started from the imported text tower, moved by one small step
+        np.testing.assert_allclose(trained["text_head/kernel"], imported["text_head/kernel"], atol=1e-3)
 
 
 # ----------------------------------------------------------------------------- what has no counterpart

@@ -118,9 +118,18 @@ def _clip_image(v: dict, quick: bool) -> dict:
     width = v.get("width", 768)
     return dict(size_fields(width, v.get("layers", 12), int(width * v.get("mlp_ratio", 4.0)),
                             width // v.get("head_width", 64), v.get("patch_size", 16)),
-                image_size=v.get("image_size", 224), pool="tok", posemb="learn", ln_pre=True,
+                image_size=_square(v.get("image_size", 224)), pool="tok", posemb="learn", ln_pre=True,
                 patch_bias=False, head=True, head_bias=False, act=_act(v, quick),
                 norm_eps=_eps(v, 1e-5))
+
+
+def _square(size) -> int:
+    if isinstance(size, int):
+        return size
+    if len(size) == 2 and size[0] == size[1]:
+        return int(size[0])
+    raise ValueError(f"open_clip vision_cfg.image_size={size!r} is not square; the imported "
+                     "config takes one image size.")
 
 
 def _timm_image(v: dict) -> dict:
@@ -131,7 +140,7 @@ def _timm_image(v: dict) -> dict:
                          "here; timm towers of the form vit_<size>_patch<P>_siglip_<res> are built.")
     size, patch, gap, _ = match.groups()
     pool = "gap" if gap or v.get("timm_pool") == "avg" else "map"
-    return dict(variant=f"{TIMM_SIZES[size]}/{patch}", image_size=v.get("image_size", 224),
+    return dict(variant=f"{TIMM_SIZES[size]}/{patch}", image_size=_square(v.get("image_size", 224)),
                 pool=pool, posemb="learn", head=v.get("timm_proj", "linear") != "none",
                 head_bias=v.get("timm_proj_bias", False), act="gelu", norm_eps=1e-6)
 
@@ -210,8 +219,7 @@ def read(path, arch_name: str):
         state = w.split_fused(state, fused, parts)
     params = w.to_ours(rules(cfg, arch), state, expected_shapes(cfg), str(path))
     cfg = finish_scalars(cfg, params)
-    size = cfg["image"]["image_size"]
-    size = list(size) if isinstance(size, (list, tuple)) else [size, size]
+    size = [cfg["image"]["image_size"]] * 2
     family = "siglip" if cfg["loss"] == "sigmoid" else "clip"
     # open_clip's eval transform: SigLIP resizes to the square ('squash'), CLIP resizes the
     # shorter side and centre-crops; both bicubic.
