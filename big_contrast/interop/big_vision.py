@@ -64,9 +64,9 @@ def _tower_rules(ours: str, theirs: str, encoder: str, depth: int) -> list[w.Rul
 
 
 def rules(cfg: dict) -> list[w.Rule]:
-    from big_contrast.interop.hf import _depths
+    from big_contrast.interop.hf import depths
 
-    image_depth, text_depth = _depths(cfg)
+    image_depth, text_depth = depths(cfg)
     R = w.Rule
     out = [R("image/embedding/kernel", "img/embedding/kernel"),
            R("image/embedding/bias", "img/embedding/bias"),

@@ -51,7 +51,7 @@ def family_of(hf_config: dict) -> str:
 
 
 def _act(tower_cfg: dict, where: str) -> str:
-    act = tower_cfg.get("hidden_act", "gelu_pytorch_tanh")
+    act = tower_cfg["hidden_act"]
     if act not in ACTS:
         raise ValueError(f"config.json {where}.hidden_act={act!r} has no counterpart here; "
                          f"supported: {sorted(ACTS)}.")
@@ -83,19 +83,20 @@ def _text_size(t: dict) -> dict:
 def model_config(hf_config: dict) -> dict:
     """This project's model options for an HF SigLIP / CLIP config (defaults as transformers')."""
     family = family_of(hf_config)
-    v, t = hf_config.get("vision_config", {}), hf_config.get("text_config", {})
-    defaults = (dict(hidden_size=768, num_hidden_layers=12, intermediate_size=3072,
-                     num_attention_heads=12) if family == "siglip" else
-                dict(hidden_size=512, num_hidden_layers=12, intermediate_size=2048,
-                     num_attention_heads=8))
-    v = {**dict(hidden_size=768, num_hidden_layers=12, intermediate_size=3072,
-                num_attention_heads=12, image_size=224, num_channels=3,
-                patch_size=16 if family == "siglip" else 32,
-                layer_norm_eps=1e-6 if family == "siglip" else 1e-5), **v}
-    t = {**defaults, **dict(vocab_size=32000 if family == "siglip" else 49408,
-                            max_position_embeddings=64 if family == "siglip" else 77,
-                            layer_norm_eps=1e-6 if family == "siglip" else 1e-5,
-                            pad_token_id=1, eos_token_id=2 if family == "siglip" else 49407), **t}
+    siglip = family == "siglip"
+    tower = (dict(hidden_size=768, num_hidden_layers=12, intermediate_size=3072,
+                  num_attention_heads=12) if siglip else
+             dict(hidden_size=512, num_hidden_layers=12, intermediate_size=2048,
+                  num_attention_heads=8))
+    eps = 1e-6 if siglip else 1e-5
+    tower["hidden_act"] = "gelu_pytorch_tanh" if siglip else "quick_gelu"
+    v = {**tower, **dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                         image_size=224, num_channels=3, patch_size=16 if siglip else 32,
+                         layer_norm_eps=eps), **hf_config.get("vision_config", {})}
+    t = {**tower, **dict(vocab_size=32000 if siglip else 49408,
+                         max_position_embeddings=64 if siglip else 77, layer_norm_eps=eps,
+                         pad_token_id=1, eos_token_id=2 if siglip else 49407),
+         **hf_config.get("text_config", {})}
     image = dict(**_vision_size(v), image_size=v["image_size"], channels=v["num_channels"],
                  posemb="learn", act=_act(v, "vision_config"), norm_eps=v["layer_norm_eps"])
     text = dict(**_text_size(t), vocab_size=t["vocab_size"], max_len=t["max_position_embeddings"],
@@ -121,7 +122,7 @@ def model_config(hf_config: dict) -> dict:
                 loss="softmax")
 
 
-def _depths(cfg: dict) -> tuple[int, int]:
+def depths(cfg: dict) -> tuple[int, int]:
     def depth(tower):
         return tower.get("depth") or variants.SIZES[tower["variant"].split("/")[0]].depth
     return depth(cfg["image"]), depth(cfg["text"])
@@ -134,7 +135,7 @@ def family_of_model(cfg: dict) -> str:
 def rules(cfg: dict) -> list[w.Rule]:
     """Weight name map between this project's params and an HF SiglipModel / CLIPModel."""
     family = family_of_model(cfg)
-    image_depth, text_depth = _depths(cfg)
+    image_depth, text_depth = depths(cfg)
     R = w.Rule
     vm, tm = "vision_model", "text_model"
     out = [R("image/embedding/kernel", f"{vm}.embeddings.patch_embedding.weight", "conv"),

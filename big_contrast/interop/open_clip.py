@@ -25,7 +25,6 @@ from etils import epath
 
 from big_contrast.interop import weights as w
 from big_contrast.interop.hf import size_fields
-from big_contrast.models import variants
 
 NAMES = dict(block=".transformer.resblocks.", norm1="ln_1", norm2="ln_2", q="attn.q",
              k="attn.k", v="attn.v", out="attn.out_proj", fc1="mlp.c_fc", fc2="mlp.c_proj",
@@ -146,9 +145,9 @@ def _timm_image(v: dict) -> dict:
 
 
 def rules(cfg: dict, arch: dict) -> list[w.Rule]:
-    from big_contrast.interop.hf import _depths
+    from big_contrast.interop.hf import depths
 
-    image_depth, text_depth = _depths(cfg)
+    image_depth, text_depth = depths(cfg)
     R = w.Rule
     timm = bool(arch.get("vision_cfg", {}).get("timm_model_name"))
     txt = "text." if arch.get("custom_text") else ""

@@ -26,21 +26,18 @@ class Rule:
     kind: str = "id"
 
 
-def _lin_in(x, shape):  # torch [out, in] -> ours [in, ...out] (Dense and q/k/v kernels)
+def _transpose(x, shape):  # torch [out, in] -> ours [in, out], reshaped to heads where needed
     return x.T.reshape(shape)
 
 
-def _lin_out(x, shape):  # torch [out, in] -> ours [...in, out] (attention output kernel)
-    return x.T.reshape(shape)
-
-
-# kind -> (to ours given our shape, to theirs)
+# kind -> (to ours given our shape, to theirs). 'lin': Dense and q/k/v kernels (ours
+# [in, ...out]); 'lin_out': the attention output kernel (ours [...in, out]).
 KINDS = {
     "id": (lambda x, shape: x.reshape(shape), lambda x: x),
     "flat": (lambda x, shape: x.reshape(shape), lambda x: x.reshape(-1)),
     "lead1": (lambda x, shape: x.reshape(shape), lambda x: x.reshape(x.shape[1:])),
-    "lin": (_lin_in, lambda x: x.reshape(x.shape[0], -1).T),
-    "lin_out": (_lin_out, lambda x: x.reshape(-1, x.shape[-1]).T),
+    "lin": (_transpose, lambda x: x.reshape(x.shape[0], -1).T),
+    "lin_out": (_transpose, lambda x: x.reshape(-1, x.shape[-1]).T),
     "conv": (lambda x, shape: x.transpose(2, 3, 1, 0).reshape(shape),
              lambda x: x.transpose(3, 2, 0, 1)),
 }
