@@ -222,6 +222,12 @@ def test_open_clip_import_gives_the_reference_embeddings(name, tmp_path):
     weights = tmp_path / f"{name}.safetensors"
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(weights))
     model, _, _ = interop.load(weights, arch=str(arch_path))
+    if name == "bc-tiny-clip":  # a torch pickle holds the same weights
+        from big_contrast.interop.weights import read_weights
+
+        torch.save(reference.state_dict(), tmp_path / "model.bin")
+        pickled, safe = read_weights(tmp_path / "model.bin"), read_weights(weights)
+        assert pickled.keys() == safe.keys() and all(np.array_equal(pickled[k], safe[k]) for k in safe)
     pixels, ids = random_inputs(64, 16)
     with torch.no_grad():
         ref_img = reference.encode_image(torch.tensor(pixels.transpose(0, 3, 1, 2)), normalize=True)
@@ -307,6 +313,17 @@ def bv_arch(vocab):
     """big_vision's test size 'mu' with the reference's depth and MLP width."""
     return (f"mu/8,mu,vocab={vocab},size=32,len=64,img_depth=2,txt_depth=2,img_mlp_dim=64,"
             "txt_mlp_dim=64")
+
+
+def test_safetensors_import_does_not_import_torch(hf_siglip):
+    import subprocess
+    import sys
+
+    code = ("import sys; from big_contrast.interop import hf; d = sys.argv[1]; "
+            "state = hf.read_state(d); cfg = hf.model_config(hf.read_config(d)); "
+            "tok = hf.tokenizer_of(d, 'siglip', 64); "
+            "assert state and tok and 'torch' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code, str(hf_siglip[0])], check=True)
 
 
 def test_mis_shaped_and_unexpected_weights_are_named(hf_siglip, tmp_path):
