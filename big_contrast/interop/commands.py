@@ -60,6 +60,8 @@ def run_import(source, workdir, arch, save_checkpoint, tokenizer=None) -> int:
                                            record.model_config["text"]["max_len"])
         if record.tokenizer is None:
             raise FileNotFoundError(f"--tokenizer {tokenizer}: no spiece.model or tokenizer.json there.")
+        if record.text_normalize:  # e.g. open_clip's SigLIP configs canonicalise the text
+            record.tokenizer["settings"]["normalize"] = record.text_normalize
     workdir = write_workdir(workdir, record, save_checkpoint)
     counts = {tower: sum(v.size for k, v in record.params.items() if k.startswith(tower))
               for tower in ("image", "text")}

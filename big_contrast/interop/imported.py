@@ -36,6 +36,7 @@ class Imported:
     params: dict  # flat '/'-joined path -> float32 numpy array
     tokenizer: dict | None  # directory, settings (see tokenizers.py), extra_files
     preprocess: dict  # preprocess.Transform settings
+    text_normalize: str | None = None  # the family's text cleaning, for a --tokenizer given later
 
     def model(self) -> models.TwoTowers:
         return build_model(self.model_config, self.params)

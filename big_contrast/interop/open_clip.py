@@ -224,4 +224,6 @@ def read(path, arch_name: str):
     # shorter side and centre-crops; both bicubic.
     pp = (dict(preprocess.SIGLIP, size=size) if family == "siglip" else
           dict(preprocess.CLIP, size=size[0], crop=size))
-    return Imported(family, str(path), cfg, params, None, pp)
+    clean = (arch.get("text_cfg", {}).get("tokenizer_kwargs") or {}).get("clean")
+    return Imported(family, str(path), cfg, params, None, pp,
+                    text_normalize="canonicalize" if clean == "canonicalize" else None)

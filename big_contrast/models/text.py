@@ -17,9 +17,10 @@ Input int token ids ``[B, L]`` with ``L <= max_len``, right-padded with
 padding mask at all, texts are always padded to ``max_len`` and ``'last'``
 pools the final position; the padding tokens are then part of the input.
 
-Padding never changes the embedding (with ``mask_padding=True``): padded positions are masked from every
-attention and from pooling, and position embeddings are absolute, so a text
-padded to 64 tokens embeds exactly as the same text with no padding.
+With ``mask_padding=True`` (the default) padding never changes the embedding:
+padded positions are masked from every attention and from pooling, and position
+embeddings are absolute, so a text padded to 64 tokens embeds exactly as the
+same text with no padding.
 """
 from __future__ import annotations
 
