@@ -525,3 +525,26 @@ def test_what_has_no_counterpart_fails_with_a_sentence(hf_siglip, tmp_path):
     from big_contrast import models
     with pytest.raises(ValueError, match="image.pool='gap'"):
         hf.check_exportable(models.resolve_config(cfg))
+
+
+def test_checkpoint_arrays_restore_on_fewer_devices_than_wrote_them(tmp_path):
+    """Export and init_towers read a pod's checkpoint on a one-device machine."""
+    import subprocess
+    import sys
+
+    import jax
+
+    from big_contrast.checkpoint import Checkpointer
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+    w = jax.device_put(np.arange(16, dtype=np.float32).reshape(8, 2),
+                       jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    ckpt.save(0, {"params": {"w": w}}, {"step": 0}, wait=True)
+    ckpt.close()
+    code = ("import sys, numpy as np, jax; from big_contrast.checkpoint import Checkpointer; "
+            "assert jax.device_count() == 1; c = Checkpointer(sys.argv[1], async_save=False); "
+            "state, _ = c.restore_arrays(); c.close(); "
+            "assert np.array_equal(state['params']['w'], np.arange(16).reshape(8, 2))")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "checkpoints")], check=True, env=env)
