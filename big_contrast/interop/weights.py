@@ -58,7 +58,11 @@ def read_weights(path) -> dict[str, np.ndarray]:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             return {k: np.asarray(npz[k], np.float32) for k in npz.files}
     if path.name.endswith((".bin", ".pt", ".pth")):
-        import torch  # only for pickled torch checkpoints
+        try:
+            import torch  # only for pickled torch checkpoints
+        except ImportError:
+            raise ValueError(f"{path.name} is a torch pickle and torch is not installed; install "
+                             "torch or convert the file to .safetensors.") from None
 
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         state = state.get("state_dict", state)
