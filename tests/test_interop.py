@@ -368,6 +368,16 @@ def test_gemma_ids_equal_transformers_siglip2_tokenizer(gemma_dir):
     assert ours("A CAT")[0].tolist() == ours("a cat")[0].tolist()  # SigLIP 2 lowercases
 
 
+def test_open_clip_clip_tokenizer_ids_equal_open_clip(tmp_path):
+    open_clip = pytest.importorskip("open_clip")
+    from big_contrast.interop.open_clip import clip_tokenizer
+
+    record = clip_tokenizer(tmp_path, 77)
+    ours = PretrainedTokenizer(record["directory"], settings=record["settings"])
+    captions = TRICKY + ["it's &amp; they're 123 4.5", "emoji 😀🎉 ok", "<start_of_text> x"]
+    np.testing.assert_array_equal(ours(captions), open_clip.get_tokenizer("ViT-B-32")(captions).numpy())
+
+
 def test_canonicalisation_is_big_vision_s():
     from big_contrast.interop.tokenizers import canonicalize
 

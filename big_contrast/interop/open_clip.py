@@ -9,6 +9,10 @@ such a JSON file. Two tower kinds are built:
 * timm's SigLIP ViT (``timm_model_name: vit_<size>_patch<P>_siglip_<res>``, MAP pooling,
   exact GELU, LayerNorm eps 1e-6): ``visual.trunk.*``.
 
+Tokenizer: open_clip's own CLIP BPE (``SimpleTokenizer``, rebuilt as a ``tokenizer.json``
+from the vocabulary file open_clip ships) for configs without ``hf_tokenizer_name``;
+SigLIP configs name a hub tokenizer, which is not downloaded: pass ``--tokenizer DIR``.
+
 The text tower is open_clip's ``TextTransformer`` (``text.*`` when ``custom_text``), pooled
 by the largest id (``argmax``), the first EOS or the last position, with exact GELU (or
 QuickGELU with ``quick_gelu``, tanh with ``act_kwargs``) and eps 1e-5 unless ``norm_kwargs``
@@ -207,6 +211,73 @@ _FUSED = (("attn.in_proj_weight", ("attn.q.weight", "attn.k.weight", "attn.v.wei
           ("attn_pool.kv.bias", ("attn_pool.k.bias", "attn_pool.v.bias")))
 
 
+CLIP_VOCAB_SIZE = 49408
+CLIP_PATTERN = r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+def clip_tokenizer_json(bpe_path, out_path) -> tuple[int, int]:
+    """open_clip's ``SimpleTokenizer`` (the OpenAI CLIP BPE shipped with open_clip) as a
+    ``tokenizer.json`` for the ``tokenizers`` library; returns its (vocab size, EOT id)."""
+    import gzip
+
+    import tokenizers
+    from tokenizers import Regex, pre_tokenizers, processors
+
+    lines = gzip.decompress(epath.Path(bpe_path).read_bytes()).decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
+    alphabet = list(pre_tokenizers.ByteLevel.alphabet())
+    alphabet = sorted(alphabet, key=_BYTE_ORDER.__getitem__)
+    vocab = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
+    vocab += ["<start_of_text>", "<end_of_text>"]
+    ids = {token: i for i, token in enumerate(vocab)}
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(ids, merges, end_of_word_suffix="</w>"))
+    tok.add_special_tokens(["<start_of_text>", "<end_of_text>"])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    sot, eot = ids["<start_of_text>"], ids["<end_of_text>"]
+    tok.post_processor = processors.TemplateProcessing(
+        single="<start_of_text> $A <end_of_text>",
+        special_tokens=[("<start_of_text>", sot), ("<end_of_text>", eot)])
+    epath.Path(out_path).write_text(tok.to_str())
+    return len(vocab), eot
+
+
+def _byte_order() -> dict[str, int]:
+    """GPT-2's bytes_to_unicode order (printable bytes first), which open_clip's vocab uses."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b not in printable:
+            chars[b] = 256 + extra
+            extra += 1
+        else:
+            chars[b] = b
+    order = printable + [b for b in range(256) if b not in printable]
+    return {chr(chars[b]): i for i, b in enumerate(order)}
+
+
+_BYTE_ORDER = _byte_order()
+
+
+def clip_tokenizer(directory, max_len: int) -> dict | None:
+    """The tokenizer record of open_clip's own CLIP tokenizer, written into ``directory``
+    (None when open_clip's BPE file is not installed)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    bpe = epath.Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    if not bpe.exists():
+        return None
+    directory = epath.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _, eot = clip_tokenizer_json(bpe, directory / "tokenizer.json")
+    settings = dict(kind="tokenizers", file="tokenizer.json", max_len=max_len, pad_id=0,
+                    eos_id=eot, normalize="clip", padding_side="right")
+    return dict(directory=str(directory), settings=settings)
+
+
 def read(path, arch_name: str):
     from big_contrast.interop import preprocess
     from big_contrast.interop.imported import Imported, expected_shapes, finish_scalars
@@ -224,6 +295,12 @@ def read(path, arch_name: str):
     # shorter side and centre-crops; both bicubic.
     pp = (dict(preprocess.SIGLIP, size=size) if family == "siglip" else
           dict(preprocess.CLIP, size=size[0], crop=size))
-    clean = (arch.get("text_cfg", {}).get("tokenizer_kwargs") or {}).get("clean")
-    return Imported(family, str(path), cfg, params, None, pp,
+    text_cfg = arch.get("text_cfg", {})
+    clean = (text_cfg.get("tokenizer_kwargs") or {}).get("clean")
+    tokenizer = None
+    if not text_cfg.get("hf_tokenizer_name") and cfg["text"]["vocab_size"] == CLIP_VOCAB_SIZE:
+        import tempfile  # open_clip's own CLIP BPE; write_workdir copies it into W/tokenizer
+
+        tokenizer = clip_tokenizer(tempfile.mkdtemp(prefix="clip_bpe_"), cfg["text"]["max_len"])
+    return Imported(family, str(path), cfg, params, tokenizer, pp,
                     text_normalize="canonicalize" if clean == "canonicalize" else None)

@@ -7,7 +7,8 @@ family's own file (``spiece.model`` or a ``tokenizer.json``) and ``settings.json
     file       the model file inside the directory
     normalize  'none' | 'lower' | 'canonicalize' (big_vision's: lowercase, strip ASCII
                punctuation, collapse white space; SigLIP and open_clip's SigLIP 2) |
-               'punctuation' (the same without lowercasing)
+               'punctuation' (the same without lowercasing) | 'clip' (open_clip's: ftfy when
+               installed, HTML unescaping, white space collapsed, lowercase)
     max_len    every text becomes exactly this many ids (64 for SigLIP, 77 for CLIP)
     pad_id     the padding id (SigLIP pads with EOS = 1, HF CLIP with <|endoftext|>)
     eos_id     appended by sentencepiece; a ``tokenizer.json`` adds its own special
@@ -30,7 +31,7 @@ import numpy as np
 from etils import epath
 
 SETTINGS = "settings.json"
-NORMALIZERS = ("none", "lower", "canonicalize", "punctuation")
+NORMALIZERS = ("none", "lower", "canonicalize", "punctuation", "clip")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
@@ -40,7 +41,22 @@ def canonicalize(text: str, lower: bool = True) -> str:
     return re.sub(r"\s+", " ", text.translate(_PUNCTUATION)).strip()
 
 
+def clip_clean(text: str) -> str:
+    """open_clip's ``_clean_lower``: ftfy (if installed), HTML unescaping, collapsed white space, lowercase."""
+    import html
+
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:  # ftfy only repairs mojibake; without it such text may tokenize differently
+        pass
+    return re.sub(r"\s+", " ", html.unescape(html.unescape(text)).strip()).strip().lower()
+
+
 def normalize(text: str, how: str) -> str:
+    if how == "clip":
+        return clip_clean(text)
     if how in ("canonicalize", "punctuation"):
         return canonicalize(text, lower=how == "canonicalize")
     return text.lower() if how == "lower" else text
