@@ -65,12 +65,22 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"No checkpoint in {self.directory}.")
-        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        # Single-device targets from the saved metadata: any topology (a pod's checkpoint on a
+        # laptop) restores, which orbax refuses without a target.
+        target = _one_device_target(self.directory / str(step) / "state")
+        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         return restored["state"], step
 
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _one_device_target(state_dir) -> Any:
+    metadata = ocp.StandardCheckpointer().metadata(state_dir)
+    tree = getattr(metadata, "item_metadata", metadata)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
 
 
 def abstract_like(tree: Any, shardings: Any = None) -> Any:

@@ -5,6 +5,8 @@
     big-contrast eval  --config C --workdir DIR --benchmarks imagenet2012,cifar100,coco --data_dir D
     big-contrast plan  --config configs/siglip_so400m14.py [--device_memory_gb 95]
     big-contrast data convert ... | big-contrast data train-tokenizer ...
+    big-contrast import SOURCE --workdir W [--arch NAME]   (HF dir, open_clip file, big_vision .npz)
+    big-contrast export --workdir W --to hf|npz OUT
 
 Configs are python files with `get_config(arg=None)` (ml_collections); `--config path:arg`
 passes `arg`, and `--config.key=value` overrides any field, big_vision style.
@@ -26,8 +28,11 @@ def main(argv=None) -> int:
     command, rest = argv[1], argv[2:]
     if command == "data":
         return _data_command(rest)
+    if command in ("import", "export"):
+        return _interop_command(command, rest)
     if command not in ("train", "eval", "plan"):
-        print(f"Unknown command {command!r}; use train, eval, plan or data.\n{USAGE}", file=sys.stderr)
+        print(f"Unknown command {command!r}; use train, eval, plan, data, import or export.\n{USAGE}",
+              file=sys.stderr)
         return 2
     from big_contrast import distributed
 
@@ -142,6 +147,13 @@ def _data_command(rest) -> int:
     if isinstance(result, dict):
         print(json.dumps(result, indent=1, default=str))
     return 0 if not isinstance(result, int) else result
+
+
+def _interop_command(command, rest) -> int:
+    from big_contrast.interop.commands import main as interop_main
+    from big_contrast.train.initial import save_initial_checkpoint
+
+    return interop_main([command, *rest], save_checkpoint=save_initial_checkpoint)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ Tokenizers (`make_tokenizer(spec)`):
   * `"demo"`: whole words of the demo captions (pad=0, eos=1, unk=2, words from 3), no
     training needed.
   * `"bytes"`: UTF-8 bytes + 3 (pad=0, eos=1, unk=2 unused), vocabulary 259; works for any text.
+  * a tokenizer directory written by `big-contrast import` (`interop/tokenizers.py`): a released
+    checkpoint's sentencepiece or `tokenizer.json` tokenizer with its own normalisation, padding
+    id and length; it brings its own `encode_fixed`, which `encode_fixed` below defers to.
 `lowercase=True` lowercases captions before encoding (and before training).
 """
 
@@ -96,7 +99,11 @@ class SentencePieceTokenizer:
 
 
 def make_tokenizer(spec: str, lowercase: bool = True):
-    """`'bytes'`, `'demo'`, or a path to a sentencepiece `.model` file."""
+    """`'bytes'`, `'demo'`, a path to a sentencepiece `.model` file or an imported tokenizer dir."""
+    from big_contrast.interop.tokenizers import PretrainedTokenizer, is_tokenizer_dir
+
+    if is_tokenizer_dir(spec):
+        return PretrainedTokenizer(spec, lowercase)
     if spec == "bytes":
         return ByteTokenizer(lowercase)
     if spec == "demo":
@@ -111,7 +118,10 @@ def make_tokenizer(spec: str, lowercase: bool = True):
 
 
 def encode_fixed(tokenizer, text: str, max_len: int) -> np.ndarray:
-    """Token ids truncated to `max_len - 1`, then EOS, then PAD_ID padding: int32 `[max_len]`."""
+    """Token ids truncated to `max_len - 1`, then EOS, then PAD_ID padding: int32 `[max_len]`
+    (a released checkpoint's tokenizer applies its own convention)."""
+    if hasattr(tokenizer, "encode_fixed"):
+        return tokenizer.encode_fixed(text, max_len)
     ids = tokenizer.encode(text)[: max_len - 1] + [tokenizer.eos_id]
     tokens = np.full((max_len,), PAD_ID, np.int32)
     tokens[: len(ids)] = ids

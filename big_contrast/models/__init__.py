@@ -11,6 +11,7 @@ from big_contrast.models.registry import (
     abstract_model,
     count_params,
     create,
+    create_from_params,
     create_image_tower,
     create_sharded,
     create_text_tower,
@@ -27,7 +28,7 @@ from big_contrast.models.vit import ViT
 
 __all__ = [
     "LOSS_DEFAULTS", "SIZES", "Embeddings", "TextTransformer", "TwoTowers", "ViT",
-    "abstract_model", "count_params", "create", "create_image_tower", "create_sharded",
-    "create_text_tower", "decode_image_variant", "decode_text_variant", "default_model_config",
+    "abstract_model", "count_params", "create", "create_from_params", "create_image_tower",
+    "create_sharded", "create_text_tower", "decode_image_variant", "decode_text_variant", "default_model_config",
     "frozen_mask", "l2_normalize", "load_tower_params", "num_params", "resolve_config",
 ]

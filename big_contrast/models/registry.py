@@ -12,6 +12,11 @@ config passed to ``create`` may set any subset, unknown keys are an error):
   ``causal`` (CLIP) or bidirectional (SigLIP), ``pool`` (None: 'eos' if
   causal else 'last'; see ``text.POOLS``), ``pad_id``, ``eos_id`` (None:
   OpenAI's argmax-id convention), the same overrides, and ``head``.
+Options for released checkpoints (``big_contrast/interop``), per tower:
+  ``act`` ('gelu_tanh' | 'gelu' | 'quick_gelu'), ``norm_eps`` (LayerNorm
+  epsilon), ``head_bias`` (CLIP's projections have none); image ``ln_pre``
+  and ``patch_bias`` (CLIP); text ``mask_padding=False`` (SigLIP as released:
+  no padding mask, texts padded to max_len, 'last' pools the final position).
 ``embed_dim``: shared embedding width, or None for no projection heads (the
   two tower widths must then agree).
 ``loss``: 'softmax' | 'sigmoid'; picks the defaults of the three fields below.
@@ -75,9 +80,11 @@ def _model_defaults(optional) -> dict:
 
     return dict(
         image=dict(variant="B/16", image_size=224, pool="map", posemb="learn", channels=3,
-                   head=True, patch_dropout=0.0, **size_overrides()),
+                   head=True, head_bias=True, ln_pre=False, patch_bias=True, act="gelu_tanh",
+                   norm_eps=1e-6, patch_dropout=0.0, **size_overrides()),
         text=dict(variant="B", vocab_size=32_000, max_len=64, causal=False, pool=optional(str),
-                  pad_id=0, eos_id=1, head=True, **size_overrides()),
+                  pad_id=0, eos_id=1, head=True, head_bias=True, mask_padding=True,
+                  act="gelu_tanh", norm_eps=1e-6, **size_overrides()),
         embed_dim=768,
         loss="sigmoid",
         log_scale_init=optional(float),
@@ -131,8 +138,9 @@ def create_image_tower(cfg: dict, rngs: nnx.Rngs) -> ViT:
     size = variants.with_overrides(size, **_size_overrides(image))
     return ViT(patch_size=patch, image_size=image["image_size"], pool=image["pool"],
                posemb=image["posemb"], channels=image["channels"],
-               patch_dropout=image["patch_dropout"], **vars(size), **_common(cfg),
-               rngs=rngs)
+               patch_dropout=image["patch_dropout"], ln_pre=image["ln_pre"],
+               patch_bias=image["patch_bias"], act=image["act"], norm_eps=image["norm_eps"],
+               **vars(size), **_common(cfg), rngs=rngs)
 
 
 def create_text_tower(cfg: dict, rngs: nnx.Rngs) -> TextTransformer:
@@ -141,7 +149,9 @@ def create_text_tower(cfg: dict, rngs: nnx.Rngs) -> TextTransformer:
                                    **_size_overrides(text))
     return TextTransformer(vocab_size=text["vocab_size"], max_len=text["max_len"],
                            causal=text["causal"], pool=text["pool"], pad_id=text["pad_id"],
-                           eos_id=text["eos_id"], **vars(size), **_common(cfg), rngs=rngs)
+                           eos_id=text["eos_id"], mask_padding=text["mask_padding"],
+                           act=text["act"], norm_eps=text["norm_eps"], **vars(size),
+                           **_common(cfg), rngs=rngs)
 
 
 def create(config: Mapping | None = None,
@@ -155,7 +165,9 @@ def create(config: Mapping | None = None,
     scalars = {k: loss_defaults[k] if cfg[k] is None else cfg[k] for k in loss_defaults}
     return TwoTowers(create_image_tower(cfg, rngs), create_text_tower(cfg, rngs),
                      embed_dim=cfg["embed_dim"], image_head=cfg["image"]["head"],
-                     text_head=cfg["text"]["head"], lock_image=cfg["lock_image"],
+                     text_head=cfg["text"]["head"],
+                     head_bias=(cfg["image"]["head_bias"], cfg["text"]["head_bias"]),
+                     lock_image=cfg["lock_image"],
                      param_dtype=_dtype(cfg["param_dtype"]), rngs=rngs, **scalars)
 
 
@@ -170,6 +182,22 @@ def create_sharded(config, mesh: jax.sharding.Mesh, seed: int | jax.Array = 0,
     resolve_config(config)  # fail on a bad config before tracing
     return sharding.init_sharded(lambda: create(config, nnx.Rngs(seed)), mesh, rules,
                                  compiler_options=compiler_options)
+
+
+def create_from_params(config, params_tree, abstract: TwoTowers | None = None) -> TwoTowers:
+    """The model of ``config`` holding ``params_tree`` (nested like ``nnx.to_pure_dict`` of its
+    parameters, e.g. imported weights), cast to the parameter dtype; nothing is initialised at
+    random, so a large released model costs no throw-away initialisation. ``abstract``:
+    ``abstract_model(config)`` when the caller has it already."""
+    abstract = abstract_model(config) if abstract is None else abstract
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    expected = {sharding.path_str(p): v.get_value() for p, v in nnx.to_flat_state(params)}
+    given = dict(_flat_params(params_tree))
+    _check_same_params("model", expected, given)
+    values = [(path, variable.replace(jnp.asarray(given[sharding.path_str(path)],
+                                                  variable.get_value().dtype)))
+              for path, variable in nnx.to_flat_state(params)]
+    return nnx.merge(graphdef, nnx.from_flat_state(values), rest)
 
 
 def abstract_model(config) -> TwoTowers:

@@ -13,9 +13,14 @@ Input int token ids ``[B, L]`` with ``L <= max_len``, right-padded with
   of the keys; ``pool`` is ``'last'`` (last non-padding token), ``'first'``,
   ``'mean'`` (over non-padding tokens) or ``'map'`` (attention pooling).
 
-Padding never changes the embedding: padded positions are masked from every
-attention and from pooling, and position embeddings are absolute, so a text
-padded to 64 tokens embeds exactly as the same text with no padding.
+``mask_padding=False`` (SigLIP as released, HF ``SiglipTextModel``): no
+padding mask at all, texts are always padded to ``max_len`` and ``'last'``
+pools the final position; the padding tokens are then part of the input.
+
+With ``mask_padding=True`` (the default) padding never changes the embedding:
+padded positions are masked from every attention and from pooling, and position
+embeddings are absolute, so a text padded to 64 tokens embeds exactly as the
+same text with no padding.
 """
 from __future__ import annotations
 
@@ -34,13 +39,15 @@ class TextTransformer(nnx.Module):
     def __init__(self, *, vocab_size: int, max_len: int, width: int, depth: int, mlp_dim: int,
                  num_heads: int, causal: bool = False, pool: str | None = None, pad_id: int = 0,
                  eos_id: int | None = 1, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat: str = "none", scan: bool = False, rngs: nnx.Rngs):
+                 remat: str = "none", scan: bool = False, mask_padding: bool = True,
+                 act: str = "gelu_tanh", norm_eps: float = 1e-6, rngs: nnx.Rngs):
         pool = ("eos" if causal else "last") if pool is None else pool
         tfm.check_choice("text pool", pool, POOLS)
         tfm.check_heads(width, num_heads)
         if vocab_size < 1 or max_len < 1:
             raise ValueError(f"text vocab_size={vocab_size} and max_len={max_len} must be positive.")
         self.causal, self.pool, self.pad_id, self.eos_id = causal, pool, pad_id, eos_id
+        self.mask_padding = mask_padding
         self.max_len, self.width, self.dtype = max_len, width, dtype
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -50,14 +57,16 @@ class TextTransformer(nnx.Module):
                                     rngs.params(), (1, max_len, width), param_dtype),
                                 **tfm.logical(None, None, "embed"))
         self.encoder = tfm.Encoder(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads,
-                                   remat=remat, scan=scan, **common)
-        self.map_head = (tfm.MAPHead(width, mlp_dim, num_heads, **common)
+                                   remat=remat, scan=scan, act=act, norm_eps=norm_eps, **common)
+        self.map_head = (tfm.MAPHead(width, mlp_dim, num_heads, act=act, norm_eps=norm_eps,
+                                     **common)
                          if pool == "map" else nnx.data(None))
 
     def __call__(self, tokens_bl: jax.Array) -> jax.Array:
         self._check_tokens(tokens_bl)
         length = tokens_bl.shape[1]
-        valid_bl = tokens_bl != self.pad_id
+        valid_bl = (tokens_bl != self.pad_id if self.mask_padding
+                    else jnp.ones(tokens_bl.shape, bool))
         # FSDP/TP gather the table before the lookup: a gather from a sharded
         # table cannot be partitioned efficiently (XLA replicates it anyway).
         table_vd = constrain(self.embedding.embedding.get_value(), ("act_vocab", "act_embed"))

@@ -8,6 +8,11 @@ with ``sharding.constrain`` (a no-op outside ``jax.set_mesh``).
 Layouts follow big_vision's ViT encoder: pre-LayerNorm blocks, multi-head
 attention with q/k/v kernels ``[D, H, D/H]`` and an output kernel
 ``[H, D/H, D]``, a GELU MLP, and a final LayerNorm.
+
+Options that released checkpoints need (see ``big_contrast/interop``): the MLP
+activation ``act`` (``ACTIVATIONS``: big_vision / SigLIP use tanh-GELU, OpenAI
+CLIP QuickGELU, LAION and open_clip's SigLIP text towers exact GELU) and the
+LayerNorm epsilon ``norm_eps`` (1e-6 in big_vision / SigLIP, 1e-5 in CLIP).
 """
 from __future__ import annotations
 
@@ -38,6 +43,12 @@ REMAT_POLICIES = {
 
 _xavier = nnx.initializers.xavier_uniform()
 
+ACTIVATIONS = {
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # big_vision, HF "gelu_pytorch_tanh"
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact erf GELU (torch nn.GELU)
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP
+}
+
 
 def logical(*axes: str | None) -> dict:
     """Variable metadata naming the logical axes of a parameter."""
@@ -55,17 +66,20 @@ def check_heads(width: int, num_heads: int) -> None:
                          "pick a number of heads that divides the width.")
 
 
-def layer_norm(width: int, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype,
+def layer_norm(width: int, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs,
+               eps: float = 1e-6) -> nnx.LayerNorm:
+    return nnx.LayerNorm(width, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
                          scale_metadata=logical("embed"), bias_metadata=logical("embed"),
                          rngs=rngs)
 
 
 class Mlp(nnx.Module):
-    """Dense(D->F), GELU, Dense(F->D); the hidden units are tensor-parallel."""
+    """Dense(D->F), activation ``act`` (``ACTIVATIONS``), Dense(F->D); hidden units tensor-parallel."""
 
     def __init__(self, width: int, mlp_dim: int, *, dtype: Dtype, param_dtype: Dtype,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, act: str = "gelu_tanh"):
+        check_choice("act", act, ACTIVATIONS)
+        self.act = act
         common = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=_xavier,
                       rngs=rngs)  # zero biases
         self.fc1 = nnx.Linear(width, mlp_dim, kernel_metadata=logical("embed", "mlp"),
@@ -74,7 +88,7 @@ class Mlp(nnx.Module):
                               bias_metadata=logical("embed"), **common)
 
     def __call__(self, x_bld: jax.Array) -> jax.Array:
-        h_blf = constrain(jax.nn.gelu(self.fc1(x_bld)), ACT_BLF)
+        h_blf = constrain(ACTIVATIONS[self.act](self.fc1(x_bld)), ACT_BLF)
         return self.fc2(h_blf)
 
 
@@ -171,12 +185,13 @@ class Block(nnx.Module):
     """Pre-LN residual block: x + Attn(LN(x)), then x + MLP(LN(x))."""
 
     def __init__(self, width: int, mlp_dim: int, num_heads: int, *, dtype: Dtype,
-                 param_dtype: Dtype, rngs: nnx.Rngs):
+                 param_dtype: Dtype, rngs: nnx.Rngs, act: str = "gelu_tanh",
+                 norm_eps: float = 1e-6):
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.norm1 = layer_norm(width, **common)
+        self.norm1 = layer_norm(width, eps=norm_eps, **common)
         self.attention = Attention(width, num_heads, **common)
-        self.norm2 = layer_norm(width, **common)
-        self.mlp = Mlp(width, mlp_dim, **common)
+        self.norm2 = layer_norm(width, eps=norm_eps, **common)
+        self.mlp = Mlp(width, mlp_dim, act=act, **common)
 
     def __call__(self, x_bld, mask=None) -> jax.Array:
         x_bld = constrain(x_bld + self.attention(self.norm1(x_bld), mask=mask), ACT_BLD)
@@ -196,7 +211,8 @@ class Encoder(nnx.Module):
     """
 
     def __init__(self, *, width: int, depth: int, mlp_dim: int, num_heads: int, dtype: Dtype,
-                 param_dtype: Dtype, remat: str = "none", scan: bool = False, rngs: nnx.Rngs):
+                 param_dtype: Dtype, remat: str = "none", scan: bool = False, rngs: nnx.Rngs,
+                 act: str = "gelu_tanh", norm_eps: float = 1e-6):
         check_choice("remat", remat, REMAT_POLICIES)
         check_heads(width, num_heads)
         if depth < 1:
@@ -204,7 +220,7 @@ class Encoder(nnx.Module):
 
         def make_block(rngs):
             return Block(width, mlp_dim, num_heads, dtype=dtype, param_dtype=param_dtype,
-                         rngs=rngs)
+                         rngs=rngs, act=act, norm_eps=norm_eps)
 
         self.remat = remat
         self.scan = scan
@@ -212,7 +228,7 @@ class Encoder(nnx.Module):
             self.blocks = _stacked_blocks(make_block, depth, rngs)
         else:
             self.blocks = nnx.List([make_block(rngs) for _ in range(depth)])
-        self.norm = layer_norm(width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm = layer_norm(width, dtype=dtype, param_dtype=param_dtype, rngs=rngs, eps=norm_eps)
 
     def __call__(self, x_bld, mask=None) -> jax.Array:
         apply = _call_block
@@ -245,13 +261,14 @@ class MAPHead(nnx.Module):
     """Multihead attention pooling (big_vision): a learned probe attends over the tokens."""
 
     def __init__(self, width: int, mlp_dim: int, num_heads: int, *, dtype: Dtype,
-                 param_dtype: Dtype, rngs: nnx.Rngs):
+                 param_dtype: Dtype, rngs: nnx.Rngs, act: str = "gelu_tanh",
+                 norm_eps: float = 1e-6):
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.probe = nnx.Param(_xavier(rngs.params(), (1, 1, width), param_dtype),
                                **logical(None, None, "embed"))
         self.attention = Attention(width, num_heads, **common)
-        self.norm = layer_norm(width, **common)
-        self.mlp = Mlp(width, mlp_dim, **common)
+        self.norm = layer_norm(width, eps=norm_eps, **common)
+        self.mlp = Mlp(width, mlp_dim, act=act, **common)
         self.dtype = dtype
 
     def __call__(self, x_bld, valid_bl=None) -> jax.Array:

@@ -58,13 +58,16 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
 class TwoTowers(nnx.Module):
 
     def __init__(self, image: ViT, text: TextTransformer, *, embed_dim: int | None = None,
-                 image_head: bool = True, text_head: bool = True, log_scale_init: float,
+                 image_head: bool = True, text_head: bool = True, head_bias: tuple[bool, bool] = (True, True),
+                 log_scale_init: float,
                  max_log_scale: float | None = None, bias_init: float | None = None,
                  lock_image: bool = False, frozen_patterns: tuple[str, ...] | None = None,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.image, self.text = image, text
-        self.image_head = _head(image.width, embed_dim, image_head, image.dtype, param_dtype, rngs)
-        self.text_head = _head(text.width, embed_dim, text_head, text.dtype, param_dtype, rngs)
+        self.image_head = _head(image.width, embed_dim, image_head, head_bias[0], image.dtype,
+                                param_dtype, rngs)
+        self.text_head = _head(text.width, embed_dim, text_head, head_bias[1], text.dtype,
+                               param_dtype, rngs)
         widths = (embed_dim if self.image_head is not None else image.width,
                   embed_dim if self.text_head is not None else text.width)
         if widths[0] != widths[1]:
@@ -119,11 +122,11 @@ class TwoTowers(nnx.Module):
         return any(re.fullmatch(pattern, name) for pattern in self.frozen_patterns)
 
 
-def _head(width, embed_dim, enabled, dtype, param_dtype, rngs):
-    """Linear projection to the shared width, or None (no projection)."""
+def _head(width, embed_dim, enabled, bias, dtype, param_dtype, rngs):
+    """Linear projection to the shared width (CLIP's has no bias), or None (no projection)."""
     if embed_dim is None or not enabled:
         return nnx.data(None)
-    return nnx.Linear(width, embed_dim, dtype=dtype, param_dtype=param_dtype,
+    return nnx.Linear(width, embed_dim, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
                       kernel_init=nnx.initializers.lecun_normal(),
                       kernel_metadata=tfm.logical("embed", "proj"),
                       bias_metadata=tfm.logical("proj"), rngs=rngs)

@@ -20,6 +20,10 @@ encoder runs on fewer tokens (the training speed-up). Without keys (evaluation)
 every token is kept. The keys, not module state, decide the mask: a caller
 that derives them from (step, example index) gets the same mask in every
 pass over the same rows and after a resume.
+
+Options for released checkpoints: ``ln_pre`` (CLIP's LayerNorm before the
+encoder), ``patch_bias=False`` (CLIP's patch embedding has no bias), ``act``
+and ``norm_eps`` (see ``transformer.py``).
 """
 from __future__ import annotations
 
@@ -48,7 +52,8 @@ class ViT(nnx.Module):
                  width: int, depth: int, mlp_dim: int, num_heads: int, pool: str = "tok",
                  posemb: str = "learn", channels: int = 3, dtype=jnp.float32,
                  param_dtype=jnp.float32, remat: str = "none", scan: bool = False,
-                 patch_dropout: float = 0.0, rngs: nnx.Rngs):
+                 patch_dropout: float = 0.0, ln_pre: bool = False, patch_bias: bool = True,
+                 act: str = "gelu_tanh", norm_eps: float = 1e-6, rngs: nnx.Rngs):
         tfm.check_choice("image pool", pool, POOLS)
         tfm.check_choice("image posemb", posemb, POSEMBS)
         tfm.check_heads(width, num_heads)
@@ -66,7 +71,7 @@ class ViT(nnx.Module):
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
         self.embedding = nnx.Conv(channels, width, kernel_size=patch, strides=patch,
-                                  padding="VALID",
+                                  padding="VALID", use_bias=patch_bias,
                                   kernel_metadata=tfm.logical("patch", "patch", "channels", "embed"),
                                   bias_metadata=tfm.logical("embed"), **common)
         num_tokens = self.grid[0] * self.grid[1] + (pool == "tok")
@@ -76,14 +81,20 @@ class ViT(nnx.Module):
                            rngs.params(), (1, num_tokens, width), param_dtype),
                            **tfm.logical(None, None, "embed"))
                        if posemb == "learn" else nnx.data(None))
+        self.ln_pre = (tfm.layer_norm(width, eps=norm_eps, **common) if ln_pre
+                       else nnx.data(None))
         self.encoder = tfm.Encoder(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads,
-                                   remat=remat, scan=scan, **common)
-        self.map_head = (tfm.MAPHead(width, mlp_dim, num_heads, **common)
+                                   remat=remat, scan=scan, act=act, norm_eps=norm_eps, **common)
+        self.map_head = (tfm.MAPHead(width, mlp_dim, num_heads, act=act, norm_eps=norm_eps,
+                                     **common)
                          if pool == "map" else nnx.data(None))
 
     def __call__(self, images_bhwc: jax.Array, patch_keys: jax.Array | None = None) -> jax.Array:
         """Pooled features; ``patch_keys`` [B] (PRNG keys) turn on patch dropout (training)."""
-        x_bnd = self.encoder(self.tokens(images_bhwc, patch_keys))
+        x_bnd = self.tokens(images_bhwc, patch_keys)
+        if self.ln_pre is not None:
+            x_bnd = self.ln_pre(x_bnd)
+        x_bnd = self.encoder(x_bnd)
         if self.pool == "tok":
             return x_bnd[:, 0]
         if self.pool == "gap":

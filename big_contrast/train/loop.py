@@ -59,8 +59,11 @@ class Run:
         return nnx.merge(self.graphdef, self.state.params if params is None else params, self.rest)
 
 
-def build(config, *, mesh=None) -> Run:
-    """Mesh, validated config, sharded model and a fresh train state (step 0)."""
+def build(config, *, mesh=None, params=None) -> Run:
+    """Mesh, validated config, sharded model and a fresh train state (step 0).
+
+    `params` (nested like the model's parameters, e.g. imported weights) replace the random
+    initialisation."""
     mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
     n_shards = sharding.num_batch_shards(mesh)
     train_config.validate(config, n_shards)
@@ -72,7 +75,11 @@ def build(config, *, mesh=None) -> Run:
         opt.total_steps = config.total_steps
     tx = make_optimizer(opt, abstract_params, lr_mults=tuple(config.lr_mults), frozen_patterns=frozen)
 
-    model = models.create_sharded(config.model, mesh, seed=jax.random.key(config.seed))
+    if params is None:
+        model = models.create_sharded(config.model, mesh, seed=jax.random.key(config.seed))
+    else:
+        model = models.create_from_params(config.model, params, abstract)
+        nnx.update(model, sharding.shard_state(nnx.state(model), mesh))
     for tower, directory in config.init_towers.items():
         models.load_tower_params(model, tower, _tower_params_from_checkpoint(directory, tower))
     graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
