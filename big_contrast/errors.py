@@ -1,0 +1,107 @@
+"""Errors a user can fix, and the shutdown noise that is not an error.
+
+Every expected failure says in one sentence what went wrong and what to change. The CLI
+turns these, and the `ValueError` / `FileNotFoundError` that config and data checks raise
+with such a sentence, into exit status 2 and a short message on stderr; the traceback is
+shown only with `--debug` (or BIG_CONTRAST_DEBUG=1).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import re
+import sys
+import time
+
+
+class BigContrastError(Exception):
+    """An expected failure whose message says what to change."""
+
+
+class ConfigMismatch(BigContrastError, ValueError):
+    """The config cannot resume the state stored in the workdir."""
+
+
+class CheckpointError(BigContrastError):
+    """A checkpoint cannot be read or written."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint step exists but cannot be restored (truncated files, bad metadata)."""
+
+    def __init__(self, step: int, message: str):
+        super().__init__(message)
+        self.step = step
+
+
+class CheckpointSaveFailed(CheckpointError):
+    """Writing a checkpoint failed (full disk, permissions, a quota)."""
+
+
+class StartupError(BigContrastError):
+    """The processes of a multi-host run could not start together."""
+
+
+class UsageError(BigContrastError):
+    """A command line that lacks or misuses a flag."""
+
+
+USER_ERRORS = (BigContrastError, ValueError, FileNotFoundError, NotADirectoryError)
+
+
+def short_reason(error: BaseException, limit: int = 240) -> str:
+    """The first line of `error`, cut to `limit` characters from its end (where tensorstore
+    and orbax put the specific cause, after the chain of drivers that reported it)."""
+    text = (str(error).strip().splitlines() or [""])[0].strip() or type(error).__name__
+    text = re.sub(r"\s*\[tensorstore_spec=.*$", "", text)  # the JSON spec of the failed read
+    if isinstance(error, KeyError):
+        text = text.strip("'\"")
+    return text if len(text) <= limit else "..." + text[-limit:]
+
+
+def _is_closed_loop_noise(unraisable) -> bool:
+    error = unraisable.exc_value
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+class _AbandonedReads(logging.Filter):
+    """Drops asyncio's 'Future exception was never retrieved' for tensorstore reads that a
+    failed restore abandoned (their error is the one the restore already reported)."""
+
+    def filter(self, record):
+        message = str(record.msg)
+        return not (message.startswith("Future exception was never retrieved") and "tensorstore" in message)
+
+
+_last_noise = [0.0]  # when the latest dropped callback arrived (time.monotonic())
+
+
+def silence_closed_event_loop() -> None:
+    """Drops the 'RuntimeError: Event loop is closed' that tensorstore callbacks raise when a
+    failed orbax restore has already closed its asyncio loop (reads still in flight finish
+    later), and asyncio's report of those reads; every other unraisable exception goes to the
+    previous hook. At exit it waits for such callbacks to stop arriving (at most 3 s): during
+    interpreter shutdown no hook is left to drop them. Idempotent."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_closed_loop_noise", False):
+        return
+
+    def hook(unraisable):
+        if _is_closed_loop_noise(unraisable):
+            _last_noise[0] = time.monotonic()
+        else:
+            previous(unraisable)
+
+    hook._drops_closed_loop_noise = True
+    sys.unraisablehook = hook
+    if not _last_noise[0]:
+        _last_noise[0] = time.monotonic()
+        logging.getLogger("asyncio").addFilter(_AbandonedReads())
+        atexit.register(_settle, quiet_s=0.5, limit_s=3.0)
+
+
+def _settle(quiet_s: float, limit_s: float) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < min(deadline, _last_noise[0] + quiet_s):
+        time.sleep(0.05)
