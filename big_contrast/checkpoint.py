@@ -116,7 +116,6 @@ class Checkpointer:
         """
         step = self._existing_step(step)
         self.check_structure(abstract_state, step)
-        silence_closed_event_loop()  # a failed read leaves callbacks into a closed event loop
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
         try:
             restored = self._manager.restore(step, args=args)
@@ -152,6 +151,7 @@ class Checkpointer:
     def check_structure(self, abstract_state: Any, step: int) -> None:
         """Raises `ConfigMismatch` naming the first array whose path or shape differs between
         checkpoint `step` and `abstract_state` (before any array is read)."""
+        silence_closed_event_loop()  # a failed read leaves callbacks into a closed event loop
         try:
             stored = self._manager.item_metadata(step)["state"]
             stored = {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(stored)[0]}

@@ -8,11 +8,9 @@ shown only with `--debug` (or BIG_CONTRAST_DEBUG=1).
 
 from __future__ import annotations
 
-import atexit
 import logging
 import re
 import sys
-import time
 
 
 class BigContrastError(Exception):
@@ -60,11 +58,6 @@ def short_reason(error: BaseException, limit: int = 240) -> str:
     return text if len(text) <= limit else "..." + text[-limit:]
 
 
-def _is_closed_loop_noise(unraisable) -> bool:
-    error = unraisable.exc_value
-    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
-
-
 class _AbandonedReads(logging.Filter):
     """Drops asyncio's 'Future exception was never retrieved' for tensorstore reads that a
     failed restore abandoned (their error is the one the restore already reported)."""
@@ -74,34 +67,22 @@ class _AbandonedReads(logging.Filter):
         return not (message.startswith("Future exception was never retrieved") and "tensorstore" in message)
 
 
-_last_noise = [0.0]  # when the latest dropped callback arrived (time.monotonic())
-
-
 def silence_closed_event_loop() -> None:
     """Drops the 'RuntimeError: Event loop is closed' that tensorstore callbacks raise when a
     failed orbax restore has already closed its asyncio loop (reads still in flight finish
-    later), and asyncio's report of those reads; every other unraisable exception goes to the
-    previous hook. At exit it waits for such callbacks to stop arriving (at most 3 s): during
-    interpreter shutdown no hook is left to drop them. Idempotent."""
+    later, possibly while the interpreter shuts down), and asyncio's report of those reads;
+    every other unraisable exception goes to the previous hook. Idempotent."""
     previous = sys.unraisablehook
     if getattr(previous, "_drops_closed_loop_noise", False):
         return
 
-    def hook(unraisable):
-        if _is_closed_loop_noise(unraisable):
-            _last_noise[0] = time.monotonic()
-        else:
+    # Everything the hook uses is bound now: at shutdown this module's globals are cleared
+    # while the hook can still be called.
+    def hook(unraisable, previous=previous, noise=RuntimeError("Event loop is closed")):
+        error = unraisable.exc_value
+        if not (type(error) is type(noise) and error.args == noise.args):
             previous(unraisable)
 
     hook._drops_closed_loop_noise = True
     sys.unraisablehook = hook
-    if not _last_noise[0]:
-        _last_noise[0] = time.monotonic()
-        logging.getLogger("asyncio").addFilter(_AbandonedReads())
-        atexit.register(_settle, quiet_s=0.5, limit_s=3.0)
-
-
-def _settle(quiet_s: float, limit_s: float) -> None:
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < min(deadline, _last_noise[0] + quiet_s):
-        time.sleep(0.05)
+    logging.getLogger("asyncio").addFilter(_AbandonedReads())

@@ -55,7 +55,9 @@ def trained(tmp_path_factory):
     """A workdir trained for 4 steps with checkpoints at steps 2 and 4."""
     workdir = tmp_path_factory.mktemp("trained")
     assert cli.main(train_argv(workdir)) == 0
-    assert Checkpointer(workdir / "checkpoints", async_save=False).all_steps() == [2, 4]
+    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
+    assert ckpt.all_steps() == [2, 4]
+    ckpt.close()
     return workdir
 
 
@@ -119,6 +121,29 @@ def test_resuming_with_a_changed_model_or_optimizer_names_the_key_and_changes_no
     assert len(messages(err)) == 1 and key in err and "new --workdir" in err, err
     assert "Traceback" not in err + out
     assert snapshot(trained) == before
+
+
+def test_without_a_recorded_config_the_stored_shapes_are_checked_before_restoring(trained, tmp_path, capfd):
+    workdir = copy_of(trained, tmp_path)
+    (workdir / "config.json").unlink()  # a workdir from before configs were recorded
+    before = snapshot(workdir)
+    code, out, err = run_cli(train_argv(workdir, "--config.model.embed_dim=48"), capfd)
+    assert code == 2 and len(messages(err)) == 1 and "Traceback" not in err + out, err
+    assert re.search(r"step 4 .* another model or optimizer config: params/\S+ has shape \([\d, ]*64,?\) there "
+                     r"and \([\d, ]*48,?\) in this config", err), err
+    assert snapshot(workdir) == before
+
+
+def test_structural_keys_are_those_that_change_the_train_state():
+    from big_contrast.train.record import is_structural
+
+    assert is_structural("model.text.max_len", 16, 32)
+    assert is_structural("optimizer.name", "adamw", "sgd")
+    assert is_structural("optimizer.grad_clip_norm", 1.0, 0.0)  # clipping's state appears / goes
+    assert not is_structural("optimizer.grad_clip_norm", 1.0, 0.5)
+    for key in ("optimizer.lr", "optimizer.warmup_steps", "total_steps", "log_every", "evals.shape.every_steps",
+                "mesh", "batch_size", "data.sources.demo.size"):
+        assert not is_structural(key, 1, 2), key
 
 
 def test_safe_config_changes_are_listed_and_debug_shows_the_traceback(trained, tmp_path, capfd):
