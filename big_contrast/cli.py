@@ -1,7 +1,7 @@
 """`big-contrast train | eval | plan | data ...`
 
     big-contrast train --config configs/siglip_b16.py:arg --config.batch_size=32768 --workdir DIR
-    big-contrast eval  --config configs/demo.py --workdir DIR [--step N] [--json PATH]
+    big-contrast eval  --workdir DIR [--config configs/demo.py] [--step N] [--json PATH]
     big-contrast plan  --config configs/siglip_so400m14.py [--device_memory_gb 95]
     big-contrast data convert ... | big-contrast data train-tokenizer ...
 
@@ -68,8 +68,18 @@ def _expected_errors() -> tuple:
 def _report_failure(command, error, debug) -> int:
     if debug:
         traceback.print_exc()
-    print(f"big-contrast {command}: {error}", file=sys.stderr, flush=True)
+    print(f"big-contrast {command}: {_one_line(str(error))}", file=sys.stderr, flush=True)
     return 2
+
+
+def _one_line(message: str) -> str:
+    """absl embeds the traceback of an error raised while loading a config in its message:
+    keep what it says and the error's own last line."""
+    head, sep, trace = message.partition("Traceback (most recent call last):")
+    if not sep:
+        return message.strip()
+    cause = [line.strip() for line in trace.strip().splitlines() if line.strip()][-1]
+    return f"{head.strip()} {cause}"
 
 
 # ----------------------------------------------------------------------------- flags
@@ -100,7 +110,13 @@ def _parse_flags(command, rest):
     fv(argv)
     if command in ("train", "eval") and not fv.workdir:
         raise UsageError("--workdir is required.")
-    if fv.config is None and command != "eval":
+    try:
+        config = fv.config
+        if config is not None:
+            config.keys()  # ml_collections defers the error of a file that failed to load to here
+    except OSError as error:
+        raise UsageError(f"--config: {str(error).strip().splitlines()[-1].strip()}") from error
+    if config is None and command != "eval":
         raise UsageError("--config is required (e.g. --config configs/demo.py).")
     # grain's worker processes read absl's global flags: mark them parsed.
     if not flags.FLAGS.is_parsed():

@@ -208,3 +208,18 @@ def test_no_readable_checkpoint_exits_2_with_short_stderr(trained, tmp_path):
     assert "step 4" in lines[0] and "step 2" in lines[1]
     assert lines[2].startswith("big-contrast train: No checkpoint in ") and "can be restored" in lines[2]
     assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--config", "nope.py", "--workdir", "W"], "--config: [Errno 2] No such file or directory: 'nope.py'"),
+    (["train", "--config", str(REPO / "configs/demo.py:sofmax"), "--workdir", "W"], "Unknown config argument 'sofmax'"),
+    (["train", "--config", str(REPO / "configs/demo.py"), "--workdir", "W", "--bogus"], "Unknown command line flag 'bogus'"),
+    (["train", "--config", str(REPO / "configs/demo.py")], "--workdir is required"),
+    (["eval", "--workdir", "W"], "--config is required: W/config.json does not exist"),
+    (["train", "--config", str(REPO / "configs/demo.py"), "--workdir", "W", "--config.batch_size=36"],
+     "config.batch_size=36 does not divide over the 8 data-parallel devices"),
+])
+def test_command_line_mistakes_exit_2_with_one_line(tmp_path, monkeypatch, capfd, args, message):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(["big-contrast", *args], capfd)
+    assert code == 2 and len(messages(err)) == 1 and message in err and "Traceback" not in err + out, err

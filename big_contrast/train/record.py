@@ -54,7 +54,8 @@ def read(workdir) -> ml_collections.ConfigDict | None:
 def differences(old, new) -> list[tuple[str, object, object]]:
     """(dotted key, old value, new value) for every leaf that differs, in key order."""
     a, b = _flat(_as_json(old)), _flat(_as_json(new))
-    return [(k, a.get(k, _MISSING), b.get(k, _MISSING)) for k in sorted(a.keys() | b.keys()) if a.get(k, _MISSING) != b.get(k, _MISSING)]
+    pairs = ((k, a.get(k, _MISSING), b.get(k, _MISSING)) for k in sorted(a.keys() | b.keys()))
+    return [(key, x, y) for key, x, y in pairs if x != y]
 
 
 def is_structural(key: str, old, new) -> bool:
