@@ -33,14 +33,14 @@ def main(argv=None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[1], argv[2:]
-    if command == "data":
-        return _data_command(rest)
-    if command not in ("train", "eval", "plan"):
+    if command not in ("train", "eval", "plan", "data"):
         print(f"Unknown command {command!r}; use train, eval, plan or data.\n{USAGE}", file=sys.stderr)
         return 2
     if hasattr(signal, "SIGXFSZ"):  # a file-size quota then fails the write (EFBIG), not the process
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
+        if command == "data":
+            return _data_command(rest)
         flags = _parse_flags(command, rest)
         _init_distributed(flags)
         if command == "train":
