@@ -99,6 +99,7 @@ class Checkpointer:
             self._pending = None
 
     def _save_failed(self, step, error) -> CheckpointSaveFailed:
+        silence_closed_event_loop()  # the failed save's other writes report at garbage collection
         self._pending = None
         previous = self.latest_good_step()
         kept = (f"the checkpoint of step {previous} is intact" if previous is not None

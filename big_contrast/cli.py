@@ -38,6 +38,10 @@ def main(argv=None) -> int:
         return 2
     if hasattr(signal, "SIGXFSZ"):  # a file-size quota then fails the write (EFBIG), not the process
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    if not debug:
+        from big_contrast.errors import quiet_library_tracebacks
+
+        quiet_library_tracebacks()
     try:
         if command == "data":
             return _data_command(rest)

@@ -9,8 +9,10 @@ shown only with `--debug` (or BIG_CONTRAST_DEBUG=1).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
+import traceback
 
 
 class BigContrastError(Exception):
@@ -58,20 +60,40 @@ def short_reason(error: BaseException, limit: int = 240) -> str:
     return text if len(text) <= limit else "..." + text[-limit:]
 
 
-class _AbandonedReads(logging.Filter):
-    """Drops asyncio's 'Future exception was never retrieved' for tensorstore reads that a
-    failed restore abandoned (their error is the one the restore already reported)."""
+class _AbandonedIO(logging.Filter):
+    """Drops asyncio's '... exception was never retrieved' for orbax / tensorstore reads and
+    writes that a failed restore or save abandoned (their error is the one already reported)."""
 
     def filter(self, record):
-        message = str(record.msg)
-        return not (message.startswith("Future exception was never retrieved") and "tensorstore" in message)
+        first_line = str(record.msg).split("\n", 1)[0]
+        unretrieved = first_line.endswith("exception was never retrieved")
+        return not (unretrieved and any(word in str(record.msg) for word in ("tensorstore", "orbax", "OCDBT")))
+
+
+class _LibraryTracebacks(logging.Filter):
+    """Drops the tracebacks orbax logs from its background threads when a save or restore
+    fails: the error reaches the caller, which reports it in one sentence."""
+
+    def filter(self, record):
+        if not record.exc_info or record.exc_info[2] is None:
+            return True
+        files = [frame.f_code.co_filename for frame, _ in traceback.walk_tb(record.exc_info[2])]
+        return not any(f"{os.sep}orbax{os.sep}" in name for name in files)
+
+
+def quiet_library_tracebacks() -> None:
+    """For the CLI without --debug: orbax's logged tracebacks and asyncio's reports of the
+    I/O a failure abandoned stay off stderr."""
+    logging.getLogger("absl").addFilter(_LibraryTracebacks())
+    logging.getLogger("asyncio").addFilter(_AbandonedIO())
 
 
 def silence_closed_event_loop() -> None:
     """Drops the 'RuntimeError: Event loop is closed' that tensorstore callbacks raise when a
     failed orbax restore has already closed its asyncio loop (reads still in flight finish
-    later, possibly while the interpreter shuts down), and asyncio's report of those reads;
-    every other unraisable exception goes to the previous hook. Idempotent."""
+    later, possibly while the interpreter shuts down), and asyncio's report of the reads and
+    writes a failed restore or save abandoned; every other unraisable exception and log
+    record goes through. Idempotent."""
     previous = sys.unraisablehook
     if getattr(previous, "_drops_closed_loop_noise", False):
         return
@@ -85,4 +107,4 @@ def silence_closed_event_loop() -> None:
 
     hook._drops_closed_loop_noise = True
     sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(_AbandonedReads())
+    logging.getLogger("asyncio").addFilter(_AbandonedIO())
