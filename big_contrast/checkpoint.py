@@ -172,7 +172,7 @@ class Checkpointer:
             what = f"the checkpoint has {extra[0]}, which this config does not"
         raise ConfigMismatch(
             f"The checkpoint of step {step} in {self.directory} was written with another model or optimizer "
-            f"config: {what}. Resume with the config it was trained with, or use a new --workdir.")
+            f"config: {what}. Use the config it was trained with, or a new --workdir.")
 
     def _existing_step(self, step: int | None) -> int:
         step = self.latest_step() if step is None else step
