@@ -1,7 +1,7 @@
 """`big-contrast train | eval | plan | data ...`
 
     big-contrast train --config configs/siglip_b16.py:arg --config.batch_size=32768 --workdir DIR
-    big-contrast eval  --config configs/demo.py --workdir DIR [--step N] [--json PATH]
+    big-contrast eval  --workdir DIR [--config configs/demo.py] [--step N] [--json PATH]
     big-contrast eval  --config C --workdir DIR --benchmarks imagenet2012,cifar100,coco --data_dir D
     big-contrast plan  --config configs/siglip_so400m14.py [--device_memory_gb 95]
     big-contrast data convert ... | big-contrast data train-tokenizer ...
@@ -9,41 +9,90 @@
     big-contrast export --workdir W --to hf|npz OUT
 
 Configs are python files with `get_config(arg=None)` (ml_collections); `--config path:arg`
-passes `arg`, and `--config.key=value` overrides any field, big_vision style.
+passes `arg`, and `--config.key=value` overrides any field, big_vision style. `eval` without
+`--config` uses the config recorded in the workdir.
+
+Expected failures (a config, data, checkpoint or start-up problem) exit with status 2 and a
+sentence on stderr saying what to change; `--debug` (or BIG_CONTRAST_DEBUG=1) adds the traceback.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import traceback
 
 USAGE = __doc__
+DEBUG_ENV = "BIG_CONTRAST_DEBUG"
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv if argv is None else argv)
+    debug = "--debug" in argv[1:] or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
+    argv = argv[:1] + [a for a in argv[1:] if a != "--debug"]
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
     command, rest = argv[1], argv[2:]
-    if command == "data":
-        return _data_command(rest)
-    if command in ("import", "export"):
-        return _interop_command(command, rest)
-    if command not in ("train", "eval", "plan"):
-        print(f"Unknown command {command!r}; use train, eval, plan, data, import or export.\n{USAGE}",
-              file=sys.stderr)
+    commands = ("train", "eval", "plan", "data", "import", "export")
+    if command not in commands:
+        print(f"Unknown command {command!r}; use {', '.join(commands)}.\n{USAGE}", file=sys.stderr)
         return 2
-    from big_contrast import distributed
+    if hasattr(signal, "SIGXFSZ"):  # a file-size quota then fails the write (EFBIG), not the process
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    if not debug:
+        from big_contrast.errors import quiet_library_tracebacks
 
-    distributed.set_xla_flag_defaults()  # before jax starts a backend
-    flags = _parse_flags(command, rest)
-    _init_distributed(flags)
-    if command == "train":
-        return _train(flags)
-    if command == "eval":
-        return _eval(flags)
-    return _plan(flags)
+        quiet_library_tracebacks()
+    try:
+        if command == "data":
+            return _data_command(rest)
+        if command in ("import", "export"):
+            return _interop_command(command, rest)
+        from big_contrast import distributed
+
+        distributed.set_xla_flag_defaults()  # before jax starts a backend
+        flags = _parse_flags(command, rest)
+        _init_distributed(flags)
+        if command == "train":
+            return _train(flags)
+        if command == "eval":
+            return _eval(flags)
+        return _plan(flags)
+    except _expected_errors() as error:
+        return _report_failure(command, error, debug)
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+def _expected_errors() -> tuple:
+    """What a user can fix: our errors, the ValueError / FileNotFoundError that config and data
+    checks raise with a sentence, and absl's flag errors."""
+    from absl.flags import Error as FlagError
+
+    from big_contrast.errors import USER_ERRORS
+
+    return (*USER_ERRORS, FlagError)
+
+
+def _report_failure(command, error, debug) -> int:
+    if debug:
+        traceback.print_exc()
+    print(f"big-contrast {command}: {_one_line(str(error))}", file=sys.stderr, flush=True)
+    return 2
+
+
+def _one_line(message: str) -> str:
+    """absl embeds the traceback of an error raised while loading a config in its message:
+    keep what it says and the error's own last line."""
+    head, sep, trace = message.partition("Traceback (most recent call last):")
+    if not sep:
+        return message.strip()
+    cause = [line.strip() for line in trace.strip().splitlines() if line.strip()][-1]
+    return f"{head.strip()} {cause}"
 
 
 # ----------------------------------------------------------------------------- flags
@@ -54,8 +103,10 @@ def _parse_flags(command, rest):
     from ml_collections import config_flags
 
     fv = flags.FlagValues()
+    argv = [f"big-contrast {command}", *rest]
+    # sys_argv: the overrides (--config.key=value) are found in these arguments, not sys.argv.
     config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).", flag_values=fv,
-                                    lock_config=False)
+                                    lock_config=False, sys_argv=argv)
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.", flag_values=fv)
     flags.DEFINE_integer("step", None, "eval: checkpoint step to evaluate (default: latest).", flag_values=fv)
     flags.DEFINE_string("json", None, "eval: also write the results to this JSON file.", flag_values=fv)
@@ -70,11 +121,19 @@ def _parse_flags(command, rest):
     flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.", flag_values=fv)
     flags.DEFINE_integer("distributed_timeout", 120, "Multi-host: seconds to wait for the coordinator.",
                          flag_values=fv)
-    fv([f"big-contrast {command}", *rest])
-    if fv.config is None:
-        raise SystemExit(f"big-contrast {command}: --config is required (e.g. --config configs/demo.py).")
+    from big_contrast.errors import UsageError
+
+    fv(argv)
     if command in ("train", "eval") and not fv.workdir:
-        raise SystemExit(f"big-contrast {command}: --workdir is required.")
+        raise UsageError("--workdir is required.")
+    try:
+        config = fv.config
+        if config is not None:
+            config.keys()  # ml_collections defers the error of a file that failed to load to here
+    except OSError as error:
+        raise UsageError(f"--config: {str(error).strip().splitlines()[-1].strip()}") from error
+    if config is None and command != "eval":
+        raise UsageError("--config is required (e.g. --config configs/demo.py).")
     # grain's worker processes read absl's global flags: mark them parsed.
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
@@ -84,9 +143,13 @@ def _parse_flags(command, rest):
 def _init_distributed(flags):
     """Multi-host: explicit coordinator flags, or a TPU pod / SLURM cluster JAX detects."""
     from big_contrast import distributed
+    from big_contrast.errors import StartupError
 
-    distributed.initialize(flags.coordinator, flags.num_processes, flags.process_id,
-                           timeout_s=flags.distributed_timeout)
+    try:
+        distributed.initialize(flags.coordinator, flags.num_processes, flags.process_id,
+                               timeout_s=flags.distributed_timeout)
+    except RuntimeError as error:  # distributed's sentences: the coordinator is unreachable, ...
+        raise StartupError(str(error)) from error
 
 
 # ----------------------------------------------------------------------------- commands
@@ -109,7 +172,7 @@ def _eval(flags) -> int:
     from big_contrast.train import report
     from big_contrast.train.standalone import evaluate_checkpoint
 
-    config, missing = flags.config, {}
+    config, missing = _eval_config(flags), {}
     if flags.benchmarks:
         from big_contrast.evaluate import benchmarks
 
@@ -125,6 +188,19 @@ def _eval(flags) -> int:
 
         write_json(results, flags.json, step=step, missing=missing)
     return 0
+
+
+def _eval_config(flags):
+    """--config, else the config recorded in the workdir."""
+    from big_contrast.errors import UsageError
+    from big_contrast.train import record
+
+    if flags.config is not None:
+        return flags.config
+    recorded = record.read(flags.workdir)
+    if recorded is None:
+        raise UsageError(f"--config is required: {record.path(flags.workdir)} does not exist (no run recorded it).")
+    return recorded
 
 
 def _plan(flags) -> int:

@@ -7,6 +7,12 @@ optimizer state, step and the data iterator's position), so a restarted run cont
 exactly the batches an uninterrupted run would have seen. SIGTERM (a preemption notice) and
 SIGINT finish the current step, save a checkpoint and return. A NaN or Inf loss stops the
 run with an error naming the step, before anything of that step is saved.
+
+When things are wrong it says so before doing harm: a config whose model or optimizer differs
+from the one recorded in `workdir/config.json` stops before restoring; a damaged checkpoint is
+skipped (with a warning naming its step) for the newest readable one; a failed save stops the
+run naming the directory, the previous checkpoint intact. The checkpointer, the data iterator
+and the metric writer are closed in that order on every exit path.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import functools
 import math
 import pathlib
 import signal
-import time
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -28,17 +34,19 @@ from big_contrast import models, sharding
 from big_contrast.checkpoint import Checkpointer, abstract_like
 from big_contrast.data import make_pipeline
 from big_contrast.data.device_ops import device_normalization
+from big_contrast.errors import BigContrastError, DamagedCheckpoint, short_reason
 from big_contrast.train import config as train_config
 from big_contrast.train import evals as train_evals
-from big_contrast.train.metrics import MetricWriter
+from big_contrast.train import record
+from big_contrast.train.metrics import MetricWriter, Throughput
 from big_contrast.train.optimizer import learning_rate_schedule, make_optimizer
 from big_contrast.train.step import LossSpec, TrainState, train_step
 
 BATCH_FIELDS = ("image", "text")
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class NonFiniteLoss(BigContrastError, RuntimeError):
+    """The loss became NaN or Inf; the message names the step and the last good checkpoint."""
 
 
 @dataclasses.dataclass
@@ -53,6 +61,7 @@ class Run:
     state_shardings: object
     tx: object
     n_shards: int
+    optimizer: object  # config.optimizer with the run's total_steps, resolved once
     jitted: dict = dataclasses.field(default_factory=dict)  # compiled helpers, e.g. tower embedders
 
     def model(self, params=None):
@@ -70,9 +79,7 @@ def build(config, *, mesh=None, params=None) -> Run:
     abstract = models.abstract_model(config.model)  # checks the model config, allocates nothing
     abstract_params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
     frozen = tuple(abstract.frozen_patterns) + tuple(config.freeze)
-    opt = config.optimizer.copy_and_resolve_references()
-    with opt.unlocked():
-        opt.total_steps = config.total_steps
+    opt = optimizer_config(config)
     tx = make_optimizer(opt, abstract_params, lr_mults=tuple(config.lr_mults), frozen_patterns=frozen)
 
     if params is None:
@@ -88,7 +95,15 @@ def build(config, *, mesh=None, params=None) -> Run:
     state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
                        opt_state=_on_mesh(jax.jit(tx.init)(params), replicated))
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    return Run(config, mesh, graphdef, rest, state, state_shardings, tx, n_shards)
+    return Run(config, mesh, graphdef, rest, state, state_shardings, tx, n_shards, opt)
+
+
+def optimizer_config(config):
+    """`config.optimizer` resolved, with `total_steps` (the schedules' length) filled in."""
+    opt = config.optimizer.copy_and_resolve_references()
+    with opt.unlocked():
+        opt.total_steps = config.total_steps
+    return opt
 
 
 def _on_mesh(tree, replicated):
@@ -120,14 +135,11 @@ def _tower_params_from_checkpoint(directory, tower):
 def make_step_fn(run: Run, batch_sharding):
     config = run.config
     loss = LossSpec(config.model.loss, config.loss_impl, config.loss_block)
-    opt = config.optimizer.copy_and_resolve_references()
-    with opt.unlocked():
-        opt.total_steps = config.total_steps
     step = functools.partial(
         train_step, graphdef=run.graphdef, rest=run.rest, tx=run.tx, loss=loss, mesh=run.mesh,
         axis=sharding.batch_axes(run.mesh), n_shards=run.n_shards,
-        microbatches=train_config.microbatches(config, run.n_shards), lr_fn=learning_rate_schedule(opt),
-        image_norm=device_normalization(config.data.pp_train),
+        microbatches=train_config.microbatches(config, run.n_shards), lr_fn=learning_rate_schedule(run.optimizer),
+        image_norm=device_normalization(config.data.pp_train), seed=config.seed,
     )
     batch_shardings = {k: batch_sharding for k in BATCH_FIELDS}
     return jax.jit(step, in_shardings=(run.state_shardings, batch_shardings),
@@ -157,66 +169,141 @@ def train(config, workdir, *, mesh=None, progress=True, stop_after_steps=None) -
     this call; tests use it to interrupt a run.
     """
     workdir = pathlib.Path(workdir)
-    run = build(config, mesh=mesh)
-    batch_sharding = sharding.batch_sharding(run.mesh)
-    evaluators = train_evals.build(config)
-    ckpt = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
-    state, data = run.state, None
-    if ckpt.latest_step() is not None:
-        state, meta, step = ckpt.restore(abstract_like(state, run.state_shardings))
-        data = _resumed_pipeline(config, batch_sharding, meta, step)
-    if data is None:
-        data = make_pipeline(config.data, batch_sharding, train=True, global_batch_size=config.batch_size)
-    first_step = int(state.step)
-    writer = MetricWriter(workdir, total_steps=config.total_steps, initial_step=first_step, progress=progress)
-    step_fn = make_step_fn(run, batch_sharding)
-    compiled = None
-    last = {}
+    ckpt = data = writer = None
     try:
-        with preemption_flag() as preempted:
-            step, window_start, window_steps = first_step, time.perf_counter(), 0
-            while step < config.total_steps:
-                batch = {k: v for k, v in next(data).items() if k in BATCH_FIELDS}
-                if compiled is None:
-                    compiled = step_fn.lower(state, batch).compile()
-                    flops_per_step = _flops(compiled)
-                state, metrics = compiled(state, batch)
-                step += 1
-                window_steps += 1
-                loss = float(metrics["loss"])
-                if not math.isfinite(loss):
-                    raise NonFiniteLoss(
-                        f"The loss is {loss} at step {step}; stopping. The last good checkpoint "
-                        f"(step {ckpt.latest_step()}) is intact in {ckpt.directory}; lower the learning "
-                        "rate or check the data, then resume."
-                    )
-                writer.advance()
-                is_last = step == config.total_steps
-                if step % config.log_every == 0 or is_last:
-                    elapsed = time.perf_counter() - window_start
-                    last = _log_metrics(metrics, step, elapsed, window_steps, config, flops_per_step, run, data)
-                    writer.write(step, last)
-                    window_start, window_steps = time.perf_counter(), 0
-                for evaluator in evaluators:
-                    if evaluator.should_run(step) or (is_last and evaluator.every_steps == 0):
-                        results = train_evals.run_one(evaluator, run, state, config)
-                        writer.write(step, results)
-                        last.update(results)
-                stop = preempted["set"] or (stop_after_steps is not None and step - first_step >= stop_after_steps)
-                if step % config.checkpoint_every == 0 or is_last or stop:
-                    # The step itself draws no random numbers (no dropout; augmentation randomness
-                    # is keyed by example index inside the data state): the seeds are the RNG.
-                    meta = {"data": data.get_state(), "step": step, "process_count": jax.process_count(),
-                            "seed": config.seed, "data_seed": config.data.seed}
-                    ckpt.save(step, state, meta, wait=stop)
-                if stop:
-                    writer.print(f"Stopped at step {step} ({preempted['signal'] or 'requested'}); checkpoint saved.")
-                    break
+        # Config: checked against the workdir's record before anything is built or written.
+        changes = record.check_resumable(config, workdir) if _has_checkpoints(workdir) else []
+        run = build(config, mesh=mesh)
+        batch_sharding = sharding.batch_sharding(run.mesh)
+        evaluators = train_evals.build(config)
+        # Load checkpoint: the newest readable one, with the data iterator where it left off.
+        ckpt = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
+        state, data = _restore_or_start(ckpt, run, batch_sharding)
+        _record_config(config, workdir, changes)
+        writer = MetricWriter(workdir, total_steps=config.total_steps, initial_step=int(state.step),
+                              progress=progress)
+        return _loop(run, state, data, ckpt, writer, evaluators, make_step_fn(run, batch_sharding),
+                     stop_after_steps)
     finally:
-        ckpt.close()
-        writer.close()
-        data.close()
+        _close_in_order(ckpt, data, writer)
+
+
+def _loop(run, state, data, ckpt, writer, evaluators, step_fn, stop_after_steps) -> dict:
+    """The steps from the state's step to `config.total_steps`, as a list of named actions."""
+    config = run.config
+    first_step = step = int(state.step)
+    throughput = Throughput(config.batch_size, config.peak_flops_per_device)
+    compiled, last = None, {}
+
+    def log(step, metrics) -> dict:
+        out = {k: float(np.asarray(v)) for k, v in metrics.items()}
+        out.update(throughput.report())
+        out.update({k: int(v) for k, v in data.skip_counts().items()})
+        writer.write(step, out)
+        return out
+
+    def evaluate(step, state, is_last) -> dict:
+        results = {}
+        for evaluator in evaluators:
+            if evaluator.should_run(step) or (is_last and evaluator.every_steps == 0):
+                one = train_evals.run_one(evaluator, run, state, config)
+                writer.write(step, one)
+                results.update(one)
+        return results
+
+    def checkpoint(step, state, wait) -> None:
+        # The step itself draws no random numbers (no dropout; augmentation randomness is
+        # keyed by example index inside the data state): the seeds are the RNG.
+        meta = {"data": data.get_state(), "step": step, "process_count": jax.process_count(),
+                "seed": config.seed, "data_seed": config.data.seed}
+        if not ckpt.save(step, state, meta, wait=wait):
+            writer.print(f"Warning: not saving step {step}: {ckpt.directory / str(step)} is the damaged checkpoint "
+                         "kept for inspection; move it away to let this step be saved.")
+
+    with preemption_flag() as preempted:
+        while step < config.total_steps:
+            batch = {k: v for k, v in next(data).items() if k in BATCH_FIELDS}
+            if compiled is None:
+                compiled = step_fn.lower(state, batch).compile()
+                throughput.flops_per_step = _flops(compiled)
+            state, metrics = compiled(state, batch)
+            step += 1
+            _check_finite(metrics, step, ckpt)
+            writer.advance()
+            throughput.step()
+            is_last = step == config.total_steps
+            if step % config.log_every == 0 or is_last:
+                last = log(step, metrics)
+            last.update(evaluate(step, state, is_last))
+            stop = preempted["set"] or (stop_after_steps is not None and step - first_step >= stop_after_steps)
+            if step % config.checkpoint_every == 0 or is_last or stop:
+                checkpoint(step, state, wait=stop)
+            if stop:
+                writer.print(f"Stopped at step {step} ({preempted['signal'] or 'requested'}); checkpoint saved.")
+                break
     return last
+
+
+def _check_finite(metrics, step, ckpt) -> None:
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(
+            f"The loss is {loss} at step {step}; stopping. The last good checkpoint "
+            f"(step {ckpt.latest_step()}) is intact in {ckpt.directory}; lower the learning "
+            "rate or check the data, then resume."
+        )
+
+
+def _has_checkpoints(workdir) -> bool:
+    directory = workdir / "checkpoints"
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def _record_config(config, workdir, changes) -> None:
+    """Writes workdir/config.json (process 0) and lists the safe changes a resume brings."""
+    if jax.process_index() != 0:
+        return
+    if changes:
+        print("Resuming with config changes: " + "; ".join(changes) + ".", flush=True)
+    record.write(config, workdir)
+
+
+def _warn(text: str) -> None:
+    if jax.process_index() == 0:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _restore_or_start(ckpt, run, batch_sharding):
+    """(state, data iterator) of the newest readable checkpoint, or a fresh start."""
+    config = run.config
+
+    def resumed_data(meta, step):
+        try:
+            return _resumed_pipeline(config, batch_sharding, meta, step)
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise DamagedCheckpoint(
+                step, f"The checkpoint of step {step} in {ckpt.directory} holds a data-iterator state that does "
+                f"not parse ({short_reason(error)}).") from error
+
+    restored = ckpt.restore_newest(abstract_like(run.state, run.state_shardings), accept=resumed_data, warn=_warn)
+    if restored is None:
+        return run.state, make_pipeline(config.data, batch_sharding, train=True, global_batch_size=config.batch_size)
+    state, _, _, data = restored
+    return state, data
+
+
+def _close_in_order(*resources) -> None:
+    """Closes the checkpointer (waiting for its last save), the data iterator and the writer,
+    each even when an earlier one fails; then raises the first failure (a failed async save)."""
+    error = None
+    for resource in resources:
+        try:
+            if resource is not None:
+                resource.close()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the others are closed
+            error = error or e
+    if error is not None:
+        raise error
 
 
 def _resumed_pipeline(config, batch_sharding, meta, step):
@@ -225,7 +312,11 @@ def _resumed_pipeline(config, batch_sharding, meta, step):
     global batch `step` of the same example order instead (exact on data without skips)."""
     if meta.get("process_count", 1) == jax.process_count():
         data = make_pipeline(config.data, batch_sharding, train=True, global_batch_size=config.batch_size)
-        data.set_state(meta["data"])
+        try:
+            data.set_state(meta["data"])
+        except BaseException:
+            data.close()
+            raise
         return data
     return make_pipeline(config.data, batch_sharding, train=True, global_batch_size=config.batch_size,
                          start_batch=step)
@@ -240,14 +331,3 @@ def _flops(compiled) -> float | None:
         return float(analysis.get("flops", 0.0)) or None
     except Exception:  # noqa: BLE001 - cost analysis is optional diagnostics
         return None
-
-
-def _log_metrics(metrics, step, elapsed, steps, config, flops_per_step, run, data) -> dict:
-    out = {k: float(np.asarray(v)) for k, v in metrics.items()}
-    out["examples_per_s"] = steps * config.batch_size / elapsed
-    out["step_time_s"] = elapsed / steps
-    if flops_per_step and config.peak_flops_per_device:
-        # cost_analysis counts the per-device program; every device runs one.
-        out["mfu"] = flops_per_step / out["step_time_s"] / config.peak_flops_per_device
-    out.update({k: int(v) for k, v in data.skip_counts().items()})
-    return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import time
 
 import jax
 
@@ -75,3 +76,26 @@ def read_metrics(workdir) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Throughput:
+    """Examples per second, step time and model FLOPs utilisation over a window of steps
+    (the steps since the last `report`)."""
+
+    def __init__(self, batch_size: int, peak_flops_per_device: float | None = None):
+        self.batch_size, self.peak_flops_per_device = batch_size, peak_flops_per_device
+        self.flops_per_step: float | None = None  # per device, from the compiled step
+        self._start, self._steps = time.perf_counter(), 0
+
+    def step(self) -> None:
+        self._steps += 1
+
+    def report(self) -> dict:
+        """The window's figures; starts the next window."""
+        elapsed, steps = time.perf_counter() - self._start, max(self._steps, 1)
+        out = {"examples_per_s": steps * self.batch_size / elapsed, "step_time_s": elapsed / steps}
+        if self.flops_per_step and self.peak_flops_per_device:
+            # cost_analysis counts the per-device program; every device runs one.
+            out["mfu"] = self.flops_per_step / out["step_time_s"] / self.peak_flops_per_device
+        self._start, self._steps = time.perf_counter(), 0
+        return out

@@ -3,17 +3,22 @@
 An evaluator whose dataset is not prepared (`MissingDataError`) is reported, with how to
 prepare it, and the others still run: a benchmark suite on a machine that has only some of
 the datasets gives the numbers it can.
+
+Without `--config` the config recorded in `workdir/config.json` is used. Without `--step`
+the newest readable checkpoint is evaluated (a damaged newer one is reported and skipped).
 """
 
 from __future__ import annotations
 
 import pathlib
+import sys
 
 from big_contrast import evaluate
 from big_contrast.checkpoint import Checkpointer, abstract_like
 from big_contrast.data.errors import MissingDataError
 from big_contrast.evaluate import benchmarks
 from big_contrast.train import evals as train_evals
+from big_contrast.train import record
 from big_contrast.train.loop import build
 
 
@@ -30,7 +35,7 @@ def _build_evaluators(config) -> tuple[list, dict[str, str]]:
 
 
 def evaluate_checkpoint(config, workdir, *, step=None, mesh=None, missing=None) -> tuple[dict, int]:
-    """Restores checkpoint `step` (default: latest) of `workdir` and runs every `config.evals` entry.
+    """Restores checkpoint `step` (default: the newest readable) of `workdir` and runs every `config.evals` entry.
 
     `missing`, a dict, receives {evaluator name: sentence} for the evaluators skipped because
     their data is not prepared; the mean top-1 over the classification benchmarks that ran is
@@ -43,10 +48,18 @@ def evaluate_checkpoint(config, workdir, *, step=None, mesh=None, missing=None) 
         raise ValueError("config.evals is empty: name at least one evaluator to run.")
     if not evaluators:
         raise MissingDataError("no evaluator's data is prepared: " + " | ".join(missing.values()))
+    record.check_resumable(config, workdir)
     run = build(config, mesh=mesh)
     ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False)
     try:
-        state, _, step = ckpt.restore(abstract_like(run.state, run.state_shardings), step)
+        abstract = abstract_like(run.state, run.state_shardings)
+        if step is None:
+            restored = ckpt.restore_newest(abstract, warn=lambda text: print(text, file=sys.stderr, flush=True))
+            if restored is None:
+                raise FileNotFoundError(f"No checkpoint in {ckpt.directory}; train first or pass another --workdir.")
+            state, _, step, _ = restored
+        else:
+            state, _, step = ckpt.restore(abstract, step)
     finally:
         ckpt.close()
     results = {}

@@ -1,0 +1,110 @@
+"""Errors a user can fix, and the shutdown noise that is not an error.
+
+Every expected failure says in one sentence what went wrong and what to change. The CLI
+turns these, and the `ValueError` / `FileNotFoundError` that config and data checks raise
+with such a sentence, into exit status 2 and a short message on stderr; the traceback is
+shown only with `--debug` (or BIG_CONTRAST_DEBUG=1).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import traceback
+
+
+class BigContrastError(Exception):
+    """An expected failure whose message says what to change."""
+
+
+class ConfigMismatch(BigContrastError, ValueError):
+    """The config cannot resume the state stored in the workdir."""
+
+
+class CheckpointError(BigContrastError):
+    """A checkpoint cannot be read or written."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint step exists but cannot be restored (truncated files, bad metadata)."""
+
+    def __init__(self, step: int, message: str):
+        super().__init__(message)
+        self.step = step
+
+
+class CheckpointSaveFailed(CheckpointError):
+    """Writing a checkpoint failed (full disk, permissions, a quota)."""
+
+
+class StartupError(BigContrastError):
+    """The processes of a multi-host run could not start together."""
+
+
+class UsageError(BigContrastError):
+    """A command line that lacks or misuses a flag."""
+
+
+USER_ERRORS = (BigContrastError, ValueError, FileNotFoundError, NotADirectoryError)
+
+
+def short_reason(error: BaseException, limit: int = 240) -> str:
+    """The first line of `error`, cut to `limit` characters from its end (where tensorstore
+    and orbax put the specific cause, after the chain of drivers that reported it)."""
+    text = (str(error).strip().splitlines() or [""])[0].strip() or type(error).__name__
+    text = re.sub(r"\s*\[tensorstore_spec=.*$", "", text)  # the JSON spec of the failed read
+    if isinstance(error, KeyError):
+        text = text.strip("'\"")
+    return text if len(text) <= limit else "..." + text[-limit:]
+
+
+class _AbandonedIO(logging.Filter):
+    """Drops asyncio's '... exception was never retrieved' for orbax / tensorstore reads and
+    writes that a failed restore or save abandoned (their error is the one already reported)."""
+
+    def filter(self, record):
+        first_line = str(record.msg).split("\n", 1)[0]
+        unretrieved = first_line.endswith("exception was never retrieved")
+        return not (unretrieved and any(word in str(record.msg) for word in ("tensorstore", "orbax", "OCDBT")))
+
+
+class _LibraryTracebacks(logging.Filter):
+    """Drops the tracebacks orbax logs from its background threads when a save or restore
+    fails: the error reaches the caller, which reports it in one sentence."""
+
+    def filter(self, record):
+        if not record.exc_info or record.exc_info[2] is None:
+            return True
+        files = [frame.f_code.co_filename for frame, _ in traceback.walk_tb(record.exc_info[2])]
+        return not any(f"{os.sep}orbax{os.sep}" in name for name in files)
+
+
+def quiet_library_tracebacks() -> None:
+    """For the CLI without --debug: orbax's logged tracebacks and asyncio's reports of the
+    I/O a failure abandoned stay off stderr."""
+    logging.getLogger("absl").addFilter(_LibraryTracebacks())
+    logging.getLogger("asyncio").addFilter(_AbandonedIO())
+
+
+def silence_closed_event_loop() -> None:
+    """Drops the 'RuntimeError: Event loop is closed' that tensorstore callbacks raise when a
+    failed orbax restore has already closed its asyncio loop (reads still in flight finish
+    later, possibly while the interpreter shuts down), and asyncio's report of the reads and
+    writes a failed restore or save abandoned; every other unraisable exception and log
+    record goes through. Idempotent."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_closed_loop_noise", False):
+        return
+
+    # Everything the hook uses is bound now: at shutdown this module's globals are cleared
+    # while the hook can still be called.
+    def hook(unraisable, previous=previous, noise=RuntimeError("Event loop is closed")):
+        error = unraisable.exc_value
+        if not (type(error) is type(noise) and error.args == noise.args):
+            previous(unraisable)
+
+    hook._drops_closed_loop_noise = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_AbandonedIO())
