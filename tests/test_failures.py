@@ -6,6 +6,7 @@ The runs go through `cli.main` in this process (one compile of the demo step, sh
 test starts the CLI in a subprocess for the real exit status and stderr at interpreter exit."""
 
 import json
+import os
 import re
 import pathlib
 import resource
@@ -173,8 +174,11 @@ def test_a_failed_save_stops_with_a_sentence_and_keeps_the_previous_checkpoint(t
     def limit_file_size():
         resource.setrlimit(resource.RLIMIT_FSIZE, (48 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
+    # Without the persistent compilation cache: its entries would hit the same limit (and warn)
+    # whenever the cache is cold, as on a fresh clone.
+    env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="false")
     result = subprocess.run([sys.executable, "-m", "big_contrast.cli", *train_argv(workdir)[1:]],
-                            capture_output=True, text=True, preexec_fn=limit_file_size)
+                            capture_output=True, text=True, preexec_fn=limit_file_size, env=env)
     assert result.returncode == 2, result.stderr[-3000:]
     lines = messages(result.stderr)
     assert len(lines) == 1 and "Traceback" not in result.stderr + result.stdout, result.stderr[-3000:]

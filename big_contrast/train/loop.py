@@ -34,7 +34,7 @@ from big_contrast import models, sharding
 from big_contrast.checkpoint import Checkpointer, abstract_like
 from big_contrast.data import make_pipeline
 from big_contrast.data.device_ops import device_normalization
-from big_contrast.errors import BigContrastError, DamagedCheckpoint, short_reason
+from big_contrast.errors import BigContrastError, ConfigMismatch, DamagedCheckpoint, short_reason
 from big_contrast.train import config as train_config
 from big_contrast.train import evals as train_evals
 from big_contrast.train import record
@@ -285,11 +285,35 @@ def _restore_or_start(ckpt, run, batch_sharding):
                 step, f"The checkpoint of step {step} in {ckpt.directory} holds a data-iterator state that does "
                 f"not parse ({short_reason(error)}).") from error
 
+    if ckpt.all_steps() == [0]:  # an imported model (training never saves step 0)
+        state = _with_initial_params(ckpt, run)
+        return state, make_pipeline(config.data, batch_sharding, train=True, global_batch_size=config.batch_size)
     restored = ckpt.restore_newest(abstract_like(run.state, run.state_shardings), accept=resumed_data, warn=_warn)
     if restored is None:
         return run.state, make_pipeline(config.data, batch_sharding, train=True, global_batch_size=config.batch_size)
     state, _, _, data = restored
     return state, data
+
+
+def _with_initial_params(ckpt, run) -> TrainState:
+    """The run's fresh state with the parameters of a step-0 checkpoint (what `big-contrast
+    import` writes). Its optimizer state is the initial one and carries no information, so this
+    config's optimizer starts afresh: an imported model fine-tunes with a tower locked or another
+    optimizer. The parameters themselves must match the config."""
+    saved, _ = ckpt.restore_arrays(0)
+    flat = jax.tree_util.tree_flatten_with_path
+    stored = {sharding.path_str(p): x for p, x in flat(saved["params"])[0]}  # keys "0" where ours are 0
+    wanted = {sharding.path_str(p): x.shape for p, x in flat(run.state.params)[0]}
+    for path in sorted(set(stored) | set(wanted)):
+        shape = stored[path].shape if path in stored else "absent"
+        if shape != wanted.get(path, "absent"):
+            raise ConfigMismatch(
+                f"The step-0 checkpoint in {ckpt.directory} holds parameter {path} with shape {shape}, "
+                f"this config {wanted.get(path, 'absent')}: use the model config it was imported with "
+                "(its config.py).")
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, target: jax.device_put(stored[sharding.path_str(p)], target), run.state_shardings.params)
+    return dataclasses.replace(run.state, params=params)
 
 
 def _close_in_order(*resources) -> None:
