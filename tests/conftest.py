@@ -16,3 +16,6 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# Object-store emulators on loopback (GCS; started per test module, always stopped).
+from cloud_fixtures import gcs_emulator, gcs_server  # noqa: E402,F401
