@@ -92,3 +92,13 @@ def test_cli_rejects_pipeline_options_for_the_serial_runner(tmp_path, shards, ca
         main(["big-contrast", "data", "train-tokenizer", "demo", "--vocab-size", "9", "--output", "x", "--bogus=1"])
     with pytest.raises(ValueError, match="unknown Beam runner"):
         convert(shards[0], str(tmp_path / "o"), runner="DataFlowRunner")
+
+
+def test_cli_fails_in_one_sentence_on_a_missing_bucket_or_malformed_url(tmp_path, shards, gcs_emulator, capsys):
+    from big_contrast.cli import main
+
+    for output, words in (("gs://no-such-bucket/out", "bucket 'no-such-bucket'"), ("gs:/bucket/out", "malformed")):
+        assert main(["big-contrast", "data", "convert", shards[0][0], output]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert sorted(os.listdir(tmp_path)) == ["a.tar", "b.tar", "c.tar"]  # no local folder made of a URL

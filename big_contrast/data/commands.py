@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from big_contrast import paths
 from big_contrast.data.convert import ConvertSummary, convert_to_array_record
 from big_contrast.data.errors import SkipRecord
 from big_contrast.data.manifest import MANIFEST_EXTENSIONS
@@ -39,6 +41,9 @@ def convert(inputs: str | Sequence[str], output_dir: str, *, examples_per_shard:
     keys = dict(examples_per_shard=examples_per_shard, image_key=image_key, caption_key=caption_key,
                 json_caption_key=json_caption_key, overwrite=overwrite)
     if runner == "serial":
+        if paths.is_remote(output_dir):
+            raise paths.StorageError(f"the serial converter writes local folders only, not "
+                                     f"{output_dir!r}; use a Beam runner (the default DirectRunner)")
         summary = convert_to_array_record(inputs, output_dir, progress=progress, **keys)
     else:
         from big_contrast.data.convert_beam import convert_with_beam
@@ -106,10 +111,14 @@ def train_tokenizer(source: str | Mapping, vocab_size: int, output_path: str, *,
 
 
 def _run_convert(args) -> int:
-    convert(args.inputs, args.output_dir, examples_per_shard=args.examples_per_shard,
-            image_key=args.csv_img_key, caption_key=args.csv_caption_key,
-            json_caption_key=args.json_caption_key, overwrite=args.overwrite, runner=args.runner,
-            pipeline_args=getattr(args, "pipeline_args", ()), workers=args.workers)
+    try:
+        convert(args.inputs, args.output_dir, examples_per_shard=args.examples_per_shard,
+                image_key=args.csv_img_key, caption_key=args.csv_caption_key,
+                json_caption_key=args.json_caption_key, overwrite=args.overwrite, runner=args.runner,
+                pipeline_args=getattr(args, "pipeline_args", ()), workers=args.workers)
+    except paths.StorageError as e:  # a bad URL or bucket: one sentence, no traceback
+        print(f"big-contrast data convert: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -243,6 +243,16 @@ def _metric_totals(result) -> dict[str, int]:
     return totals
 
 
+def check_locations(inputs: str | Sequence[str], output_dir: str) -> None:
+    """Fails in seconds, in one sentence (`paths.StorageError`), on an unusable bucket or URL."""
+    patterns = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    for pattern in {os.fspath(p) for p in patterns}:
+        paths.validate(pattern)
+        if paths.is_remote(pattern):  # the bucket (or the folder of a glob) must be readable
+            paths.check_readable(pattern.rsplit("/", 1)[0] if paths.has_magic(pattern) else pattern)
+    paths.check_writable(output_dir)
+
+
 def convert_with_beam(inputs: str | Sequence[str], output_dir: str, *, runner: str = "DirectRunner",
                       pipeline_args: Sequence[str] = (), workers: int | None = None,
                       examples_per_shard: int = 10_000, prefix: str = "data",
@@ -260,6 +270,7 @@ def convert_with_beam(inputs: str | Sequence[str], output_dir: str, *, runner: s
         raise ValueError(f"examples_per_shard={examples_per_shard} must be positive")
     options = RecordOptions(image_key, caption_key, json_caption_key)
     beam_options = pipeline_options(runner, pipeline_args, workers)
+    check_locations(inputs, output_dir)
     files = expand_inputs(inputs)
     units = plan_units(files, examples_per_shard, options)
     plan = {"inputs": files, "units": len(units), "prefix": prefix, "examples_per_shard": examples_per_shard,
