@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator, Sequence
 
@@ -117,7 +118,7 @@ def convert_unit(unit: Unit, output_dir: str, prefix: str, count: int, options: 
         writer.close()
     _publish(local, final, remote)
     state = {"shard": name, "input": unit.path, "start": unit.start, "stop": unit.stop,
-             "written": written, "skipped": dict(skipped)}
+             "written": written, "skipped": dict(skipped), "worker": f"{socket.gethostname()}:{os.getpid()}"}
     paths.write_bytes(paths.join(output_dir, STATE_DIR, name + ".json"), json.dumps(state).encode())
     return state
 
