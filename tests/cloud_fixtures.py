@@ -1,9 +1,10 @@
-"""Object-store servers for the tests: a GCS emulator (and moto's S3) on 127.0.0.1 only.
+"""Object-store servers for the tests: a GCS emulator and moto's S3 server, on 127.0.0.1 only.
 
 `gcs_emulator` starts `gcp-storage-emulator` in a subprocess on a free loopback port with an
 in-memory store, points `STORAGE_EMULATOR_HOST` at it for the test, and always stops it. One
 server per test session (start-up is ~1 s); each test gets a fresh bucket so tests do not see
-each other's objects. Imported by `conftest.py`.
+each other's objects. `s3_emulator` does the same for `s3://` with `moto_server` and
+`AWS_ENDPOINT_URL` (dummy keys). Imported by `conftest.py`.
 """
 
 from __future__ import annotations
@@ -100,3 +101,27 @@ def gcs_emulator(gcs_server, monkeypatch):
 
     paths.configure_emulator()
     yield f"gs://{bucket}"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server for the whole session, stopped at its end."""
+    pytest.importorskip("moto.server", reason="moto[server] is in the test extra")
+    port = free_port()
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    with _server(command, port) as host:
+        yield f"http://{host}"
+
+
+@pytest.fixture
+def s3_emulator(s3_server, monkeypatch):
+    """`s3://<fresh bucket>` on the session's moto server, with the AWS variables set."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    for name, value in (("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)
+    import boto3
+
+    bucket = f"bucket-{next(_bucket_counter)}-{uuid.uuid4().hex[:6]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    yield f"s3://{bucket}"

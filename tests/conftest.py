@@ -17,5 +17,5 @@ import jax  # noqa: E402  (must come after XLA_FLAGS)
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-# Object-store emulators on loopback (GCS; started per test module, always stopped).
-from cloud_fixtures import gcs_emulator, gcs_server  # noqa: E402,F401
+# Object-store emulators on loopback (GCS, S3; started once per session, always stopped).
+from cloud_fixtures import gcs_emulator, gcs_server, s3_emulator, s3_server  # noqa: E402,F401

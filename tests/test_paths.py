@@ -53,6 +53,14 @@ def test_gcs_read_write_glob_and_checks_on_the_emulator(gcs_emulator):
     assert paths.glob(f"{gcs_emulator}/run/*.write-check*") == []  # the probe object is removed
 
 
+def test_s3_read_write_glob_and_checks_on_moto(s3_emulator):
+    paths.check_writable(f"{s3_emulator}/run")
+    paths.write_bytes(f"{s3_emulator}/run/a.bin", b"abc")
+    assert paths.glob(f"{s3_emulator}/run/*.bin") == [f"{s3_emulator}/run/a.bin"]
+    assert paths.read_bytes(f"{s3_emulator}/run/a.bin") == b"abc"
+    _fails_fast(paths.check_writable, "s3://no-such-bucket-y/run", "does not exist", "no-such-bucket-y")
+
+
 def _fails_fast(check, url, *words):
     start = time.perf_counter()
     with pytest.raises(StorageError) as info:
