@@ -54,8 +54,6 @@ def is_remote(path) -> bool:
 
 def validate(path) -> str:
     """The path as a string; raises `StorageError` for a malformed or unsupported URL."""
-    if isinstance(path, epath.Path) and not isinstance(path, os.PathLike):
-        path = os.fspath(path)
     text = os.fspath(path)
     if not text:
         raise StorageError("an empty path was given; pass a local folder or a gs:// / s3:// URL")
@@ -97,6 +95,11 @@ def glob(pattern) -> list[str]:
 
 def has_magic(path) -> bool:
     return bool(re.search(r"[*?\[]", os.fspath(path)))
+
+
+def glob_root(pattern) -> str:
+    """The folder a glob searches: `'gs://b/d/*/x.tar'` -> `'gs://b/d'` (the path itself if no wildcard)."""
+    return _split_magic(os.fspath(pattern))[0]
 
 
 def _split_magic(text: str) -> tuple[str, str, str]:

@@ -29,6 +29,8 @@ def test_local_paths_are_kept_as_given(tmp_path):
     (tmp_path / "d" / "z.txt").write_text("3")
     assert paths.glob(f"{tmp_path}/d/*.tar") == [str(tmp_path / "d" / "x.tar"), str(tmp_path / "d" / "y.tar")]
     assert paths.glob(f"{tmp_path}/nothing/*.tar") == []
+    assert paths.glob(f"{tmp_path}/*/x.tar") == [str(tmp_path / "d" / "x.tar")]
+    assert paths.glob_root("gs://b/d/*/x.tar") == "gs://b/d" and paths.glob_root("gs://b/x") == "gs://b/x"
     assert paths.read_bytes(tmp_path / "d" / "y.tar") == b"2"
 
 

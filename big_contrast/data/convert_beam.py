@@ -250,7 +250,7 @@ def check_locations(inputs: str | Sequence[str], output_dir: str) -> None:
     for pattern in {os.fspath(p) for p in patterns}:
         paths.validate(pattern)
         if paths.is_remote(pattern):  # the bucket (or the folder of a glob) must be readable
-            paths.check_readable(pattern.rsplit("/", 1)[0] if paths.has_magic(pattern) else pattern)
+            paths.check_readable(paths.glob_root(pattern))
     paths.check_writable(output_dir)
 
 
