@@ -248,8 +248,12 @@ def _preflight(text: str, timeout: float) -> None:
 
 
 def _check_gcs_credentials(text: str) -> None:
-    import google.auth
-    import google.auth.exceptions
+    try:
+        import google.auth
+        import google.auth.exceptions
+    except ImportError:
+        raise StorageError(f"{text!r} needs gcsfs and google-auth, which are not installed; "
+                           "run `pip install -e .` in the project") from None
 
     try:
         google.auth.default()

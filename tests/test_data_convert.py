@@ -158,8 +158,7 @@ def test_argparse_hook_runs_both_commands(tmp_path, shards):
     parser = argparse.ArgumentParser(prog="big-contrast")
     add_data_subcommands(parser.add_subparsers(dest="command", required=True))
     args = parse_data_args(parser, ["data", "convert", *shards[0], str(tmp_path / "out"),
-                                    "--examples-per-shard", "100",  # Beam, one in-process worker:
-                                    "--workers", "1", "--direct_running_mode=in_memory"])
+                                    "--examples-per-shard", "100", "--runner", "serial"])
     assert args.func(args) == 0
     assert len(ArrayRecordSource(str(tmp_path / "out"))) == 11
     args = parser.parse_args(["data", "train-tokenizer", str(tmp_path / "out"), "--vocab-size", "30",

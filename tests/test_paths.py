@@ -85,6 +85,7 @@ def test_unreachable_endpoint_fails_within_seconds(monkeypatch):
 
 
 def test_missing_credentials_are_reported_before_any_request(monkeypatch, tmp_path):
+    pytest.importorskip("google.auth", reason="google-auth comes with gcsfs")
     monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "no-key.json"))
     _fails_fast(paths.check_readable, "gs://bucket/data", "credentials", "GOOGLE_APPLICATION_CREDENTIALS")

@@ -265,7 +265,11 @@ def convert_with_beam(inputs: str | Sequence[str], output_dir: str, *, runner: s
     options, e.g. `['--project=P', '--region=R', '--temp_location=gs://b/tmp']`) and `workers`
     (DirectRunner processes; default: one per core). A re-run converts only unfinished shards.
     """
-    import apache_beam as beam
+    try:
+        import apache_beam as beam
+    except ImportError:
+        raise ImportError("the Beam converter needs apache-beam (`pip install -e .` installs it); "
+                          "or pass runner='serial' (--runner serial)") from None
 
     if examples_per_shard <= 0:
         raise ValueError(f"examples_per_shard={examples_per_shard} must be positive")
