@@ -93,6 +93,10 @@ def gcs_server():
 def gcs_emulator(gcs_server, monkeypatch):
     """`gs://<fresh bucket>` on the module's emulator, with `STORAGE_EMULATOR_HOST` set."""
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server)
+    # Credential look-ups (google-auth, tensorstore) must stay on loopback: no metadata server.
+    for name in ("GCE_METADATA_HOST", "GCE_METADATA_IP", "GCE_METADATA_ROOT"):
+        monkeypatch.setenv(name, "127.0.0.1:9")
+    monkeypatch.setenv("NO_GCE_CHECK", "true")
     for derived in ("TENSORSTORE_GCS_HTTP_URL", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"):
         monkeypatch.setenv(derived, "")  # set from STORAGE_EMULATOR_HOST, restored afterwards
     bucket = f"bucket-{next(_bucket_counter)}-{uuid.uuid4().hex[:6]}"

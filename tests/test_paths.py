@@ -88,6 +88,7 @@ def test_missing_credentials_are_reported_before_any_request(monkeypatch, tmp_pa
     pytest.importorskip("google.auth", reason="google-auth comes with gcsfs")
     monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "no-key.json"))
+    monkeypatch.setenv("NO_GCE_CHECK", "true")  # never ask a metadata server from a test
     _fails_fast(paths.check_readable, "gs://bucket/data", "credentials", "GOOGLE_APPLICATION_CREDENTIALS")
 
 
