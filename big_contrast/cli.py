@@ -213,12 +213,12 @@ def _plan(flags) -> int:
 def _data_command(rest) -> int:
     import argparse
 
-    from big_contrast.data.commands import add_data_subcommands
+    from big_contrast.data.commands import add_data_subcommands, parse_data_args
 
     parser = argparse.ArgumentParser(prog="big-contrast")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_data_subcommands(subparsers)  # adds `data convert` and `data train-tokenizer`
-    args = parser.parse_args(["data", *rest])
+    args = parse_data_args(parser, ["data", *rest])  # convert passes Beam's options through
     result = args.func(args)
     if isinstance(result, dict):
         print(json.dumps(result, indent=1, default=str))

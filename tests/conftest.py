@@ -19,6 +19,9 @@ import jax  # noqa: E402  (must come after XLA_FLAGS)
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+# Object-store emulators on loopback (GCS, S3; started once per session, always stopped).
+from cloud_fixtures import gcs_emulator, gcs_server, s3_emulator, s3_server  # noqa: E402,F401
+
 
 def encoded_image(rgb, fmt: str = "PNG", size=(6, 5)) -> bytes:
     """A solid-colour image file's bytes (PNG or JPEG), for sources the tests write."""

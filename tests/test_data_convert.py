@@ -14,8 +14,8 @@ from PIL import Image
 
 from big_contrast.data import default_data_config, make_pipeline
 from big_contrast.data.array_record import ArrayRecordSource
-from big_contrast.data.commands import (add_data_subcommands, convert, source_config_from_spec,
-                                        train_tokenizer)
+from big_contrast.data.commands import (add_data_subcommands, convert, parse_data_args,
+                                        source_config_from_spec, train_tokenizer)
 from big_contrast.data.tarshards import iter_tar_samples
 from big_contrast.data.tokenizer import make_tokenizer
 
@@ -157,8 +157,8 @@ def test_source_specs():
 def test_argparse_hook_runs_both_commands(tmp_path, shards):
     parser = argparse.ArgumentParser(prog="big-contrast")
     add_data_subcommands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["data", "convert", *shards[0], str(tmp_path / "out"),
-                              "--examples-per-shard", "100"])
+    args = parse_data_args(parser, ["data", "convert", *shards[0], str(tmp_path / "out"),
+                                    "--examples-per-shard", "100", "--runner", "serial"])
     assert args.func(args) == 0
     assert len(ArrayRecordSource(str(tmp_path / "out"))) == 11
     args = parser.parse_args(["data", "train-tokenizer", str(tmp_path / "out"), "--vocab-size", "30",

@@ -1,21 +1,27 @@
 """`big-contrast data ...` sub-commands, as plain functions plus an argparse hook.
 
-    big-contrast data convert shards/*.tar out_dir/ [--examples-per-shard N]
+    big-contrast data convert shards/*.tar out_dir/ [--examples-per-shard N] [--runner serial]
+    big-contrast data convert 'gs://b/shards/*.tar' gs://b/out --runner DataflowRunner \
+        --project=P --region=R --temp_location=gs://b/tmp   (Beam's own options, as --name=value)
     big-contrast data convert manifest.csv out_dir/ --csv-img-key filepath --csv-caption-key title
     big-contrast data train-tokenizer manifest.csv --vocab-size 8000 --output tok.model
 
 `add_data_subcommands(subparsers)` registers the `data` command on the CLI's subparsers;
-every leaf parser sets `func`, called as `args.func(args)` and returning an exit code.
+every leaf parser sets `func`, called as `args.func(args)` and returning an exit code; a parser
+that sets `accepts_pipeline_options` gets the options argparse does not know as
+`args.pipeline_args` (Beam's pipeline options for `convert`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from big_contrast import paths
 from big_contrast.data.convert import ConvertSummary, convert_to_array_record
 from big_contrast.data.errors import SkipRecord
 from big_contrast.data.manifest import MANIFEST_EXTENSIONS
@@ -24,12 +30,26 @@ from big_contrast.data.manifest import MANIFEST_EXTENSIONS
 def convert(inputs: str | Sequence[str], output_dir: str, *, examples_per_shard: int = 10_000,
             image_key: str = "filepath", caption_key: str = "title",
             json_caption_key: str = "caption", overwrite: bool = False,
-            progress: bool = True) -> ConvertSummary:
-    """Tar shards / manifests -> ArrayRecord shards in `output_dir`; prints and returns the summary."""
-    summary = convert_to_array_record(
-        inputs, output_dir, examples_per_shard=examples_per_shard, image_key=image_key,
-        caption_key=caption_key, json_caption_key=json_caption_key, overwrite=overwrite,
-        progress=progress)
+            progress: bool = True, runner: str = "serial", pipeline_args: Sequence[str] = (),
+            workers: int | None = None) -> ConvertSummary:
+    """Tar shards / manifests -> ArrayRecord shards in `output_dir`; prints and returns the summary.
+
+    `runner='serial'` converts in this process (records packed `examples_per_shard` per file);
+    a Beam runner name (`'DirectRunner'`, `'DataflowRunner'`, ...) runs `convert_beam`, with one
+    output shard per tar shard / per `examples_per_shard` manifest rows, and resumes a re-run.
+    """
+    keys = dict(examples_per_shard=examples_per_shard, image_key=image_key, caption_key=caption_key,
+                json_caption_key=json_caption_key, overwrite=overwrite)
+    if runner == "serial":
+        if paths.is_remote(output_dir):
+            raise paths.StorageError(f"the serial converter writes local folders only, not "
+                                     f"{output_dir!r}; use a Beam runner (the default DirectRunner)")
+        summary = convert_to_array_record(inputs, output_dir, progress=progress, **keys)
+    else:
+        from big_contrast.data.convert_beam import convert_with_beam
+
+        summary = convert_with_beam(inputs, output_dir, runner=runner, pipeline_args=pipeline_args,
+                                    workers=workers, **keys)
     print(summary.describe())
     return summary
 
@@ -91,9 +111,14 @@ def train_tokenizer(source: str | Mapping, vocab_size: int, output_path: str, *,
 
 
 def _run_convert(args) -> int:
-    convert(args.inputs, args.output_dir, examples_per_shard=args.examples_per_shard,
-            image_key=args.csv_img_key, caption_key=args.csv_caption_key,
-            json_caption_key=args.json_caption_key, overwrite=args.overwrite)
+    try:
+        convert(args.inputs, args.output_dir, examples_per_shard=args.examples_per_shard,
+                image_key=args.csv_img_key, caption_key=args.csv_caption_key,
+                json_caption_key=args.json_caption_key, overwrite=args.overwrite, runner=args.runner,
+                pipeline_args=getattr(args, "pipeline_args", ()), workers=args.workers)
+    except paths.StorageError as e:  # a bad URL or bucket: one sentence, no traceback
+        print(f"big-contrast data convert: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -105,13 +130,26 @@ def _run_train_tokenizer(args) -> int:
     return 0
 
 
+def parse_data_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """`parser.parse_args`, except that `data convert` passes unknown `--name=value` options on
+    to Beam as `args.pipeline_args`; any other command rejects them as argparse does."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_pipeline_options", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra and getattr(args, "runner", None) == "serial":
+        parser.error(f"pipeline options {' '.join(extra)} need a Beam runner; drop --runner serial")
+    args.pipeline_args = extra
+    return args
+
+
 def add_data_subcommands(subparsers) -> argparse.ArgumentParser:
     """Adds `data convert` and `data train-tokenizer` to an argparse subparsers object."""
     data = subparsers.add_parser("data", help="prepare data: convert shards, train a tokenizer")
     commands = data.add_subparsers(dest="data_command", required=True)
 
     conv = commands.add_parser(
-        "convert", help="webdataset tar shards or CSV/TSV/JSONL manifests -> ArrayRecord shards")
+        "convert", help="webdataset tar shards or CSV/TSV/JSONL manifests -> ArrayRecord shards",
+        allow_abbrev=False)  # Beam's options (--num_workers, ...) must not match ours by prefix
     conv.add_argument("inputs", nargs="+", help="tar shards / manifests (paths or globs)")
     conv.add_argument("output_dir", help="folder for the .array_record files")
     conv.add_argument("--examples-per-shard", type=int, default=10_000)
@@ -121,7 +159,13 @@ def add_data_subcommands(subparsers) -> argparse.ArgumentParser:
     conv.add_argument("--json-caption-key", default="caption",
                       help="caption field of a tar sample's .json when it has no .txt")
     conv.add_argument("--overwrite", action="store_true", help="replace existing .array_record files")
-    conv.set_defaults(func=_run_convert)
+    conv.add_argument("--runner", default="DirectRunner",
+                      help="'serial' (in-process), or an Apache Beam runner: DirectRunner (parallel "
+                           "here), DataflowRunner, FlinkRunner, SparkRunner; Beam's own pipeline "
+                           "options follow as --name=value (e.g. --project=P --region=R)")
+    conv.add_argument("--workers", type=int, default=None,
+                      help="DirectRunner worker processes (default: one per core)")
+    conv.set_defaults(func=_run_convert, accepts_pipeline_options=True)
 
     tok = commands.add_parser("train-tokenizer", help="train a sentencepiece model on captions")
     tok.add_argument("source", help="'demo', 'tfds:<name>', a manifest, or ArrayRecord files / folder")

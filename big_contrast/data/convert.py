@@ -18,6 +18,7 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 
+from big_contrast import paths
 from big_contrast.data.errors import SKIP_REASONS, SkipRecord
 from big_contrast.data.manifest import MANIFEST_EXTENSIONS, ManifestSource
 from big_contrast.data.records import encode_record
@@ -48,25 +49,28 @@ class ConvertSummary:
 
 
 def expand_inputs(inputs: str | Sequence[str]) -> list[str]:
-    """Paths or globs -> existing files; every pattern must match something."""
+    """Paths or globs (local or in a bucket) -> existing files; every pattern must match something."""
     patterns = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if not patterns:
         raise ValueError("convert needs at least one input (tar shards or a manifest)")
     files = []
     for pattern in map(os.fspath, patterns):
-        found = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        missing = [p for p in found if not os.path.isfile(p)]
+        found = paths.glob(pattern) if paths.has_magic(pattern) else [pattern]
+        missing = [p for p in found if not paths.parse(p).is_file()]
         if not found or missing:
             raise FileNotFoundError(f"convert input {pattern!r} does not exist (or matches no file)")
         files.extend(found)
     return files
 
 
-def _manifest_records(path: str, image_key: str, caption_key: str) -> Iterator[dict | SkipRecord]:
+def _manifest_records(path: str, image_key: str, caption_key: str, start: int = 0,
+                      stop: int | None = None, source: ManifestSource | None = None
+                      ) -> Iterator[dict | SkipRecord]:
+    """Rows `start:stop` of a manifest as raw examples or the `SkipRecord` of each bad row."""
     from big_contrast.data.preprocess import usable_captions
 
-    source = ManifestSource(path, image_key=image_key, caption_key=caption_key)
-    for index in range(len(source)):
+    source = source or ManifestSource(path, image_key=image_key, caption_key=caption_key)
+    for index in range(start, len(source) if stop is None else min(stop, len(source))):
         try:
             raw = source[index]
             raw["captions"] = usable_captions(raw["captions"])

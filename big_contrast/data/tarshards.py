@@ -8,14 +8,14 @@ field (a string or a list of strings). Shards are read as a stream (`.tar`, `.ta
 
 A shard that ends inside a member (a truncated download) yields its last, incomplete sample as
 `SkipRecord('truncated_tar_member')` and stops; an uncompressed `.tar` whose size is not a
-multiple of the 512-byte tar block is also treated as truncated at its end.
+multiple of the 512-byte tar block is also treated as truncated at its end. Shards are read
+through `big_contrast.paths`, so a shard may be local or in a bucket (`gs://`, `s3://`).
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import tarfile
 import zlib
@@ -23,6 +23,7 @@ from collections.abc import Iterator
 
 from PIL import Image
 
+from big_contrast import paths
 from big_contrast.data.errors import SkipRecord
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -76,11 +77,12 @@ def check_image_header(data: bytes) -> None:
 
 def iter_tar_samples(path: str, json_caption_key: str = "caption") -> Iterator[dict | SkipRecord]:
     """Yields a raw example, or the `SkipRecord` explaining why it was dropped, per sample."""
-    if not os.path.isfile(path):
+    shard = paths.parse(path)
+    if not shard.is_file():
         raise FileNotFoundError(f"tar shard {path!r} does not exist")
     key, files = None, {}
     truncated = False
-    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+    with shard.open("rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
         try:
             for member in tar:
                 parts = split_key(member.name) if member.isfile() else None
@@ -93,7 +95,7 @@ def iter_tar_samples(path: str, json_caption_key: str = "caption") -> Iterator[d
                 files[parts[1]] = tar.extractfile(member).read()
         except _TRUNCATION_ERRORS:
             truncated = True
-    if path.endswith(".tar") and os.path.getsize(path) % tarfile.BLOCKSIZE:
+    if path.endswith(".tar") and shard.stat().length % tarfile.BLOCKSIZE:
         truncated = True
     if truncated:
         yield SkipRecord("truncated_tar_member", f"{path}: ends inside sample {key!r}")

@@ -1,0 +1,131 @@
+"""Object-store servers for the tests: a GCS emulator and moto's S3 server, on 127.0.0.1 only.
+
+`gcs_emulator` starts `gcp-storage-emulator` in a subprocess on a free loopback port with an
+in-memory store, points `STORAGE_EMULATOR_HOST` at it for the test, and always stops it. One
+server per test session (start-up is ~1 s); each test gets a fresh bucket so tests do not see
+each other's objects. `s3_emulator` does the same for `s3://` with `moto_server` and
+`AWS_ENDPOINT_URL` (dummy keys). Imported by `conftest.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+_START_TIMEOUT_S = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the storage emulator exited with status {process.returncode} at start-up")
+        with contextlib.suppress(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"the storage emulator did not listen on 127.0.0.1:{port} within {timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def _server(command: list[str], port: int):
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               stdin=subprocess.DEVNULL)
+    try:
+        _wait_for_port(port, process, _START_TIMEOUT_S)
+        yield f"127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextlib.contextmanager
+def gcs_emulator_process(bucket: str = "test-bucket"):
+    """Yields `host:port` of a running gcp-storage-emulator with `bucket` created."""
+    port = free_port()
+    command = [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
+               "--port", str(port), "--in-memory", "--default-bucket", bucket, "--quiet"]
+    with _server(command, port) as host:
+        yield host
+
+
+def create_bucket(name: str) -> None:
+    """Creates a bucket on the emulator of `STORAGE_EMULATOR_HOST` (JSON API)."""
+    import json
+    import urllib.request
+
+    url = f"http://{os.environ['STORAGE_EMULATOR_HOST']}/storage/v1/b?project=test"
+    request = urllib.request.Request(url, data=json.dumps({"name": name}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    urllib.request.urlopen(request, timeout=5).close()
+
+
+_bucket_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """One emulator for the whole session (start-up ~1 s), stopped at its end."""
+    pytest.importorskip("gcp_storage_emulator", reason="the GCS emulator is in the test extra")
+    with gcs_emulator_process("test-bucket") as host:
+        yield host
+
+
+@pytest.fixture
+def gcs_emulator(gcs_server, monkeypatch):
+    """`gs://<fresh bucket>` on the module's emulator, with `STORAGE_EMULATOR_HOST` set."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server)
+    # Credential look-ups (google-auth, tensorstore) must stay on loopback: no metadata server.
+    for name in ("GCE_METADATA_HOST", "GCE_METADATA_IP", "GCE_METADATA_ROOT"):
+        monkeypatch.setenv(name, "127.0.0.1:9")
+    monkeypatch.setenv("NO_GCE_CHECK", "true")
+    for derived in ("TENSORSTORE_GCS_HTTP_URL", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"):
+        monkeypatch.setenv(derived, "")  # set from STORAGE_EMULATOR_HOST, restored afterwards
+    bucket = f"bucket-{next(_bucket_counter)}-{uuid.uuid4().hex[:6]}"
+    create_bucket(bucket)
+    from big_contrast import paths
+
+    paths.configure_emulator()
+    yield f"gs://{bucket}"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server for the whole session, stopped at its end."""
+    pytest.importorskip("moto.server", reason="moto[server] is in the test extra")
+    port = free_port()
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    with _server(command, port) as host:
+        yield f"http://{host}"
+
+
+@pytest.fixture
+def s3_emulator(s3_server, monkeypatch):
+    """`s3://<fresh bucket>` on the session's moto server, with the AWS variables set."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    for name, value in (("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)
+    import boto3
+
+    bucket = f"bucket-{next(_bucket_counter)}-{uuid.uuid4().hex[:6]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    yield f"s3://{bucket}"
