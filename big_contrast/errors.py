@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import traceback
+import warnings
 
 
 class BigContrastError(Exception):
@@ -86,6 +87,9 @@ def quiet_library_tracebacks() -> None:
     I/O a failure abandoned stay off stderr."""
     logging.getLogger("absl").addFilter(_LibraryTracebacks())
     logging.getLogger("asyncio").addFilter(_AbandonedIO())
+    # A failed async save leaves orbax's unstarted write coroutines behind; Python reports each
+    # at exit ("coroutine ... was never awaited"): noise once the failure has been reported.
+    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
 
 
 def silence_closed_event_loop() -> None:

@@ -174,9 +174,9 @@ def test_a_failed_save_stops_with_a_sentence_and_keeps_the_previous_checkpoint(t
     def limit_file_size():
         resource.setrlimit(resource.RLIMIT_FSIZE, (48 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
-    # Without the persistent compilation cache: its entries would hit the same limit (and warn)
-    # whenever the cache is cold, as on a fresh clone.
-    env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="false")
+    # The persistent compilation cache is read but not written: its entries would hit the same
+    # limit (and warn) whenever the cache is cold, as on a fresh clone.
+    env = dict(os.environ, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1e9")
     result = subprocess.run([sys.executable, "-m", "big_contrast.cli", *train_argv(workdir)[1:]],
                             capture_output=True, text=True, preexec_fn=limit_file_size, env=env)
     assert result.returncode == 2, result.stderr[-3000:]
