@@ -19,7 +19,8 @@ Splits:
     `pairs='held_out'` enumerates only those 6 (the compositional test on its own).
 `captions='names'` replaces the five captions by the colour-shape class name alone ("red
 circle"): 42 distinct training captions, so most in-batch negatives repeat the positive's
-caption (the duplicate-caption case of experiments/loss_vs_batch).
+caption (the duplicate-caption case of experiments/loss_vs_batch). `colours=('red',)` keeps
+only those colours (in both splits; held-out pairs of other colours then do not occur).
 Zero-shot classification tasks: `demo_class_names('shape')` (6 classes), `'colour'` (8),
 `'colour_shape'` (48, e.g. "red circle"), `'size'`, `'position'`.
 
@@ -145,13 +146,16 @@ class DemoSource:
     """Random-access demo examples: `source[i]` -> raw example dict (see module docstring)."""
 
     def __init__(self, split: str = "train", size: int | None = None, image_size: int = 64,
-                 pairs: str = "all", captions: str = "full"):
+                 pairs: str = "all", captions: str = "full", colours: tuple[str, ...] | None = None):
         if split not in _SPLIT_SEEDS:
             raise ValueError(f"demo split must be one of {sorted(_SPLIT_SEEDS)}, got {split!r}")
         if pairs not in ("all", "held_out") or (pairs == "held_out" and split != "eval"):
             raise ValueError(f"demo pairs={pairs!r} must be 'all', or 'held_out' with split='eval'")
         if captions not in ("full", "names"):
             raise ValueError(f"demo captions={captions!r} must be 'full' or 'names'")
+        unknown = sorted(set(colours or ()) - set(COLOURS))
+        if unknown or (colours is not None and not colours):
+            raise ValueError(f"demo colours={colours!r} must be a non-empty subset of {list(COLOURS)}")
         if size is not None and size <= 0:
             raise ValueError(f"demo size must be positive, got {size}")
         if image_size < 16:
@@ -164,6 +168,8 @@ class DemoSource:
             self._pairs = [p for p in all_pairs if p in held_out]
         else:
             self._pairs = all_pairs if split == "eval" else [p for p in all_pairs if p not in held_out]
+        if colours is not None:  # e.g. one colour: shape is then the only thing a name caption says
+            self._pairs = [p for p in self._pairs if p[0] in colours]
 
     def __len__(self) -> int:
         return self.size
@@ -213,6 +219,7 @@ class DemoSource:
 
 
 def demo_source(split: str = "train", size: int | None = None, image_size: int = 64,
-                pairs: str = "all", captions: str = "full") -> DemoSource:
+                pairs: str = "all", captions: str = "full",
+                colours: tuple[str, ...] | None = None) -> DemoSource:
     """The demo data as a random-access source (`len`, `[i]`)."""
-    return DemoSource(split, size, image_size, pairs, captions)
+    return DemoSource(split, size, image_size, pairs, captions, colours)

@@ -10,7 +10,8 @@ marker so that it is counted, never fatal.
 
 Source config (`ConfigDict` or dict), by `kind`:
   demo:          split='train' | 'eval', size=None (default 10,000 / 960), image_size=64,
-                 pairs='all' | 'held_out' (eval only), captions='full' | 'names' (see demo.py)
+                 pairs='all' | 'held_out' (eval only), captions='full' | 'names',
+                 colours=None or a subset of the colour names (see demo.py)
   array_record:  path (a file, a directory of *.array_record files, or a glob)
   manifest:      path (.csv / .tsv / .jsonl), image_key='filepath', caption_key='title'
                  (a column or a comma-separated list of columns), separator=None
@@ -27,7 +28,8 @@ from collections.abc import Mapping
 from big_contrast.data.errors import SkipRecord
 
 SOURCE_FIELDS = {
-    "demo": {"split": "train", "size": None, "image_size": 64, "pairs": "all", "captions": "full"},
+    "demo": {"split": "train", "size": None, "image_size": 64, "pairs": "all", "captions": "full",
+             "colours": None},
     "array_record": {"path": None},
     "manifest": {"path": None, "image_key": "filepath", "caption_key": "title", "separator": None},
     "tfds": {"name": None, "split": "train", "data_dir": None, "image_key": "image",
