@@ -38,7 +38,9 @@ CURVE_KEYS = ("shape_top1", "shape_top1@photo", "colour_top1", "i2t_recall@1", "
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """Every knob of the demo recipe; the defaults are the demo as it shipped before this study."""
+    """Every knob of the demo recipe. The defaults are the demo as it shipped before this study,
+    except the text position-embedding init, which follows the library (`run.BASE` sets the
+    old one); `configs/demo.py` is `run.FINAL`."""
 
     image_size: int = 64
     patch: int = 8

@@ -52,6 +52,8 @@ ROWS = {
     "final + text pool mean": {**FINAL, "txt_pool": "mean"},
     "final + softmax loss": {**FINAL, "loss": "softmax"},
     "final, 3000 steps (the demo's budget)": {**FINAL, "steps": 3000},
+    "final + name-only captions": {**FINAL, "captions": "names"},
+    "final + name-only captions + softmax": {**FINAL, "captions": "names", "loss": "softmax"},
 }
 SUPERVISED = {"supervised: base tower": {}, "supervised: base tower, patch 16, width 64":
               dict(patch=16, img_width=64, heads=4), "supervised: final tower": FINAL}
