@@ -1,7 +1,7 @@
 """Sigmoid vs softmax loss across global batch sizes, at a fixed number of examples seen.
 
     python experiments/loss_vs_batch/run.py            # the grid in README.md (results.json, plot.png)
-    python experiments/loss_vs_batch/run.py --quick    # two tiny runs, seconds (the test suite runs it)
+    python experiments/loss_vs_batch/run.py --quick    # two tiny runs (the test suite runs it)
 
 A small-scale version of SigLIP (Zhai et al. 2023) Fig. 2 / Sec. 4: both losses, batch sizes
 32 ... 4096, every run sees the same number of examples (so a bigger batch means fewer steps),
@@ -24,6 +24,7 @@ import json
 import os
 import pathlib
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -149,8 +150,11 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--examples", type=int, default=32_768, help="examples seen per run")
     parser.add_argument("--captions", nargs="+", default=["full", "names"])
-    parser.add_argument("--out", type=pathlib.Path, default=HERE / "results.json")
+    parser.add_argument("--out", type=pathlib.Path, default=None,
+                        help="results file (default: results.json here; a temporary file with --quick)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = pathlib.Path(tempfile.mkdtemp()) / "quick.json" if args.quick else HERE / "results.json"
     if args.quick:
         base = BASE.replace(train_size=256, eval_size=96)
         results = run_grid([32], [0], 64, ["names"], args.out, base)
