@@ -399,7 +399,7 @@ def test_text_tower_starts_with_words_louder_than_positions():
     """Token and position embeddings are initialised as in CLIP (std 0.02 and 0.01). Mixing
     CLIP's 0.02 for tokens with big_vision's 1/sqrt(width) for positions made positions 9x
     louder than words in the width-32 demo tower, whose embeddings then encoded caption length
-    more than content (experiments/demo_recipe: colour top-1 with short prompts 0.62 -> 0.98)."""
+    more than content (experiments/demo_recipe: demo colour top-1 with short prompts 0.52 -> 0.97)."""
     from big_contrast.models.text import TextTransformer
 
     text = TextTransformer(vocab_size=64, max_len=16, width=32, depth=1, mlp_dim=64, num_heads=2,
