@@ -163,6 +163,28 @@ def test_demo_source_is_deterministic_and_holds_out_pairs():
         demo_class_names("texture")
 
 
+def test_demo_held_out_selection_and_name_only_captions():
+    held = demo_source("eval", size=24, pairs="held_out")
+    names = demo_class_names("colour_shape")
+    pairs = [tuple(names[held[i]["label/colour_shape"]].split()) for i in range(24)]
+    assert set(pairs) == set(HELD_OUT) and pairs[:6] == [p for p in pairs[:6] if p in HELD_OUT]
+    assert len({(held.attributes(i)[2], held.attributes(i)[3]) for i in range(24)}) == 4  # layouts vary
+    plain = demo_source("train", size=50, captions="names")
+    for i in range(50):
+        assert plain.captions(i) == [names[plain[i]["label/colour_shape"]]]
+    with pytest.raises(ValueError, match="held_out"):
+        demo_source("train", pairs="held_out")
+    with pytest.raises(ValueError, match="captions"):
+        demo_source("eval", captions="short")
+
+
+def test_demo_templates_name_the_other_attribute():
+    from big_contrast.data.demo import COLOURS, demo_templates
+
+    assert [t.format("circle") for t in demo_templates("shape")] == [f"{c} circle" for c in COLOURS]
+    assert [t.format("red") for t in demo_templates("colour")] == [f"red {s}" for s in SHAPES]
+
+
 def test_demo_pipeline_with_labels():
     config = default_data_config()
     config.batch_size = 16

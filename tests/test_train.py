@@ -312,3 +312,20 @@ def test_a_step_on_uint8_images_equals_the_step_on_float_images():
     assert rel_err(results[True][2], results[False][2]) <= 1e-6
     for a, b in zip(jax.tree.leaves(results[True][1]), jax.tree.leaves(results[False][1])):
         assert rel_err(a, b) <= 1e-5
+
+
+def test_weight_decay_skips_biases_of_every_rank_and_the_scalars():
+    """Attention q/k/v biases are 2-D ([heads, head_dim]); rank alone would decay them."""
+    from big_contrast import models
+    from big_contrast.train.optimizer import decays_weights, param_paths
+    from flax import nnx
+
+    model = models.abstract_model(demo.get_config("sigmoid").model)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    leaves = dict(zip(param_paths(params), jax.tree.leaves(params)))
+    decayed = {p for p, leaf in leaves.items() if decays_weights(p, leaf)}
+    assert "image/encoder/blocks/0/attention/query/bias" in leaves
+    assert not any(p.endswith("bias") for p in decayed)
+    assert "log_scale" not in decayed and "image/encoder/norm/scale" not in decayed
+    assert {"image/encoder/blocks/0/attention/query/kernel", "text/embedding/embedding",
+            "image/embedding/kernel"} <= decayed

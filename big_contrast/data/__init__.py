@@ -12,7 +12,7 @@ import importlib
 
 _EXPORTS = {
     "default_data_config": "config",
-    "demo_class_names": "demo", "demo_source": "demo",
+    "demo_class_names": "demo", "demo_source": "demo", "demo_templates": "demo",
     "SKIP_REASONS": "errors", "SkipCounter": "errors", "SkipRecord": "errors",
     "TooManySkippedError": "errors",
     "parse_image_pp": "image_ops",

@@ -16,6 +16,11 @@ Splits:
     colour-shape combinations; jittered position / size / background.
   * `eval`: all 48 colour-shape combinations in turn (so classes are balanced), including the
     6 held-out ones the model never saw as a pair in training -- a small compositional test.
+    `pairs='held_out'` enumerates only those 6 (the compositional test on its own).
+`captions='names'` replaces the five captions by the colour-shape class name alone ("red
+circle"): 42 distinct training captions, so most in-batch negatives repeat the positive's
+caption (the duplicate-caption case of experiments/loss_vs_batch). `colours=('red',)` keeps
+only those colours (in both splits; held-out pairs of other colours then do not occur).
 Zero-shot classification tasks: `demo_class_names('shape')` (6 classes), `'colour'` (8),
 `'colour_shape'` (48, e.g. "red circle"), `'size'`, `'position'`.
 
@@ -68,6 +73,22 @@ def demo_class_names(task: str = "shape") -> list[str]:
     if task not in names:
         raise ValueError(f"unknown demo task {task!r}; choose one of {sorted(names)}")
     return names[task]
+
+
+def demo_templates(task: str = "shape") -> tuple[str, ...]:
+    """Zero-shot prompt templates phrased like the captions, one per value of the other attribute.
+
+    Every training caption names colour *and* shape, so a prompt naming one of them alone
+    ("a photo of a circle.") is a text the text tower never saw. Averaging "red {}", "green {}",
+    ... over the colours (CLIP's prompt ensembling) gives a shape classifier made of texts of
+    the training distribution, with colour averaged out; and the same over shapes for colour.
+    """
+    if task == "shape":
+        return tuple(f"{colour} {{}}" for colour in COLOURS)
+    if task == "colour":
+        return tuple(f"{{}} {shape}" for shape in SHAPES)
+    demo_class_names(task)  # raises on an unknown task
+    return ("{}",)
 
 
 def demo_vocabulary() -> list[str]:
@@ -124,18 +145,31 @@ def draw_shape(shape: str, colour: str, size: str, position: str, image_size: in
 class DemoSource:
     """Random-access demo examples: `source[i]` -> raw example dict (see module docstring)."""
 
-    def __init__(self, split: str = "train", size: int | None = None, image_size: int = 64):
+    def __init__(self, split: str = "train", size: int | None = None, image_size: int = 64,
+                 pairs: str = "all", captions: str = "full", colours: tuple[str, ...] | None = None):
         if split not in _SPLIT_SEEDS:
             raise ValueError(f"demo split must be one of {sorted(_SPLIT_SEEDS)}, got {split!r}")
+        if pairs not in ("all", "held_out") or (pairs == "held_out" and split != "eval"):
+            raise ValueError(f"demo pairs={pairs!r} must be 'all', or 'held_out' with split='eval'")
+        if captions not in ("full", "names"):
+            raise ValueError(f"demo captions={captions!r} must be 'full' or 'names'")
+        unknown = sorted(set(colours or ()) - set(COLOURS))
+        if unknown or (colours is not None and not colours):
+            raise ValueError(f"demo colours={colours!r} must be a non-empty subset of {list(COLOURS)}")
         if size is not None and size <= 0:
             raise ValueError(f"demo size must be positive, got {size}")
         if image_size < 16:
             raise ValueError(f"demo image_size={image_size} is too small to draw shapes; use >= 16")
-        self.split, self.image_size = split, image_size
+        self.split, self.image_size, self.caption_style = split, image_size, captions
         self.size = size or DEFAULT_SIZES[split]
         held_out = set(HELD_OUT)
         all_pairs = [(c, s) for c in COLOURS for s in SHAPES]
-        self._pairs = all_pairs if split == "eval" else [p for p in all_pairs if p not in held_out]
+        if pairs == "held_out":
+            self._pairs = [p for p in all_pairs if p in held_out]
+        else:
+            self._pairs = all_pairs if split == "eval" else [p for p in all_pairs if p not in held_out]
+        if colours is not None:  # e.g. one colour: shape is then the only thing a name caption says
+            self._pairs = [p for p in self._pairs if p[0] in colours]
 
     def __len__(self) -> int:
         return self.size
@@ -159,6 +193,8 @@ class DemoSource:
     def captions(self, index: int) -> list[str]:
         """The example's captions, without drawing its image."""
         colour, shape, size, position, _ = self.attributes(int(index))
+        if self.caption_style == "names":
+            return [f"{colour} {shape}"]
         return [t.format(colour=colour, shape=shape, size=size, position=position)
                 for t in CAPTION_TEMPLATES]
 
@@ -182,6 +218,8 @@ class DemoSource:
         return f"DemoSource(split={self.split!r}, {self.size} examples, {self.image_size}px)"
 
 
-def demo_source(split: str = "train", size: int | None = None, image_size: int = 64) -> DemoSource:
+def demo_source(split: str = "train", size: int | None = None, image_size: int = 64,
+                pairs: str = "all", captions: str = "full",
+                colours: tuple[str, ...] | None = None) -> DemoSource:
     """The demo data as a random-access source (`len`, `[i]`)."""
-    return DemoSource(split, size, image_size)
+    return DemoSource(split, size, image_size, pairs, captions, colours)

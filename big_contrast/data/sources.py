@@ -9,7 +9,9 @@ processes). A source may raise `SkipRecord(reason)` for a record it already know
 marker so that it is counted, never fatal.
 
 Source config (`ConfigDict` or dict), by `kind`:
-  demo:          split='train' | 'eval', size=None (default 10,000 / 960), image_size=64
+  demo:          split='train' | 'eval', size=None (default 10,000 / 960), image_size=64,
+                 pairs='all' | 'held_out' (eval only), captions='full' | 'names',
+                 colours=None or a subset of the colour names (see demo.py)
   array_record:  path (a file, a directory of *.array_record files, or a glob)
   manifest:      path (.csv / .tsv / .jsonl), image_key='filepath', caption_key='title'
                  (a column or a comma-separated list of columns), separator=None,
@@ -32,7 +34,8 @@ from collections.abc import Mapping
 from big_contrast.data.errors import SkipRecord
 
 SOURCE_FIELDS = {
-    "demo": {"split": "train", "size": None, "image_size": 64},
+    "demo": {"split": "train", "size": None, "image_size": 64, "pairs": "all", "captions": "full",
+             "colours": None},
     "array_record": {"path": None},
     "manifest": {"path": None, "image_key": "filepath", "caption_key": "title", "separator": None,
                  "label_key": None, "class_names": None},

@@ -32,6 +32,7 @@ from big_contrast.models import transformer as tfm
 from big_contrast.sharding import constrain
 
 POOLS = ("eos", "last", "first", "mean", "map")
+TOKEN_EMBED_STD, POSEMB_STD = 0.02, 0.01  # CLIP / open_clip
 
 
 class TextTransformer(nnx.Module):
@@ -51,9 +52,12 @@ class TextTransformer(nnx.Module):
         self.max_len, self.width, self.dtype = max_len, width, dtype
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-        self.embedding = nnx.Embed(vocab_size, width, embedding_init=nnx.initializers.normal(0.02),
+        self.embedding = nnx.Embed(vocab_size, width, embedding_init=nnx.initializers.normal(TOKEN_EMBED_STD),
                                    embedding_metadata=tfm.logical("vocab", "embed"), **common)
-        self.posemb = nnx.Param(nnx.initializers.normal(width ** -0.5)(
+        # CLIP's pair of inits (tokens 0.02, positions 0.01): with big_vision's 1/sqrt(width)
+        # for positions next to CLIP's 0.02 for tokens, a width-32 tower starts with positions
+        # 9x louder than words, and its embeddings encode caption length more than content.
+        self.posemb = nnx.Param(nnx.initializers.normal(POSEMB_STD)(
                                     rngs.params(), (1, max_len, width), param_dtype),
                                 **tfm.logical(None, None, "embed"))
         self.encoder = tfm.Encoder(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads,

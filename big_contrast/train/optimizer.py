@@ -69,9 +69,13 @@ def lr_multipliers(params, rules, frozen_patterns=()) -> dict[str, float]:
     return multipliers
 
 
-def decays_weights(leaf) -> bool:
-    """Weight decay on matrices (kernels, embeddings), not on norms, biases, scale or bias."""
-    return jnp.ndim(leaf) >= 2
+def decays_weights(path: str, leaf) -> bool:
+    """Weight decay on matrices (kernels, embeddings), not on norms, biases, scale or bias.
+
+    The name matters as well as the rank: attention biases are 2-D (`[heads, head_dim]`),
+    so rank alone would decay them (open_clip also excludes by name).
+    """
+    return jnp.ndim(leaf) >= 2 and not path.rsplit("/", 1)[-1].endswith("bias")
 
 
 def make_optimizer(opt, params, *, lr_mults=(), frozen_patterns=()) -> optax.GradientTransformation:
@@ -90,7 +94,7 @@ def make_optimizer(opt, params, *, lr_mults=(), frozen_patterns=()) -> optax.Gra
         labels_flat.append(FROZEN if mult == 0 else f"lr_x{mult:g}")
     labels = jax.tree_util.tree_unflatten(treedef, labels_flat)
     decay_mask = jax.tree_util.tree_unflatten(
-        treedef, [decays_weights(leaf) for _, leaf in leaves_with_path]
+        treedef, [decays_weights(path_str(path), leaf) for path, leaf in leaves_with_path]
     )
 
     def group(mult):
