@@ -26,7 +26,7 @@ A config file (configs/*.py) returns `default_config()` updated with its own cho
     config.prefetch_batches      global batches a background thread keeps on the devices ahead
                                  of the step (>= 1)
     config.profile_steps         (N, M): a jax.profiler trace of steps N..M in workdir/profile
-                                 (None: no trace)
+                                 (empty: no trace)
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.evals = ml_collections.ConfigDict()
     config.peak_flops_per_device = ml_collections.FieldReference(None, field_type=float)
     config.prefetch_batches = 2
-    config.profile_steps = ml_collections.FieldReference(None, field_type=tuple)
+    config.profile_steps = ()
     return config
 
 
@@ -94,7 +94,7 @@ def validate(config, num_batch_shards: int) -> None:
 
 
 def _validate_profile_steps(steps) -> None:
-    if steps is None:
+    if not steps:
         return
     if len(steps) != 2 or not all(isinstance(s, int) for s in steps) or not 1 <= steps[0] <= steps[1]:
         raise ValueError(f"config.profile_steps={steps!r} must be (N, M) with 1 <= N <= M, e.g. (10, 15).")

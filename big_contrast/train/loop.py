@@ -258,6 +258,7 @@ def _loop(run, state, batches, ckpt, writer, evaluators, step_fn, stop_after_ste
                 throughput.flops_per_step = _flops(compiled)
             profile.before(step + 1)
             state, metrics = compiled(state, consumed.arrays)
+            consumed.arrays = None  # the batch's buffers go once the step is done with them
             step += 1
             checked()  # the previous step's loss, while this one runs
             unchecked = (step, metrics)
