@@ -1,7 +1,6 @@
 """The overlapped loop: NaN checks one step behind and before every save, prefetched batches with
 exact resume, a clean close of the prefetching thread, profiles."""
 
-import sys
 import threading
 
 import jax
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 
 from big_contrast.checkpoint import Checkpointer
-from big_contrast.train import NonFiniteLoss, train
+from big_contrast.train import NonFiniteLoss, train, validate
 from big_contrast.train import loop as train_loop
 from big_contrast.train.metrics import read_metrics
 from big_contrast.train.prefetch import Prefetcher
@@ -47,6 +46,7 @@ def test_resume_with_prefetched_batches_sees_the_batches_of_an_uninterrupted_run
     assert sorted(resumed) == list(range(1, 7))
     for step in range(3, 7):
         np.testing.assert_allclose(resumed[step]["loss"], expected[step]["loss"], rtol=1e-5, err_msg=str(step))
+    assert not any(t.name == "batch-prefetch" for t in threading.enumerate())  # joined on both exits
 
 
 def poisoning_step(monkeypatch, after_step):
@@ -82,6 +82,15 @@ def test_a_non_finite_state_with_a_finite_loss_is_never_checkpointed(tmp_path, m
     assert Checkpointer(tmp_path / "checkpoints", async_save=False).all_steps() == [2]
     _, params = final_params(tmp_path)
     assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))
+
+
+def test_loss_dtype_reaches_the_loss_engine_and_is_checked():
+    assert train_loop.loss_spec(tiny_config()).dtype is None
+    assert train_loop.loss_spec(tiny_config(loss_dtype="bfloat16")).dtype == "bfloat16"
+    with pytest.raises(ValueError, match=r"config.loss_dtype='fp8' is unknown"):
+        validate(tiny_config(loss_dtype="fp8"), num_batch_shards=8)
+    with pytest.raises(ValueError, match=r"config.profile_steps=\(3, 1\) must be \(N, M\)"):
+        validate(tiny_config(profile_steps=(3, 1)), num_batch_shards=8)
 
 
 class CountingData:

@@ -142,11 +142,16 @@ def _tower_params_from_checkpoint(directory, tower):
     return state["params"][tower]
 
 
+def loss_spec(config) -> LossSpec:
+    """The loss engine of `config`: loss, impl, tile (`loss_block`) and input dtype (`loss_dtype`)."""
+    return LossSpec(config.model.loss, config.loss_impl, config.loss_block, config.get("loss_dtype"))
+
+
 def make_step_fn(run: Run, batch_sharding, *, donate_batch: bool = False):
     """The jitted train step; the state is donated, and the batch too with `donate_batch` (the
     loop's batches are used once; benchmarks and tests that reuse one batch keep the default)."""
     config = run.config
-    loss = LossSpec(config.model.loss, config.loss_impl, config.loss_block, config.get("loss_dtype"))
+    loss = loss_spec(config)
     step = functools.partial(
         train_step, graphdef=run.graphdef, rest=run.rest, tx=run.tx, loss=loss, mesh=run.mesh,
         axis=sharding.batch_axes(run.mesh), n_shards=run.n_shards,
