@@ -189,6 +189,7 @@ def test_demo_pipeline_with_labels():
     config = default_data_config()
     config.batch_size = 16
     config.label_keys = ("label/shape",)
+    config.device_normalize = False  # the host runs value_range too: float images in [-1, 1]
     batch = next(make_pipeline(config))
     assert batch["image"].shape == (16, 64, 64, 3) and batch["image"].dtype == np.float32
     assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0

@@ -13,7 +13,8 @@
     device_normalize   send images as uint8 and apply the pp string's final value_range /
                        normalize on the device (in the jitted train step and eval embedding,
                        `device_ops.py`): 4x fewer image bytes on the host and on the way to
-                       the devices, same numbers; False: float32 images from the host
+                       the devices, same numbers (the default); False: float32 images from
+                       the host (what a consumer of the batches without the device op needs)
     tokenizer          'demo' | 'bytes' | path to a sentencepiece .model (`tokenizer.py`)
     max_len            tokens per caption, EOS included (pad=0)
     lowercase          lowercase captions before tokenizing
@@ -53,7 +54,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.batch_size = 64
     config.pp_train = DEMO_PP_TRAIN
     config.pp_eval = DEMO_PP_EVAL
-    config.device_normalize = False
+    config.device_normalize = True
     config.tokenizer = "demo"
     config.max_len = 16
     config.lowercase = True

@@ -7,7 +7,9 @@ A config file (configs/*.py) returns `default_config()` updated with its own cho
     config.model                 see big_contrast.models.default_model_config(); .loss picks
                                  "softmax" (CLIP) or "sigmoid" (SigLIP)
     config.loss_impl             "ring" | "all_gather" | "dense" (the loss engine's impl)
-    config.loss_block            ring tile size (None: the engine's default)
+    config.loss_block            ring tile size (None: the engine's default, `ring.default_block`)
+    config.loss_dtype            None | "bfloat16": embeddings enter the loss engine in this
+                                 dtype (f32 accumulation); None keeps the towers' output dtype
     config.batch_size            global batch (also config.data.batch_size)
     config.microbatch_size       per-device micro-batch for gradient caching (None: off)
     config.total_steps, config.log_every, config.checkpoint_every, config.keep_checkpoints
@@ -21,6 +23,10 @@ A config file (configs/*.py) returns `default_config()` updated with its own cho
     config.data                  see big_contrast.data.default_data_config()
     config.evals                 see big_contrast.evaluate (type, data, every_steps, prefix)
     config.peak_flops_per_device for model FLOPs utilisation (None: not reported)
+    config.prefetch_batches      global batches a background thread keeps on the devices ahead
+                                 of the step (>= 1)
+    config.profile_steps         (N, M): a jax.profiler trace of steps N..M in workdir/profile
+                                 (empty: no trace)
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.model = default_model_config()
     config.loss_impl = "ring"
     config.loss_block = ml_collections.FieldReference(None, field_type=int)
+    config.loss_dtype = ml_collections.FieldReference(None, field_type=str)
     config.batch_size = 64
     config.microbatch_size = ml_collections.FieldReference(None, field_type=int)
     config.total_steps = 100
@@ -55,6 +62,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.data = default_data_config()
     config.evals = ml_collections.ConfigDict()
     config.peak_flops_per_device = ml_collections.FieldReference(None, field_type=float)
+    config.prefetch_batches = 2
+    config.profile_steps = ()
     return config
 
 
@@ -76,9 +85,19 @@ def validate(config, num_batch_shards: int) -> None:
             f"config.microbatch_size={micro} does not divide the per-device batch {per_device} "
             f"(config.batch_size={config.batch_size} over {num_batch_shards} devices); pick a divisor of {per_device}."
         )
-    for key in ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
-        if config[key] <= 0:
+    for key in ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "prefetch_batches"):
+        if config.get(key, 1) <= 0:
             raise ValueError(f"config.{key}={config[key]} must be a positive integer.")
+    if config.get("loss_dtype") not in (None, "float32", "bfloat16"):
+        raise ValueError(f"config.loss_dtype={config.loss_dtype!r} is unknown; use None, 'float32' or 'bfloat16'.")
+    _validate_profile_steps(config.get("profile_steps"))
+
+
+def _validate_profile_steps(steps) -> None:
+    if not steps:
+        return
+    if len(steps) != 2 or not all(isinstance(s, int) for s in steps) or not 1 <= steps[0] <= steps[1]:
+        raise ValueError(f"config.profile_steps={steps!r} must be (N, M) with 1 <= N <= M, e.g. (10, 15).")
 
 
 def microbatches(config, num_batch_shards: int) -> int:

@@ -6,13 +6,21 @@ Resumes from the latest checkpoint in `workdir/checkpoints` when there is one (p
 optimizer state, step and the data iterator's position), so a restarted run continues with
 exactly the batches an uninterrupted run would have seen. SIGTERM (a preemption notice) and
 SIGINT finish the current step, save a checkpoint and return. A NaN or Inf loss stops the
-run with an error naming the step, before anything of that step is saved.
+run with an error naming the step, before anything of that step is saved; so does a state
+that is not finite when it is about to be saved.
+
+The host and the devices overlap: a background thread (`prefetch.py`) keeps the next batches
+on the devices, each batch is donated to the step, and the host reads a step's loss only after
+dispatching the next one, waiting for the newest step only every `log_every` steps (and to
+evaluate or checkpoint). `config.profile_steps = (N, M)` traces steps N..M into
+`workdir/profile`.
 
 When things are wrong it says so before doing harm: a config whose model or optimizer differs
 from the one recorded in `workdir/config.json` stops before restoring; a damaged checkpoint is
 skipped (with a warning naming its step) for the newest readable one; a failed save stops the
-run naming the directory, the previous checkpoint intact. The checkpointer, the data iterator
-and the metric writer are closed in that order on every exit path.
+run naming the directory, the previous checkpoint intact. The checkpointer, the prefetching
+thread with the data iterator, and the metric writer are closed in that order on every exit
+path.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import math
 import pathlib
 import signal
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +47,8 @@ from big_contrast.errors import BigContrastError, ConfigMismatch, DamagedCheckpo
 from big_contrast.train import config as train_config
 from big_contrast.train import evals as train_evals
 from big_contrast.train import record
-from big_contrast.train.metrics import MetricWriter, Throughput
+from big_contrast.train.metrics import MetricWriter, StepProfile, Throughput
+from big_contrast.train.prefetch import Prefetcher
 from big_contrast.train.optimizer import learning_rate_schedule, make_optimizer
 from big_contrast.train.step import LossSpec, TrainState, train_step
 
@@ -132,9 +142,16 @@ def _tower_params_from_checkpoint(directory, tower):
     return state["params"][tower]
 
 
-def make_step_fn(run: Run, batch_sharding):
+def loss_spec(config) -> LossSpec:
+    """The loss engine of `config`: loss, impl, tile (`loss_block`) and input dtype (`loss_dtype`)."""
+    return LossSpec(config.model.loss, config.loss_impl, config.loss_block, config.get("loss_dtype"))
+
+
+def make_step_fn(run: Run, batch_sharding, *, donate_batch: bool = False):
+    """The jitted train step; the state is donated, and the batch too with `donate_batch` (the
+    loop's batches are used once; benchmarks and tests that reuse one batch keep the default)."""
     config = run.config
-    loss = LossSpec(config.model.loss, config.loss_impl, config.loss_block)
+    loss = loss_spec(config)
     step = functools.partial(
         train_step, graphdef=run.graphdef, rest=run.rest, tx=run.tx, loss=loss, mesh=run.mesh,
         axis=sharding.batch_axes(run.mesh), n_shards=run.n_shards,
@@ -143,7 +160,7 @@ def make_step_fn(run: Run, batch_sharding):
     )
     batch_shardings = {k: batch_sharding for k in BATCH_FIELDS}
     return jax.jit(step, in_shardings=(run.state_shardings, batch_shardings),
-                   out_shardings=(run.state_shardings, None), donate_argnums=(0,))
+                   out_shardings=(run.state_shardings, None), donate_argnums=(0, 1) if donate_batch else (0,))
 
 
 @contextlib.contextmanager
@@ -169,7 +186,7 @@ def train(config, workdir, *, mesh=None, progress=True, stop_after_steps=None) -
     this call; tests use it to interrupt a run.
     """
     workdir = pathlib.Path(workdir)
-    ckpt = data = writer = None
+    ckpt = data = batches = writer = None
     try:
         # Config: checked against the workdir's record before anything is built or written.
         changes = record.check_resumable(config, workdir) if _has_checkpoints(workdir) else []
@@ -182,23 +199,39 @@ def train(config, workdir, *, mesh=None, progress=True, stop_after_steps=None) -
         _record_config(config, workdir, changes)
         writer = MetricWriter(workdir, total_steps=config.total_steps, initial_step=int(state.step),
                               progress=progress)
-        return _loop(run, state, data, ckpt, writer, evaluators, make_step_fn(run, batch_sharding),
-                     stop_after_steps)
+        # Input pipeline: a thread keeps batches on the devices ahead of the step.
+        batches = Prefetcher(data, depth=config.get("prefetch_batches", 2), fields=BATCH_FIELDS)
+        return _loop(run, state, batches, ckpt, writer, evaluators,
+                     make_step_fn(run, batch_sharding, donate_batch=True), stop_after_steps, workdir)
     finally:
-        _close_in_order(ckpt, data, writer)
+        _close_in_order(ckpt, batches or data, writer)
 
 
-def _loop(run, state, data, ckpt, writer, evaluators, step_fn, stop_after_steps) -> dict:
-    """The steps from the state's step to `config.total_steps`, as a list of named actions."""
+def _loop(run, state, batches, ckpt, writer, evaluators, step_fn, stop_after_steps, workdir) -> dict:
+    """The steps from the state's step to `config.total_steps`, as a list of named actions.
+
+    The host never waits for the step it has just dispatched: the loss of step k is read after
+    step k+1 is queued (`checked`), so the devices always have the next step, and the batches
+    come from the prefetching thread. The host waits for the newest step only to log (every
+    `log_every` steps), evaluate or checkpoint, and each of those checks that step's loss first:
+    no unchecked state is ever saved."""
     config = run.config
     first_step = step = int(state.step)
     throughput = Throughput(config.batch_size, config.peak_flops_per_device)
-    compiled, last = None, {}
+    profile = StepProfile(config.get("profile_steps"), workdir / "profile")
+    compiled, last, consumed, unchecked = None, {}, None, None
+
+    def checked():
+        """Raises NonFiniteLoss if the newest unchecked step's loss is NaN / Inf."""
+        nonlocal unchecked
+        if unchecked is not None:
+            _check_finite(unchecked[1], unchecked[0], ckpt)
+            unchecked = None
 
     def log(step, metrics) -> dict:
         out = {k: float(np.asarray(v)) for k, v in metrics.items()}
         out.update(throughput.report())
-        out.update({k: int(v) for k, v in data.skip_counts().items()})
+        out.update({k: int(v) for k, v in consumed.skip_counts.items()})
         writer.write(step, out)
         return out
 
@@ -206,6 +239,7 @@ def _loop(run, state, data, ckpt, writer, evaluators, step_fn, stop_after_steps)
         results = {}
         for evaluator in evaluators:
             if evaluator.should_run(step) or (is_last and evaluator.every_steps == 0):
+                checked()
                 one = train_evals.run_one(evaluator, run, state, config)
                 writer.write(step, one)
                 results.update(one)
@@ -213,35 +247,53 @@ def _loop(run, state, data, ckpt, writer, evaluators, step_fn, stop_after_steps)
 
     def checkpoint(step, state, wait) -> None:
         # The step itself draws no random numbers (no dropout; augmentation randomness is
-        # keyed by example index inside the data state): the seeds are the RNG.
-        meta = {"data": data.get_state(), "step": step, "process_count": jax.process_count(),
+        # keyed by example index inside the data state): the seeds are the RNG. The data
+        # state is the one after this step's batch, not after the batches prefetched since.
+        meta = {"data": consumed.data_state, "step": step, "process_count": jax.process_count(),
                 "seed": config.seed, "data_seed": config.data.seed}
         if not ckpt.save(step, state, meta, wait=wait):
             writer.print(f"Warning: not saving step {step}: {ckpt.directory / str(step)} is the damaged checkpoint "
                          "kept for inspection; move it away to let this step be saved.")
 
-    with preemption_flag() as preempted:
+    with preemption_flag() as preempted, contextlib.closing(profile):
         while step < config.total_steps:
-            batch = {k: v for k, v in next(data).items() if k in BATCH_FIELDS}
+            consumed = next(batches)
             if compiled is None:
-                compiled = step_fn.lower(state, batch).compile()
+                compiled = _compile(step_fn, state, consumed.arrays)
                 throughput.flops_per_step = _flops(compiled)
-            state, metrics = compiled(state, batch)
+            profile.before(step + 1)
+            state, metrics = compiled(state, consumed.arrays)
+            consumed.arrays = None  # the batch's buffers go once the step is done with them
             step += 1
-            _check_finite(metrics, step, ckpt)
+            checked()  # the previous step's loss, while this one runs
+            unchecked = (step, metrics)
+            profile.after(step, metrics)
             writer.advance()
             throughput.step()
             is_last = step == config.total_steps
             if step % config.log_every == 0 or is_last:
+                checked()
                 last = log(step, metrics)
             last.update(evaluate(step, state, is_last))
             stop = preempted["set"] or (stop_after_steps is not None and step - first_step >= stop_after_steps)
             if step % config.checkpoint_every == 0 or is_last or stop:
+                checked()
+                _check_state_finite(state, step, ckpt)
                 checkpoint(step, state, wait=stop)
             if stop:
                 writer.print(f"Stopped at step {step} ({preempted['signal'] or 'requested'}); checkpoint saved.")
                 break
+        checked()
     return last
+
+
+def _compile(step_fn, state, batch):
+    """The step compiled for these shapes. XLA reuses a donated buffer only for an output of the
+    same shape and dtype; the batch has none today (its donation frees nothing yet, on any
+    backend), and jax's warning saying so at every compile is not something a user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+        return step_fn.lower(state, batch).compile()
 
 
 def _check_finite(metrics, step, ckpt) -> None:
@@ -251,6 +303,24 @@ def _check_finite(metrics, step, ckpt) -> None:
             f"The loss is {loss} at step {step}; stopping. The last good checkpoint "
             f"(step {ckpt.latest_step()}) is intact in {ckpt.directory}; lower the learning "
             "rate or check the data, then resume."
+        )
+
+
+@jax.jit
+def _all_finite(tree):
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _check_state_finite(state, step, ckpt) -> None:
+    """A finite loss does not make a finite update (the gradient or a moment can overflow), so the
+    state itself is checked before it is saved."""
+    if not bool(_all_finite((state.params, state.opt_state))):
+        raise NonFiniteLoss(
+            f"The parameters or optimizer state after step {step} hold NaN or Inf (the step's loss was "
+            f"finite, its update was not); stopping without saving them. The last good checkpoint (step "
+            f"{ckpt.latest_step()}) is intact in {ckpt.directory}; lower the learning rate or check the data, "
+            "then resume."
         )
 
 

@@ -99,3 +99,36 @@ class Throughput:
             out["mfu"] = self.flops_per_step / out["step_time_s"] / self.peak_flops_per_device
         self._start, self._steps = time.perf_counter(), 0
         return out
+
+
+class StepProfile:
+    """A `jax.profiler` trace of steps N..M (`config.profile_steps = (N, M)`, inclusive, step k
+    being the one that makes the state's step k) written under `directory`, as big_vision does;
+    open it with TensorBoard's profile plugin or Perfetto (`*.trace.json.gz`). Process 0 only.
+    The trace ends once step M's outputs are ready, so it holds the devices' work, not just its
+    dispatch."""
+
+    def __init__(self, steps, directory):
+        self.first, self.last = (int(steps[0]), int(steps[1])) if steps else (None, None)
+        self.directory, self.active = pathlib.Path(directory), False
+        if steps and jax.process_index() != 0:
+            self.first = None
+
+    def before(self, step: int) -> None:
+        """Called before step `step` is dispatched."""
+        if self.first is not None and not self.active and self.first <= step <= self.last:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            jax.profiler.start_trace(str(self.directory))
+            self.active = True
+
+    def after(self, step: int, outputs) -> None:
+        """Called after step `step` is dispatched, with its outputs."""
+        if self.active and step >= self.last:
+            jax.block_until_ready(outputs)
+            self.close()
+            self.first = None  # one trace per run
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False

@@ -3,10 +3,13 @@
 * parameters per tower (exact, from the abstract model);
 * per-device bytes of parameters, gradients and AdamW moments, from the sharding rules applied
   to the config's mesh (its -1 entry resolved against `num_devices`);
+* under gradient caching with FSDP-sharded parameters, the full copy each device gathers once
+  per pass (`train/step.py`) and that copy's micro-batch gradient before its reduce-scatter;
 * activation memory per example of a micro-batch, from XLA's memory analysis of the compiled
   tower forward+backward at two micro-batch sizes on one device (the slope of the line);
 * the loss engine's per-device memory: the ring's measured bound, 5 * b * D * 4 bytes plus
-  its tiles (experiments/loss_scaling), or b * B logits for the all-gather and dense schemes;
+  its tiles of `ring.default_block()` on this backend unless `config.loss_block` says
+  (experiments/loss_scaling), or b * B logits for the all-gather and dense schemes;
 * the largest micro-batch (a divisor of the per-device batch) that fits `device_memory_bytes`.
 """
 
@@ -19,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from big_contrast import models, sharding
-from big_contrast.losses.ring import DEFAULT_BLOCK
+from big_contrast.losses import ring
 
 GIB = 2**30
 
@@ -65,6 +68,14 @@ def _activation_bytes_per_example(config, abstract) -> int:
     return max(temps[1] - temps[0], 1)
 
 
+def _gathered_param_bytes(abstract, mesh_shape, param_bytes) -> int:
+    """Per-device bytes of the parameters once gathered over the batch axes (0 when they are not
+    sharded over them): what a device holds while it loops over its micro-batches."""
+    unsharded = {name: 1 if name in sharding.BATCH_AXES else size for name, size in mesh_shape.items()}
+    full = _per_device_bytes(nnx.state(abstract, nnx.Param), unsharded)
+    return full if full > param_bytes else 0
+
+
 def plan(config, *, device_memory_bytes: int, num_devices: int | None = None) -> dict:
     num_devices = num_devices or jax.device_count()
     mesh_shape = _mesh_shape(config, num_devices)
@@ -75,19 +86,20 @@ def plan(config, *, device_memory_bytes: int, num_devices: int | None = None) ->
     per_device_batch = config.batch_size // n_shards
     dim = abstract.embed_dim
     if config.loss_impl == "ring":
-        block = min(config.loss_block or DEFAULT_BLOCK, per_device_batch)
+        block = min(config.loss_block or ring.default_block(), per_device_batch)
         loss_bytes = 5 * per_device_batch * dim * 4 + 8 * block * block * 4
     else:
         loss_bytes = 3 * per_device_batch * config.batch_size * 4
     per_example = _activation_bytes_per_example(config, abstract)
-    fixed = 4 * param_bytes + loss_bytes + 4 * per_device_batch * dim * 4  # params, grads, 2 moments
+    micro = config.microbatch_size or per_device_batch
+    gathered = _gathered_param_bytes(abstract, mesh_shape, param_bytes) if micro < per_device_batch else 0
+    fixed = 4 * param_bytes + 2 * gathered + loss_bytes + 4 * per_device_batch * dim * 4  # params, grads, 2 moments
     room = device_memory_bytes - fixed
     fitting = [d for d in range(1, per_device_batch + 1) if per_device_batch % d == 0 and d * per_example <= room]
-    micro = config.microbatch_size or per_device_batch
     return dict(
         mesh=mesh_shape, devices=num_devices, params=counts, batch=config.batch_size,
         per_device_batch=per_device_batch, embed_dim=dim, param_bytes=param_bytes, grad_bytes=param_bytes,
-        optimizer_bytes=2 * param_bytes, activation_bytes_per_example=per_example,
+        optimizer_bytes=2 * param_bytes, gathered_param_bytes=gathered, activation_bytes_per_example=per_example,
         activation_bytes_per_microbatch=micro * per_example, microbatch=micro, loss_impl=config.loss_impl,
         loss_bytes=loss_bytes, device_memory_bytes=device_memory_bytes,
         largest_fitting_microbatch=max(fitting) if fitting else None,
@@ -104,6 +116,7 @@ def format_plan(p: dict) -> str:
         f"  parameters                     {gib(p['param_bytes'])}",
         f"  gradients                      {gib(p['grad_bytes'])}",
         f"  AdamW moments                  {gib(p['optimizer_bytes'])}",
+        *([f"  gathered parameters + grads    {gib(2 * p['gathered_param_bytes'])}"] if p["gathered_param_bytes"] else []),
         f"  activations / example          {gib(p['activation_bytes_per_example'])}",
         f"  activations, micro-batch {p['microbatch']:<6,}{gib(p['activation_bytes_per_microbatch'])}",
         f"  loss engine ({p['loss_impl']:<10})      {gib(p['loss_bytes'])}",
