@@ -25,8 +25,10 @@ $(TEST_STAMP): $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $(TEST_STAMP)
 
+# Two worker processes, one per core (much of the suite is single-threaded compilation);
+# each test file stays on one worker, so its module fixtures are built once.
 test: $(TEST_STAMP)
-	$(TEST_ENV) $(PY) -m pytest tests --durations=10
+	$(TEST_ENV) $(PY) -m pytest tests -n 2 --dist loadfile --durations=10
 
 # Trains the demo config from scratch (a fresh workdir each time), evaluates zero-shot
 # classification and retrieval on the held-out demo split, prints the table, writes the plot.

@@ -149,9 +149,10 @@ def test_structural_keys_are_those_that_change_the_train_state():
 
 def test_safe_config_changes_are_listed_and_debug_shows_the_traceback(trained, tmp_path, capfd):
     workdir = copy_of(trained, tmp_path)
+    recorded = json.loads((workdir / "config.json").read_text())["evals"]["shape"]["every_steps"]
     code, out, err = run_cli(train_argv(workdir, "--config.log_every=2", "--config.evals.shape.every_steps=100"), capfd)
     assert code == 0, err
-    assert ("Resuming with config changes: evals.shape.every_steps: 200 in the workdir, 100 now; "
+    assert (f"Resuming with config changes: evals.shape.every_steps: {recorded} in the workdir, 100 now; "
             "log_every: 1 in the workdir, 2 now.") in out
     assert json.loads((workdir / "config.json").read_text())["log_every"] == 2
     code, _, err = run_cli(train_argv(workdir, "--config.model.embed_dim=48", "--debug"), capfd)
