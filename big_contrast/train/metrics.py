@@ -1,16 +1,26 @@
 """Where training metrics go: workdir/metrics.jsonl, TensorBoard event files, a progress bar.
 
 Only process 0 writes; every other process gets a writer that drops everything.
+
+In a local workdir `metrics.jsonl` is appended to line by line. An object store cannot append
+(gcsfs's append mode silently overwrites), so for a `gs://` / `s3://` workdir the lines are kept
+in memory, starting with those of the earlier runs, and the whole object is rewritten on `flush`:
+at most every `REMOTE_FLUSH_S` seconds when a line is written, before each checkpoint and at
+close. A run killed after a checkpoint has every line up to it; it redoes and relogs the rest.
+TensorBoard's writer takes the URL itself (tensorboardX re-uploads its event file at each flush).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import pathlib
 import time
 
 import jax
+
+from big_contrast import paths
+
+REMOTE_FLUSH_S = 30.0
 
 
 class MetricWriter:
@@ -20,12 +30,10 @@ class MetricWriter:
         self._jsonl = self._tb = self._bar = None
         if not self.enabled:
             return
-        workdir = pathlib.Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(workdir / "metrics.jsonl", "a", buffering=1)
+        self._jsonl = _JsonLines(paths.join(workdir, "metrics.jsonl"))
         from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(str(workdir / "tensorboard"))
+        self._tb = SummaryWriter(str(paths.join(workdir, "tensorboard")))
         if progress:
             from tqdm import tqdm
 
@@ -42,6 +50,12 @@ class MetricWriter:
                 self._tb.add_scalar(key, value, int(step))
         if self._bar is not None and "loss" in clean:
             self._bar.set_postfix(loss=f"{clean['loss']:.4f}", refresh=False)
+
+    def flush(self) -> None:
+        """Everything written so far is in the workdir (called before each checkpoint)."""
+        if self.enabled:
+            self._jsonl.flush()
+            self._tb.flush()
 
     def advance(self, steps: int = 1) -> None:
         if self._bar is not None:
@@ -71,8 +85,43 @@ def _plain(value):
     return value
 
 
+class _JsonLines:
+    """`metrics.jsonl`: appended to when local, rewritten whole from memory when remote."""
+
+    def __init__(self, path):
+        self.path, self.remote = path, paths.is_remote(path)
+        if not self.remote:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "a", buffering=1)
+            return
+        self._lines = [line + "\n" for line in path.read_text().splitlines() if line.strip()] \
+            if path.exists() else []
+        self._flushed_at, self._dirty = time.monotonic(), False
+
+    def write(self, line: str) -> None:
+        if not self.remote:
+            self._file.write(line)
+            return
+        self._lines.append(line)
+        self._dirty = True
+        if time.monotonic() - self._flushed_at >= REMOTE_FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.remote:
+            self._file.flush()
+        elif self._dirty:
+            paths.write_bytes(self.path, "".join(self._lines).encode())
+            self._flushed_at, self._dirty = time.monotonic(), False
+
+    def close(self) -> None:
+        self.flush()
+        if not self.remote:
+            self._file.close()
+
+
 def read_metrics(workdir) -> list[dict]:
-    path = pathlib.Path(workdir) / "metrics.jsonl"
+    path = paths.join(workdir, "metrics.jsonl")
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
