@@ -1,0 +1,93 @@
+"""A run whose workdir is a bucket (`gs://`, on the loopback GCS emulator): it trains, survives
+kill -9 and resumes from the bucket with the losses of an uninterrupted run, evaluates, and
+writes nothing under the current directory; a bad `--workdir` URL is one sentence, in seconds."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from big_contrast import cli, paths
+from big_contrast.train.metrics import read_metrics
+from cloud_fixtures import free_port
+from test_failures import SMALL_EVALS, messages
+from test_train import cli as train_command
+from test_train import env, rel_err, wait_for
+
+STEPS = ["--config.total_steps=6", "--config.checkpoint_every=3"]
+
+
+def objects(url, prefix=""):
+    """Every object under `url`, relative to it (epath refuses `**` on a bucket)."""
+    found = []
+    for child in paths.parse(url).iterdir():
+        name = prefix + child.name
+        found += objects(os.fspath(child), name + "/") if child.is_dir() else [name]
+    return sorted(found)
+
+
+def test_a_bucket_workdir_trains_resumes_after_kill_9_and_evaluates(gcs_emulator, tmp_path, monkeypatch, capfd):
+    workdir, cwd = f"{gcs_emulator}/run", tmp_path / "cwd"
+    cwd.mkdir()
+    killed = subprocess.Popen(train_command(workdir, *STEPS), env=env(), cwd=cwd, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: paths.join(workdir, "checkpoints", "3", "commit_success.txt").exists(), killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL
+    assert {row["step"] for row in read_metrics(workdir)} >= {1, 2, 3}  # flushed before the checkpoint
+    resumed = subprocess.run(train_command(workdir, *STEPS), env=env(), cwd=cwd, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert os.listdir(cwd) == []  # nothing of the run is on the local disk
+
+    stored = objects(workdir)
+    assert "config.json" in stored and "metrics.jsonl" in stored
+    assert any(name.startswith("tensorboard/events.out.tfevents") for name in stored), stored
+    assert {name.split("/")[1] for name in stored if name.startswith("checkpoints/")} >= {"3", "6"}
+
+    # The uninterrupted run, locally and in this process.
+    straight = tmp_path / "straight"
+    assert cli.main(train_command(straight, *STEPS)[2:]) == 0
+    by_step = lambda rows: {r["step"]: r["loss"] for r in rows if "loss" in r}  # noqa: E731
+    expected, got = by_step(read_metrics(straight)), by_step(read_metrics(workdir))
+    assert sorted(got) == sorted(expected) == list(range(1, 7))
+    for step, loss in expected.items():
+        assert rel_err(got[step], loss) <= 1e-5, step
+
+    monkeypatch.chdir(cwd)
+    config = train_command(workdir)[train_command(workdir).index("--config") + 1].replace(",noeval", "")
+    out_json = f"{gcs_emulator}/eval/results.json"
+    capfd.readouterr()
+    code = cli.main(["big-contrast", "eval", "--workdir", workdir, "--config", config, "--json", out_json,
+                     "--config.batch_size=32", "--config.data.sources.demo.size=512", *SMALL_EVALS])
+    out, err = capfd.readouterr()
+    assert code == 0, err
+    assert out.startswith("step 6\n"), out
+    assert json.loads(paths.read_bytes(out_json))["step"] == 6
+    assert os.listdir(cwd) == []
+
+
+@pytest.mark.parametrize("case", ["malformed", "missing_bucket", "unreachable"])
+def test_a_bad_workdir_url_is_one_sentence_within_seconds(case, gcs_emulator, tmp_path, monkeypatch, capfd):
+    workdir, expected = {
+        "malformed": ("gs:/bucket/run", "is a malformed URL"),
+        "missing_bucket": ("gs://no-such-bucket-here/run", "the bucket 'no-such-bucket-here' of "),
+        "unreachable": (f"{gcs_emulator}/run", "cannot reach the storage endpoint"),
+    }[case]
+    if case == "unreachable":
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
+        monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", "")
+    monkeypatch.chdir(tmp_path)
+    capfd.readouterr()
+    start = time.monotonic()
+    code = cli.main(train_command(workdir)[2:])
+    elapsed = time.monotonic() - start
+    _, err = capfd.readouterr()
+    lines = messages(err)
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("big-contrast train: ") and expected in lines[0], lines[0]
+    assert "Traceback" not in err and elapsed < 20, elapsed
+    assert os.listdir(tmp_path) == []
