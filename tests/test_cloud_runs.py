@@ -91,3 +91,47 @@ def test_a_bad_workdir_url_is_one_sentence_within_seconds(case, gcs_emulator, tm
     assert lines[0].startswith("big-contrast train: ") and expected in lines[0], lines[0]
     assert "Traceback" not in err and elapsed < 20, elapsed
     assert os.listdir(tmp_path) == []
+
+
+def test_training_reads_array_record_shards_and_a_manifest_from_the_bucket(gcs_emulator, tmp_path):
+    """Both sources in one mixture: the shards are copied once into the cache folder; the
+    manifest's images are read from the bucket, a missing one is skipped and counted."""
+    import ml_collections
+
+    from big_contrast.data import array_record
+    from big_contrast.train import train
+    from test_data_pipeline import jpeg, write_array_record
+    from test_train import tiny_config
+
+    for shard in range(2):
+        local = write_array_record(tmp_path / f"part-{shard}.array_record", range(shard * 20, shard * 20 + 20))
+        paths.write_bytes(f"{gcs_emulator}/ar/part-{shard}.array_record", open(local, "rb").read())
+    rows = ["filepath,title"] + [f"images/{i}.jpg,a photo number {i}" for i in range(24)]
+    for i in range(23):  # images/23.jpg is missing
+        paths.write_bytes(f"{gcs_emulator}/data/images/{i}.jpg", jpeg(i))
+    paths.write_bytes(f"{gcs_emulator}/data/m.csv", ("\n".join(rows) + "\n").encode())
+
+    cache = tmp_path / "cache"
+    config = tiny_config(total_steps=2, checkpoint_every=2)
+    config.data.sources = ml_collections.ConfigDict({
+        "ar": {"kind": "array_record", "path": f"{gcs_emulator}/ar/*.array_record", "cache_dir": str(cache)},
+        "m": {"kind": "manifest", "path": f"{gcs_emulator}/data/m.csv"}})
+    last = train(config, f"{gcs_emulator}/run", progress=False)
+    assert last["seen/ar"] > 0 and last["seen/m"] > 0, last
+    assert last["skipped/m/missing_image"] == 1, last
+    copies = sorted(p.name for p in (cache / "gs").rglob("*.array_record"))
+    assert copies == ["part-0.array_record", "part-1.array_record"]
+    assert array_record.local_copies([f"{gcs_emulator}/ar/part-0.array_record"], str(cache)) == [
+        str(next((cache / "gs").rglob("part-0.array_record")))]  # reused, not copied again
+
+
+def test_shards_that_do_not_fit_in_the_cache_fail_before_copying(gcs_emulator, tmp_path, monkeypatch):
+    import shutil
+
+    from big_contrast.data import array_record
+
+    paths.write_bytes(f"{gcs_emulator}/ar/a.array_record", b"x" * 4096)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9 - 100, 100))
+    with pytest.raises(ValueError, match=r"need 0\.0 GiB but the cache folder .* has 0\.0 GiB free"):
+        array_record.local_copies([f"{gcs_emulator}/ar/a.array_record"], str(tmp_path / "cache"))
+    assert not list((tmp_path / "cache").rglob("*.array_record"))
