@@ -135,3 +135,12 @@ def test_shards_that_do_not_fit_in_the_cache_fail_before_copying(gcs_emulator, t
     with pytest.raises(ValueError, match=r"need 0\.0 GiB but the cache folder .* has 0\.0 GiB free"):
         array_record.local_copies([f"{gcs_emulator}/ar/a.array_record"], str(tmp_path / "cache"))
     assert not list((tmp_path / "cache").rglob("*.array_record"))
+
+
+def test_eval_of_a_missing_bucket_is_one_sentence(gcs_emulator, tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
+    capfd.readouterr()
+    code = cli.main(["big-contrast", "eval", "--workdir", "gs://no-such-bucket-here/run"])
+    lines = messages(capfd.readouterr().err)
+    assert code == 2 and len(lines) == 1 and "does not exist" in lines[0], lines
+    assert os.listdir(tmp_path) == []
