@@ -99,7 +99,7 @@ def test_training_reads_array_record_shards_and_a_manifest_from_the_bucket(gcs_e
     import ml_collections
 
     from big_contrast.data import array_record
-    from big_contrast.train import train
+    from big_contrast.train import report, train
     from test_data_pipeline import jpeg, write_array_record
     from test_train import tiny_config
 
@@ -117,6 +117,8 @@ def test_training_reads_array_record_shards_and_a_manifest_from_the_bucket(gcs_e
         "ar": {"kind": "array_record", "path": f"{gcs_emulator}/ar/*.array_record", "cache_dir": str(cache)},
         "m": {"kind": "manifest", "path": f"{gcs_emulator}/data/m.csv"}})
     last = train(config, f"{gcs_emulator}/run", progress=False)
+    assert os.fspath(report.plot_run(f"{gcs_emulator}/run")) == f"{gcs_emulator}/run/plot.png"
+    assert paths.read_bytes(f"{gcs_emulator}/run/plot.png").startswith(b"\x89PNG")
     assert last["seen/ar"] > 0 and last["seen/m"] > 0, last
     assert last["skipped/m/missing_image"] == 1, last
     copies = sorted(p.name for p in (cache / "gs").rglob("*.array_record"))
