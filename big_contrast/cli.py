@@ -174,7 +174,8 @@ def _eval(flags) -> int:
 
     from big_contrast import paths
 
-    paths.check_readable(flags.workdir)  # before the recorded config is read: seconds, one sentence
+    if paths.is_remote(paths.validate(flags.workdir)):
+        paths.check_readable(flags.workdir)  # before the recorded config is read: seconds, one sentence
     config, missing = _eval_config(flags), {}
     if flags.benchmarks:
         from big_contrast.evaluate import benchmarks
