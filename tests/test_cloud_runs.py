@@ -146,3 +146,20 @@ def test_eval_of_a_missing_bucket_is_one_sentence(gcs_emulator, tmp_path, monkey
     lines = messages(capfd.readouterr().err)
     assert code == 2 and len(lines) == 1 and "does not exist" in lines[0], lines
     assert os.listdir(tmp_path) == []
+
+
+def test_a_sentencepiece_model_in_a_bucket_loads_and_a_tfds_data_dir_there_is_refused(gcs_emulator):
+    from big_contrast.data import tfds_source
+    from big_contrast.data.tokenizer import make_tokenizer, train_sentencepiece
+
+    model = train_sentencepiece([f"a photo of a {w} number {i}" for i, w in enumerate(["cat", "dog", "bird"] * 20)], 40)
+    paths.write_bytes(f"{gcs_emulator}/tok/spm.model", model)
+    tokenizer = make_tokenizer(f"{gcs_emulator}/tok/spm.model")
+    assert tokenizer.decode(tokenizer.encode("a photo of a dog")) == "a photo of a dog"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        make_tokenizer(f"{gcs_emulator}/tok/missing.model")
+    with pytest.raises(paths.StorageError, match="malformed URL"):
+        tfds_source._check_data_dir("gs:/bucket/tfds")
+    paths.write_bytes(f"{gcs_emulator}/tfds/x/1.0.0/dataset_info.json", b"{}")
+    with pytest.raises(ValueError, match="is in a bucket, which the array_record reader cannot open"):
+        tfds_source._check_data_dir(f"{gcs_emulator}/tfds")
