@@ -163,3 +163,13 @@ def test_a_sentencepiece_model_in_a_bucket_loads_and_a_tfds_data_dir_there_is_re
     paths.write_bytes(f"{gcs_emulator}/tfds/x/1.0.0/dataset_info.json", b"{}")
     with pytest.raises(ValueError, match="is in a bucket, which the array_record reader cannot open"):
         tfds_source._check_data_dir(f"{gcs_emulator}/tfds")
+
+
+def test_an_s3_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch, capfd):
+    """orbax 0.12.8 would turn s3://b/run into the local folder ./s3:/b/run."""
+    monkeypatch.chdir(tmp_path)
+    capfd.readouterr()
+    assert cli.main(train_command("s3://some-bucket/run")[2:]) == 2
+    lines = messages(capfd.readouterr().err)
+    assert len(lines) == 1 and "local folders and gs:// only" in lines[0], lines
+    assert os.listdir(tmp_path) == []

@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from big_contrast import models, paths, sharding
-from big_contrast.checkpoint import Checkpointer, abstract_like
+from big_contrast.checkpoint import Checkpointer, abstract_like, check_location
 from big_contrast.data import make_pipeline
 from big_contrast.data.device_ops import device_normalization
 from big_contrast.errors import BigContrastError, ConfigMismatch, DamagedCheckpoint, short_reason
@@ -170,6 +170,7 @@ def train(config, workdir, *, mesh=None, progress=True, stop_after_steps=None) -
     workdir = paths.parse(workdir)  # a local folder or a gs:// / s3:// URL, never `./gs:/...`
     ckpt = data = writer = None
     try:
+        check_location(workdir)  # orbax's schemes: local, gs://
         paths.check_writable(workdir)  # seconds and one sentence, before anything is compiled
         # Config: checked against the workdir's record before anything is built or written.
         changes = record.check_resumable(config, workdir) if _has_checkpoints(workdir) else []
