@@ -3,13 +3,13 @@
 Only process 0 writes; every other process gets a writer that drops everything.
 
 In a local workdir `metrics.jsonl` is appended to line by line. An object store cannot append
-(gcsfs's append mode silently overwrites), so for a `gs://` / `s3://` workdir the lines are kept
+(gcsfs's append mode silently overwrites), so for a bucket workdir the lines are kept
 in memory, starting with those of the earlier runs, and the whole object is rewritten on `flush`:
-at most every `REMOTE_FLUSH_S` seconds when a line is written, before each checkpoint and at
+when a line is written `REMOTE_FLUSH_S` seconds or more after the last upload, before each checkpoint and at
 close. A run killed after a checkpoint has every line up to it; it redoes and relogs the rest.
 TensorBoard event files of a remote workdir are written to a local temporary folder and uploaded
 whole at the same moments (what tensorboardX's own gs:// writer does too, but through `paths`, so
-s3:// and the emulator work, and without its re-upload, and 120 s retry loop, at garbage collection).
+the emulator works, and without its re-upload, and 120 s retry loop, at garbage collection).
 """
 
 from __future__ import annotations
