@@ -172,6 +172,10 @@ def _eval(flags) -> int:
     from big_contrast.train import report
     from big_contrast.train.standalone import evaluate_checkpoint
 
+    from big_contrast import paths
+
+    if paths.is_remote(paths.validate(flags.workdir)):
+        paths.check_readable(flags.workdir)  # before the recorded config is read: seconds, one sentence
     config, missing = _eval_config(flags), {}
     if flags.benchmarks:
         from big_contrast.evaluate import benchmarks

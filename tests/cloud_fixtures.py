@@ -57,11 +57,38 @@ def _server(command: list[str], port: int):
             process.wait()
 
 
+# gcp-storage-emulator's media downloads lack the `x-goog-generation` header that real GCS
+# sends; tensorstore's OCDBT driver (orbax's checkpoint format) reads it before each commit and
+# fails with "Malformed StorageGeneration" without it. The server is started with that header added.
+_EMULATOR_MAIN = """
+import sys
+from gcp_storage_emulator import server
+from gcp_storage_emulator.__main__ import main
+from gcp_storage_emulator.handlers import objects
+
+plain_download = objects.download
+
+def download(request, response, storage, *args, **kwargs):
+    plain_download(request, response, storage, *args, **kwargs)
+    try:
+        obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+    except Exception:
+        return
+    response["x-goog-generation"] = str(obj["generation"])
+    response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+
+objects.download = download
+server.HANDLERS = tuple((regex, {m: download if h is plain_download else h for m, h in handlers.items()})
+                        for regex, handlers in server.HANDLERS)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @contextlib.contextmanager
 def gcs_emulator_process(bucket: str = "test-bucket"):
     """Yields `host:port` of a running gcp-storage-emulator with `bucket` created."""
     port = free_port()
-    command = [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
+    command = [sys.executable, "-c", _EMULATOR_MAIN, "start", "--host", "127.0.0.1",
                "--port", str(port), "--in-memory", "--default-bucket", bucket, "--quiet"]
     with _server(command, port) as host:
         yield host

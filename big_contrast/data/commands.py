@@ -99,9 +99,7 @@ def train_tokenizer(source: str | Mapping, vocab_size: int, output_path: str, *,
     model = train_sentencepiece(_source_captions(records, max_captions), vocab_size,
                                 lowercase=lowercase, model_type=model_type,
                                 exact_vocab_size=exact_vocab_size)
-    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-    with open(output_path, "wb") as f:
-        f.write(model)
+    paths.write_bytes(output_path, model)  # a local file or an object in a bucket
     trained = SentencePieceTokenizer(model)
     result = {"path": output_path, "vocab_size": trained.vocab_size,
               "records": min(max_captions, len(records))}

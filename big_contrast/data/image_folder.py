@@ -23,9 +23,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
 
 def _path(path):
-    from etils import epath
+    from big_contrast import paths
 
-    return epath.Path(path)
+    return paths.parse(path)  # local or a bucket; a malformed URL is refused, not made a folder
 
 
 def class_folders(path: str) -> list[str]:

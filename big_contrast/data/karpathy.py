@@ -20,9 +20,9 @@ from big_contrast.data.errors import MissingDataError, SkipRecord
 
 
 def _path(path):
-    from etils import epath
+    from big_contrast import paths
 
-    return epath.Path(path)
+    return paths.parse(path)  # local or a bucket; a malformed URL is refused, not made a folder
 
 
 def read_split(path: str, split: str) -> list[dict]:

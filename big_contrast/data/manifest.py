@@ -15,15 +15,19 @@ have an image and a label only (a zero-shot / few-shot eval set).
 
 The manifest is read once, at construction, so a missing column or a bad label fails before
 anything runs; image files are read lazily in `__getitem__` (a missing one is skipped and counted).
+Manifest and images may be local or in a bucket (`gs://`, `s3://`, through `paths`); a relative
+image path is joined to the manifest's folder, a URL or an absolute path is used as given.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Sequence
 
+from big_contrast import paths
 from big_contrast.data.errors import MissingDataError, SkipRecord
 from big_contrast.data.labels import label_index
 
@@ -45,7 +49,8 @@ def _read_rows(path: str, separator: str | None) -> tuple[list[dict], list[str]]
     if ext not in MANIFEST_EXTENSIONS:
         raise ValueError(
             f"manifest {path!r} has extension {ext!r}; use one of {MANIFEST_EXTENSIONS}")
-    with open(path, newline="", encoding="utf-8") as f:
+    # Bytes through the path layer, then text with newlines as written (csv wants newline="").
+    with io.StringIO(paths.read_bytes(path).decode("utf-8"), newline="") as f:
         if ext in (".jsonl", ".json"):
             rows = []
             for line_number, line in enumerate(f, 1):
@@ -71,10 +76,15 @@ class ManifestSource:
     def __init__(self, path: str, image_key: str = "filepath",
                  caption_key: str | Sequence[str] = "title", separator: str | None = None,
                  label_key: str | None = None, class_names: Sequence[str] | None = None):
-        if not os.path.isfile(path):
-            raise MissingDataError(f"manifest {path!r} does not exist")
-        self.path = os.path.abspath(path)
-        self.root = os.path.dirname(self.path)
+        if paths.is_remote(path):
+            paths.check_readable(path)  # endpoint, credentials, bucket, object: one sentence, in seconds
+            self.path = paths.validate(path)
+            self.root = os.fspath(paths.parse(path).parent)
+        else:
+            if not os.path.isfile(path):
+                raise MissingDataError(f"manifest {path!r} does not exist")
+            self.path = os.path.abspath(path)
+            self.root = os.path.dirname(self.path)
         self.image_key = image_key
         self.caption_keys = parse_keys(caption_key)
         rows, columns = _read_rows(self.path, separator)
@@ -113,17 +123,18 @@ class ManifestSource:
         relative = self._rows[index][0]
         if not isinstance(relative, str) or not relative.strip():
             return None
-        return os.path.join(self.root, relative)
+        if paths.is_remote(relative) or os.path.isabs(relative):
+            return relative
+        return os.fspath(paths.join(self.root, relative))
 
     def __getitem__(self, index: int) -> dict:
         path = self.image_path(index)
         if path is None:
             raise SkipRecord("missing_image", f"row {index} has no {self.image_key!r} value")
         try:
-            with open(path, "rb") as f:
-                image = f.read()
-        except OSError as e:
-            raise SkipRecord("missing_image", f"{path}: {e.strerror}") from None
+            image = paths.read_bytes(path)
+        except OSError as e:  # FileNotFoundError locally and from gcsfs / s3fs alike
+            raise SkipRecord("missing_image", f"{path}: {e.strerror or e}") from None
         example = {"image": image, "key": self._rows[index][0]}
         if self.caption_keys:
             example["captions"] = self.captions(index)

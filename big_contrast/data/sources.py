@@ -12,7 +12,8 @@ Source config (`ConfigDict` or dict), by `kind`:
   demo:          split='train' | 'eval', size=None (default 10,000 / 960), image_size=64,
                  pairs='all' | 'held_out' (eval only), captions='full' | 'names',
                  colours=None or a subset of the colour names (see demo.py)
-  array_record:  path (a file, a directory of *.array_record files, or a glob)
+  array_record:  path (a file, a directory of *.array_record files, or a glob; local or a bucket),
+                 cache_dir=None (where a bucket's shards are copied on this host; see array_record.py)
   manifest:      path (.csv / .tsv / .jsonl), image_key='filepath', caption_key='title'
                  (a column or a comma-separated list of columns), separator=None,
                  label_key=None (int or class-name column; captions then optional)
@@ -36,7 +37,7 @@ from big_contrast.data.errors import SkipRecord
 SOURCE_FIELDS = {
     "demo": {"split": "train", "size": None, "image_size": 64, "pairs": "all", "captions": "full",
              "colours": None},
-    "array_record": {"path": None},
+    "array_record": {"path": None, "cache_dir": None},
     "manifest": {"path": None, "image_key": "filepath", "caption_key": "title", "separator": None,
                  "label_key": None, "class_names": None},
     "tfds": {"name": None, "split": "train", "data_dir": None, "image_key": "image",
@@ -87,7 +88,7 @@ def open_source(name: str, config: Mapping):
     if kind == "array_record":
         from big_contrast.data.array_record import ArrayRecordSource
 
-        return ArrayRecordSource(options["path"])
+        return ArrayRecordSource(options["path"], options["cache_dir"])
     if kind == "manifest":
         from big_contrast.data.manifest import ManifestSource
 

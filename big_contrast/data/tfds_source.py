@@ -36,6 +36,8 @@ def _get(record: dict, path: str):
 def _open_builder(name: str, data_dir: str | None):
     import tensorflow_datasets as tfds  # heavy import, only when a TFDS source is used
 
+    if data_dir is not None:
+        _check_data_dir(data_dir)
     where = f"data_dir={data_dir!r}" if data_dir else "the default TFDS data_dir"
     try:
         builder = tfds.builder(name, data_dir=data_dir)
@@ -53,6 +55,21 @@ def _open_builder(name: str, data_dir: str | None):
             f"TFDS dataset {name!r} in {where} was prepared as {file_format}, which has no random "
             "access; prepare it again with --file_format=array_record")
     return builder
+
+
+def _check_data_dir(data_dir) -> None:
+    """A malformed or unreachable data_dir is one sentence here, not a TFDS retry loop. A bucket is
+    refused: TFDS would read its metadata, but the pinned array_record reader cannot open gs://
+    files (it hangs; see experiments/cloud_storage)."""
+    from big_contrast import paths
+
+    paths.validate(data_dir)
+    if paths.is_remote(data_dir):
+        paths.check_readable(data_dir)
+        raise ValueError(
+            f"TFDS data_dir {data_dir!r} is in a bucket, which the array_record reader cannot open; copy the "
+            "prepared dataset to a local disk (gcloud storage cp -r) and pass that folder, or convert it "
+            "with `big-contrast data convert` and read it as kind='array_record' (cached per host)")
 
 
 class TfdsSource:

@@ -65,10 +65,11 @@ class SentencePieceTokenizer:
 
     def __init__(self, model: str | bytes, lowercase: bool = False):
         if isinstance(model, (str, os.PathLike)):
-            if not os.path.isfile(model):
+            from big_contrast import paths
+
+            if not paths.parse(model).is_file():  # local or in a bucket
                 raise FileNotFoundError(f"sentencepiece model {os.fspath(model)!r} does not exist")
-            with open(model, "rb") as f:
-                model = f.read()
+            model = paths.read_bytes(model)
         self.lowercase = lowercase
         self._model_proto = bytes(model)
         self._load()
@@ -110,7 +111,9 @@ def make_tokenizer(spec: str, lowercase: bool = True):
         from big_contrast.data.demo import demo_vocabulary
 
         return WordTokenizer(demo_vocabulary(), lowercase)
-    if spec.endswith(".model") or os.path.exists(spec):
+    from big_contrast import paths
+
+    if spec.endswith(".model") or paths.parse(spec).exists():
         return SentencePieceTokenizer(spec, lowercase)
     raise ValueError(
         f"unknown tokenizer {spec!r}: use 'bytes', 'demo' or the path of a sentencepiece .model "

@@ -162,10 +162,11 @@ def canonicalize_class_name(name: str) -> str:
 
 def class_names_from_file(path: str | os.PathLike) -> list[str]:
     """One class name per line, line i is label i; trailing blank lines are ignored."""
-    if not os.path.exists(path):
+    from big_contrast import paths
+
+    if not paths.parse(path).exists():  # local or in a bucket
         raise ValueError(f"Class-name file {str(path)!r} does not exist; give a text file with one name per line.")
-    with open(path, encoding="utf-8") as f:
-        names = [line.strip() for line in f.read().rstrip().splitlines()]
+    names = [line.strip() for line in paths.read_bytes(path).decode("utf-8").rstrip().splitlines()]
     blank = [i + 1 for i, name in enumerate(names) if not name]
     if blank:
         # A blank line in the middle would shift every later label by one, so refuse it.
@@ -205,10 +206,11 @@ def read_name_map(spec: str | Mapping[str, str]) -> dict[str, str]:
     WordNet-id lists that come with ImageNet) or a JSON object {raw: name}."""
     if not isinstance(spec, str):
         return {str(k): str(v) for k, v in dict(spec).items()}
-    if not os.path.exists(spec):
+    from big_contrast import paths
+
+    if not paths.parse(spec).exists():
         raise ValueError(f"Class-name map {spec!r} does not exist; give a JSON object or 'RAW NAME' lines.")
-    with open(spec, encoding="utf-8") as f:
-        text = f.read()
+    text = paths.read_bytes(spec).decode("utf-8")
     if spec.endswith(".json"):
         return {str(k): str(v) for k, v in json.loads(text).items()}
     pairs = [line.strip().split(None, 1) for line in text.splitlines() if line.strip()]

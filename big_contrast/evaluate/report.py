@@ -33,9 +33,7 @@ def format_table(results: Mapping[str, float], *, digits: int = 4) -> str:
 
 def write_json(results: Mapping[str, float], path: str | os.PathLike, **extra: Any) -> None:
     """Write {'results': {...}, **extra} (e.g. step=..., checkpoint=...) as indented JSON."""
-    directory = os.path.dirname(os.fspath(path))
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump({**extra, "results": {k: float(v) for k, v in sorted(results.items())}}, f, indent=2)
-        f.write("\n")
+    from big_contrast import paths
+
+    document = {**extra, "results": {k: float(v) for k, v in sorted(results.items())}}
+    paths.write_bytes(path, (json.dumps(document, indent=2) + "\n").encode())

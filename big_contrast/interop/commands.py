@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from etils import epath
 
@@ -43,10 +44,29 @@ def main(argv, save_checkpoint) -> int:
     """``save_checkpoint(config, workdir, params_tree)`` writes the step-0 checkpoint
     (``train.initial.save_initial_checkpoint``; cli.py passes it in)."""
     args = parser().parse_args(argv)
+    _check_paths(args)
     if args.command == "import":
         return run_import(args.source, args.workdir, args.arch, save_checkpoint,
                           tokenizer=args.tokenizer)
     return run_export(args.workdir, args.to, args.out, step=args.step, config=args.config)
+
+
+def _check_paths(args) -> None:
+    """Every path argument through the path layer first: a malformed URL (`gs:/b/x`) is refused
+    rather than made a local folder, and a bucket is checked in seconds (the modules below read
+    and write through `etils.epath`, which takes the same URLs)."""
+    from big_contrast import paths
+
+    if args.command == "import":
+        reads, writes = [args.source, args.tokenizer], [args.workdir]
+    else:
+        reads, writes = [args.workdir], [os.fspath(paths.parse(args.out).parent) if args.to == "npz" else args.out]
+    for url in filter(None, reads + writes):
+        paths.validate(url)
+    for url in filter(paths.is_remote, filter(None, reads)):
+        paths.check_readable(url)
+    for url in filter(paths.is_remote, writes):
+        paths.check_writable(url)
 
 
 def run_import(source, workdir, arch, save_checkpoint, tokenizer=None) -> int:

@@ -7,11 +7,9 @@ fresh optimizer state of the config), and a later `train` resumes from it.
 
 from __future__ import annotations
 
-import pathlib
-
 import jax
 
-from big_contrast import sharding
+from big_contrast import paths, sharding
 from big_contrast.checkpoint import Checkpointer
 from big_contrast.data import make_pipeline
 from big_contrast.train.loop import build
@@ -31,7 +29,7 @@ def save_initial_checkpoint(config, workdir, params_tree) -> None:
         data.close()
     meta = {"data": data_state, "step": 0, "process_count": jax.process_count(), "seed": config.seed,
             "data_seed": config.data.seed, "imported": True}
-    ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False)
+    ckpt = Checkpointer(paths.join(workdir, "checkpoints"), async_save=False)
     try:
         ckpt.save(0, state, meta, wait=True)
     finally:

@@ -29,7 +29,6 @@ import contextlib
 import dataclasses
 import functools
 import math
-import pathlib
 import signal
 import sys
 import warnings
@@ -39,8 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from big_contrast import models, sharding
-from big_contrast.checkpoint import Checkpointer, abstract_like
+from big_contrast import models, paths, sharding
+from big_contrast.checkpoint import Checkpointer, abstract_like, check_location
 from big_contrast.data import make_pipeline
 from big_contrast.data.device_ops import device_normalization
 from big_contrast.errors import BigContrastError, ConfigMismatch, DamagedCheckpoint, short_reason
@@ -129,7 +128,7 @@ def _on_mesh(tree, replicated):
 
 def _tower_params_from_checkpoint(directory, tower):
     """The `tower` parameters of the latest checkpoint under `directory` (a workdir or its checkpoints/)."""
-    path = pathlib.Path(directory)
+    path = paths.parse(directory)
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
     ckpt = Checkpointer(path, async_save=False)
@@ -185,9 +184,11 @@ def train(config, workdir, *, mesh=None, progress=True, stop_after_steps=None) -
     `stop_after_steps` stops (with a checkpoint, like a preemption) after that many steps of
     this call; tests use it to interrupt a run.
     """
-    workdir = pathlib.Path(workdir)
+    workdir = paths.parse(workdir)  # a local folder or a gs:// / s3:// URL, never `./gs:/...`
     ckpt = data = batches = writer = None
     try:
+        check_location(workdir)  # orbax's schemes: local, gs://
+        paths.check_writable(workdir)  # seconds and one sentence, before anything is compiled
         # Config: checked against the workdir's record before anything is built or written.
         changes = record.check_resumable(config, workdir) if _has_checkpoints(workdir) else []
         run = build(config, mesh=mesh)
@@ -251,6 +252,7 @@ def _loop(run, state, batches, ckpt, writer, evaluators, step_fn, stop_after_ste
         # state is the one after this step's batch, not after the batches prefetched since.
         meta = {"data": consumed.data_state, "step": step, "process_count": jax.process_count(),
                 "seed": config.seed, "data_seed": config.data.seed}
+        writer.flush()  # a remote metrics.jsonl is rewritten whole: make it hold this step first
         if not ckpt.save(step, state, meta, wait=wait):
             writer.print(f"Warning: not saving step {step}: {ckpt.directory / str(step)} is the damaged checkpoint "
                          "kept for inspection; move it away to let this step be saved.")

@@ -1,16 +1,31 @@
 """Where training metrics go: workdir/metrics.jsonl, TensorBoard event files, a progress bar.
 
 Only process 0 writes; every other process gets a writer that drops everything.
+
+In a local workdir `metrics.jsonl` is appended to line by line. An object store cannot append
+(gcsfs's append mode silently overwrites), so for a bucket workdir the lines are kept
+in memory, starting with those of the earlier runs, and the whole object is rewritten on `flush`:
+when a line is written `REMOTE_FLUSH_S` seconds or more after the last upload, before each checkpoint and at
+close. A run killed after a checkpoint has every line up to it; it redoes and relogs the rest.
+TensorBoard event files of a remote workdir are written to a local temporary folder and uploaded
+whole at the same moments (what tensorboardX's own gs:// writer does too, but through `paths`, so
+the emulator works, and without its re-upload, and 120 s retry loop, at garbage collection).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import pathlib
+import os
+import shutil
+import tempfile
 import time
 
 import jax
+
+from big_contrast import paths
+
+REMOTE_FLUSH_S = 30.0
 
 
 class MetricWriter:
@@ -20,12 +35,9 @@ class MetricWriter:
         self._jsonl = self._tb = self._bar = None
         if not self.enabled:
             return
-        workdir = pathlib.Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(workdir / "metrics.jsonl", "a", buffering=1)
-        from tensorboardX import SummaryWriter
-
-        self._tb = SummaryWriter(str(workdir / "tensorboard"))
+        self._jsonl = _JsonLines(paths.join(workdir, "metrics.jsonl"))
+        self._tb = _TensorBoard(os.fspath(paths.join(workdir, "tensorboard")))
+        self._remote, self._flushed_at = paths.is_remote(workdir), time.monotonic()
         if progress:
             from tqdm import tqdm
 
@@ -42,6 +54,15 @@ class MetricWriter:
                 self._tb.add_scalar(key, value, int(step))
         if self._bar is not None and "loss" in clean:
             self._bar.set_postfix(loss=f"{clean['loss']:.4f}", refresh=False)
+        if self._remote and time.monotonic() - self._flushed_at >= REMOTE_FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        """Everything written so far is in the workdir (called before each checkpoint)."""
+        if self.enabled:
+            self._jsonl.flush()
+            self._tb.flush()
+            self._flushed_at = time.monotonic()
 
     def advance(self, steps: int = 1) -> None:
         if self._bar is not None:
@@ -71,8 +92,73 @@ def _plain(value):
     return value
 
 
+class _JsonLines:
+    """`metrics.jsonl`: appended to when local, rewritten whole from memory when remote."""
+
+    def __init__(self, path):
+        self.path, self.remote = path, paths.is_remote(path)
+        if not self.remote:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "a", buffering=1)
+            return
+        self._lines = [line + "\n" for line in path.read_text().splitlines() if line.strip()] \
+            if path.exists() else []
+        self._dirty = False
+
+    def write(self, line: str) -> None:
+        if not self.remote:
+            self._file.write(line)
+            return
+        self._lines.append(line)
+        self._dirty = True
+
+    def flush(self) -> None:
+        if not self.remote:
+            self._file.flush()
+        elif self._dirty:
+            paths.write_bytes(self.path, "".join(self._lines).encode())
+            self._dirty = False
+
+    def close(self) -> None:
+        self.flush()
+        if not self.remote:
+            self._file.close()
+
+
+class _TensorBoard:
+    """A tensorboardX `SummaryWriter` on `folder`; for a remote folder, on a local temporary one
+    whose event files are uploaded whole on `flush` and `close`."""
+
+    def __init__(self, folder: str):
+        from tensorboardX import SummaryWriter
+
+        self.remote = folder if paths.is_remote(folder) else None
+        self._local = tempfile.mkdtemp(prefix="big_contrast-tensorboard-") if self.remote else folder
+        self._writer = SummaryWriter(self._local)
+
+    def add_scalar(self, key, value, step) -> None:
+        self._writer.add_scalar(key, value, step)
+
+    def flush(self) -> None:
+        self._writer.flush()
+        self._upload()
+
+    def close(self) -> None:
+        self._writer.close()
+        try:
+            self._upload()
+        finally:
+            if self.remote:
+                shutil.rmtree(self._local, ignore_errors=True)
+
+    def _upload(self) -> None:
+        for name in sorted(os.listdir(self._local)) if self.remote else ():
+            with open(os.path.join(self._local, name), "rb") as f:
+                paths.write_bytes(paths.join(self.remote, name), f.read())
+
+
 def read_metrics(workdir) -> list[dict]:
-    path = pathlib.Path(workdir) / "metrics.jsonl"
+    path = paths.join(workdir, "metrics.jsonl")
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

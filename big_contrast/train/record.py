@@ -20,6 +20,7 @@ import json
 import ml_collections
 from etils import epath
 
+from big_contrast import paths
 from big_contrast.errors import ConfigMismatch
 
 FILENAME = "config.json"
@@ -30,7 +31,7 @@ _MISSING = "(absent)"
 
 
 def path(workdir) -> epath.Path:
-    return epath.Path(workdir) / FILENAME
+    return paths.join(workdir, FILENAME)
 
 
 def write(config, workdir) -> None:

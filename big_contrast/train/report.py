@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import pathlib
+import io
 
+from etils import epath
+
+from big_contrast import paths
 from big_contrast.train.metrics import read_metrics
 
 TRAIN_KEYS = ("loss", "scale", "bias", "learning_rate", "grad_norm", "examples_per_s", "mfu")
@@ -21,7 +24,7 @@ def format_results(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_run(workdir) -> pathlib.Path | None:
+def plot_run(workdir) -> epath.Path | None:
     """workdir/plot.png: training loss and every evaluation metric against the step."""
     rows = read_metrics(workdir)
     if not rows:
@@ -47,7 +50,8 @@ def plot_run(workdir) -> pathlib.Path | None:
     for ax in (ax_loss, ax_eval):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = pathlib.Path(workdir) / "plot.png"
-    fig.savefig(path, dpi=110)
+    path, image = paths.join(workdir, "plot.png"), io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)  # bytes first: a bucket takes an object whole
     plt.close(fig)
+    paths.write_bytes(path, image.getvalue())
     return path

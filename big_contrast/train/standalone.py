@@ -10,10 +10,9 @@ the newest readable checkpoint is evaluated (a damaged newer one is reported and
 
 from __future__ import annotations
 
-import pathlib
 import sys
 
-from big_contrast import evaluate
+from big_contrast import evaluate, paths
 from big_contrast.checkpoint import Checkpointer, abstract_like
 from big_contrast.data.errors import MissingDataError
 from big_contrast.evaluate import benchmarks
@@ -41,6 +40,7 @@ def evaluate_checkpoint(config, workdir, *, step=None, mesh=None, missing=None) 
     their data is not prepared; the mean top-1 over the classification benchmarks that ran is
     added as 'benchmarks/mean_top1'.
     """
+    paths.check_readable(workdir)  # a typo or an unreachable bucket: one sentence, in seconds
     missing = {} if missing is None else missing
     evaluators, missing_at_build = _build_evaluators(config)
     missing.update(missing_at_build)
@@ -50,7 +50,7 @@ def evaluate_checkpoint(config, workdir, *, step=None, mesh=None, missing=None) 
         raise MissingDataError("no evaluator's data is prepared: " + " | ".join(missing.values()))
     record.check_resumable(config, workdir)
     run = build(config, mesh=mesh)
-    ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False)
+    ckpt = Checkpointer(paths.join(workdir, "checkpoints"), async_save=False)
     try:
         abstract = abstract_like(run.state, run.state_shardings)
         if step is None:
