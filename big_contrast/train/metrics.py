@@ -196,7 +196,7 @@ class StepProfile:
 
     def __init__(self, steps, directory):
         self.first, self.last = (int(steps[0]), int(steps[1])) if steps else (None, None)
-        self.directory, self.active = pathlib.Path(directory), False
+        self.directory, self.active = paths.parse(directory), False
         if steps and jax.process_index() != 0:
             self.first = None
 
