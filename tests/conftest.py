@@ -23,6 +23,20 @@ jax.config.update("jax_default_matmul_precision", "highest")
 from cloud_fixtures import gcs_emulator, gcs_server, s3_emulator, s3_server  # noqa: E402,F401
 
 
+def random_model(config, seed=0):
+    """The model of ``config`` with N(0, 0.2^2) numpy weights (no XLA compile)."""
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from big_contrast import models
+
+    graphdef, state = nnx.split(models.abstract_model(config))
+    rng = np.random.default_rng(seed)
+    state = jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.2, x.shape), x.dtype), state)
+    return nnx.merge(graphdef, state)
+
+
 def encoded_image(rgb, fmt: str = "PNG", size=(6, 5)) -> bytes:
     """A solid-colour image file's bytes (PNG or JPEG), for sources the tests write."""
     import io

@@ -15,6 +15,7 @@ from flax import nnx
 
 from big_contrast import models, sharding
 from big_contrast.models import transformer
+from conftest import random_model
 
 B = 8  # global test batch: divides every test mesh's batch shards
 # XLA:CPU compiles ~3x faster without its expensive LLVM passes; tests only need the numbers.
@@ -33,14 +34,6 @@ def tiny_config(**overrides):
             target = target[parent]
         target[leaf] = value
     return cfg
-
-
-def random_model(config, seed=0):
-    """The model of ``config`` with N(0, 0.2^2) numpy weights (no XLA compile)."""
-    graphdef, state = nnx.split(models.abstract_model(config))
-    rng = np.random.default_rng(seed)
-    state = jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.2, x.shape), x.dtype), state)
-    return nnx.merge(graphdef, state)
 
 
 def batch(seed=0, length=8, vocab=50):

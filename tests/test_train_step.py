@@ -12,7 +12,7 @@ from flax import nnx
 
 from big_contrast import models, sharding
 from big_contrast.train.step import LossSpec, loss_and_grads
-from conftest import all_reduce_elements
+from conftest import all_reduce_elements, random_model
 
 B = 16  # 2 rows per device on 8 devices: 2 micro-batches of 1
 FAST = dict(xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True)
@@ -26,13 +26,6 @@ def tiny_config(loss="sigmoid", **image):
     return cfg
 
 
-def random_params_model(config, seed=0):
-    graphdef, state = nnx.split(models.abstract_model(config))
-    rng = np.random.default_rng(seed)
-    state = jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.2, x.shape), x.dtype), state)
-    return nnx.merge(graphdef, state)
-
-
 def rel_err(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
@@ -42,7 +35,7 @@ def setup(mesh_shape, axis_types="auto", loss="sigmoid", **image):
     """(step(microbatches, step_number) -> (loss, aux, grads), params, batch, mesh) on a mesh."""
     config = tiny_config(loss, **image)
     mesh = sharding.make_mesh(tuple(zip(("data", "fsdp", "tensor"), mesh_shape)), axis_types=axis_types)
-    model = random_params_model(config)
+    model = random_model(config)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = nnx.to_pure_dict(sharding.shard_state(params, mesh))
     rng = np.random.default_rng(1)
