@@ -48,7 +48,7 @@ def get_config(arg=None):
     config.data.batch_size = config.get_ref("batch_size")
     config.data.sources.demo.update(size=10_000, image_size=IMAGE_SIZE)  # generated on the fly
     config.data.pp_train, config.data.pp_eval = PP_TRAIN, PP_EVAL
-    config.total_steps = 3000
+    config.total_steps = 4000
     config.log_every = 100
     config.checkpoint_every = 1000
 
