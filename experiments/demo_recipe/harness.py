@@ -63,12 +63,13 @@ class Recipe:
     log_scale_init: float | None = None
     bias_init: float | None = None
     scalar_lr_mult: float = 1.0     # lr multiplier of log_scale and bias
-    captions: str = "full"          # "full": the five templates; "names": class names only (duplicates)
+    captions: str = "full"          # "full": the five templates; "mixed": plus shape-led partial ones; "names": class names only
     train_size: int = 10_000
     eval_size: int = 480
     seed: int = 0
     txt_pool: str | None = None     # None: the tower's default ('last' bidirectional, 'eos' causal)
     txt_posemb_std: float | None = None  # rescale the text tower's initial position embedding
+    shape_groups: int = 1           # >1: batches of groups that share colour, size and position
 
     def replace(self, **changes) -> "Recipe":
         return dataclasses.replace(self, **changes)
@@ -85,6 +86,17 @@ def pp_strings(recipe: Recipe) -> tuple[str, str]:
 def raw_examples(split: str, size: int, image_size: int) -> tuple[dict, ...]:
     source = demo.DemoSource(split, size, image_size)
     return tuple({**source[i], "_source": 0} for i in range(size))
+
+
+# "mixed" captions: the generator's five plus three that name the shape with at most one other
+# attribute and never the colour, so that for these captions shape is what tells the positive
+# from the in-batch negatives (with full captions colour, size and position already do).
+PARTIAL_TEMPLATES = ("a {shape}", "a {size} {shape}", "a {shape} at the {position}")
+
+
+def mixed_captions(raw: dict) -> list[str]:
+    names = {task: demo.demo_class_names(task)[raw[f"label/{task}"]] for task in ("shape", "size", "position")}
+    return list(raw["captions"]) + [t.format(**names) for t in PARTIAL_TEMPLATES]
 
 
 def class_name_captions(raw: dict) -> list[str]:
@@ -129,6 +141,8 @@ class Batches:
             recipe.train_size, recipe.image_size, recipe.captions)
 
     def indices(self) -> np.ndarray:
+        if self.recipe.shape_groups > 1:
+            return self.grouped_indices()
         out = []
         while len(out) < self.recipe.batch:
             if self.cursor == len(self.order):
@@ -137,6 +151,22 @@ class Batches:
             self.cursor += len(take)
             out.extend(take)
         return np.asarray(out)
+
+    def grouped_indices(self) -> np.ndarray:
+        """Hard negatives for shape: groups of `shape_groups` examples that share colour, size and
+        position and differ in shape (as far as the bucket allows), groups drawn at random."""
+        if not hasattr(self, "buckets"):
+            buckets = {}
+            for i, r in enumerate(self.raws):
+                buckets.setdefault((r["label/colour"], r["label/size"], r["label/position"]), {}).setdefault(
+                    r["label/shape"], []).append(i)
+            self.buckets = list(buckets.values())
+        g, out = self.recipe.shape_groups, []
+        while len(out) < self.recipe.batch:
+            bucket = self.buckets[self.rng.integers(len(self.buckets))]
+            shapes = self.rng.permutation(list(bucket))[:g]
+            out.extend(int(self.rng.choice(bucket[s])) for s in shapes)
+        return np.asarray(out[:self.recipe.batch])
 
     def next(self) -> dict:
         if self.arrays is None:
@@ -154,6 +184,8 @@ class Batches:
             raw = self.raws[i]
             if self.recipe.captions == "names":
                 raw = {**raw, "captions": class_name_captions(raw)}
+            elif self.recipe.captions == "mixed":
+                raw = {**raw, "captions": mixed_captions(raw)}
             rows.append({**self.process.random_map(raw, self.rng), "label/shape": raw["label/shape"]})
         return rows
 

@@ -54,9 +54,21 @@ ROWS = {
     "final, 3000 steps (the demo's budget)": {**FINAL, "steps": 3000},
     "final + name-only captions": {**FINAL, "captions": "names"},
     "final + name-only captions + softmax": {**FINAL, "captions": "names", "loss": "softmax"},
+    # round 2 (after the demo missed its targets): hard negatives for shape
+    "final + mixed captions": {**FINAL, "captions": "mixed"},
+    "final + shape groups of 4": {**FINAL, "shape_groups": 4},
+    "final + shape groups of 4 + mixed captions": {**FINAL, "shape_groups": 4, "captions": "mixed"},
+    "final + image depth 2": {**FINAL, "img_depth": 2},
+    "final + scale/bias lr x10 + shape groups of 4": {**FINAL, "scalar_lr_mult": 10.0, "shape_groups": 4},
+    "final + scale/bias lr x10": {**FINAL, "scalar_lr_mult": 10.0},
+    "final + shape groups of 4, 3000 steps": {**FINAL, "shape_groups": 4, "steps": 3000},
+    "final + shape groups of 4 + image depth 2, 3000 steps": {**FINAL, "shape_groups": 4, "img_depth": 2, "steps": 3000},
 }
 SUPERVISED = {"supervised: base tower": {}, "supervised: base tower, patch 16, width 64":
-              dict(patch=16, img_width=64, heads=4), "supervised: final tower": FINAL}
+              dict(patch=16, img_width=64, heads=4), "supervised: final tower": FINAL,
+              "supervised: final tower, depth 2": {**FINAL, "img_depth": 2},
+              "supervised: final tower, patch 4": {**FINAL, "patch": 4},
+              "supervised: final tower, lr 1e-2": {**FINAL, "lr": 1e-2}}
 COLUMNS = ("shape_top1", "shape_top1@photo", "colour_top1", "i2t_recall@1", "t2i_recall@1",
            "heldout_colour_shape_top1", "probe_shape_top1", "scale", "bias", "train_s")
 
