@@ -122,6 +122,26 @@ def test_resume_with_worker_processes():
         assert_same_batches(expected, take(resumed, 4))
 
 
+def test_groups_of_records_share_a_batch_and_resume_exactly(records):
+    config = config_for({"s": {"kind": "array_record", "path": records, "group_size": 3}}, batch_size=6)
+    iterator = make_pipeline(config)
+    epochs = [[int(n[1:]) for batch in take(iterator, 5) for n in names_of(batch)] for _ in range(2)]
+    for order in epochs:  # 10 groups of 3 per epoch, each whole and in its own order
+        assert sorted(order) == list(range(30))
+        assert all(order[i:i + 3] == list(range(order[i], order[i] + 3)) and order[i] % 3 == 0
+                   for i in range(0, 30, 3))
+    assert epochs[0] != epochs[1]  # reshuffled each epoch
+    state = iterator.get_state()
+    expected = take(iterator, 3)
+    resumed = make_pipeline(config)
+    resumed.set_state(state)
+    assert_same_batches(expected, take(resumed, 3))
+    with pytest.raises(ValueError, match="interleaves them record by record"):
+        make_pipeline(config_for({"s": config.sources.s.to_dict(), "t": {"kind": "array_record", "path": records}}))
+    with pytest.raises(ValueError, match="group_size=0 must be a positive int"):
+        make_pipeline(config_for({"s": {"kind": "array_record", "path": records, "group_size": 0}}))
+
+
 def test_mixture_follows_weights_and_counts_per_source(tmp_path):
     a = write_array_record(tmp_path / "a.array_record", range(0, 20))
     b = write_array_record(tmp_path / "b.array_record", range(100, 120))

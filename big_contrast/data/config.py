@@ -89,3 +89,11 @@ def check_data_config(config) -> None:
         weight = source.get("weight", 1.0)
         if not weight or weight <= 0:
             raise ValueError(f"config.data.sources.{name}.weight={weight} must be positive")
+        group_size = source.get("group_size", 1)
+        if not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"config.data.sources.{name}.group_size={group_size!r} must be a positive int")
+        if group_size > 1 and len(config.sources) > 1:
+            raise ValueError(
+                f"config.data.sources.{name}.group_size={group_size} keeps groups of records in one "
+                f"batch, but a mixture of {len(config.sources)} sources interleaves them record by "
+                "record; train on that source alone or set group_size=1")

@@ -12,6 +12,7 @@ The grain graph, per process:
     for each source k:  MapDataset.source(TaggedSource(source_k))
                           [process_index::process_count]       # disjoint examples per process
                           .shuffle(seed_k).repeat()            # train only; reshuffled each epoch
+                                                               # (whole groups with group_size > 1)
     MapDataset.mix(sources, weights)                           # when there are several
       .random_map(ProcessExample)                              # decode, image ops, caption, tokens
       .to_iter_dataset(ReadOptions(num_threads, prefetch))     # threaded reading + mapping
@@ -76,13 +77,42 @@ def _source_datasets(config, *, train: bool, process_index: int, process_count: 
                 "processes that each need a disjoint share")
         largest_share = max(largest_share, math.ceil(len(source) / process_count))
         ds = grain.MapDataset.source(TaggedSource(source, k))
-        if train:
+        group_size = config.sources[name].get("group_size", 1)
+        if train and group_size > 1:
+            ds = GroupShuffle(ds, group_size, seed=derive_seed(seed, 1, k))
+        elif train:
             ds = ds.shuffle(seed=derive_seed(seed, 1, k)).repeat()
         else:
             ds = ds[process_index::process_count]
         datasets.append(ds)
         weights.append(float(config.sources[name].get("weight", 1.0)))
     return datasets, weights, largest_share
+
+
+class GroupShuffle(grain.MapDataset):
+    """An endless shuffle of whole groups: records g*G ... g*G + G - 1 stay consecutive (so in
+    one batch, unless the group straddles two), the groups' order reshuffled each epoch.
+
+    Records past the last whole group are never read (`DemoSource` refuses such a size)."""
+
+    def __init__(self, parent, group_size: int, *, seed: int):
+        super().__init__(parent)
+        if len(parent) < group_size:
+            raise ValueError(f"group_size={group_size} is larger than the source's {len(parent)} records")
+        self._group_size = group_size
+        self._groups = grain.MapDataset.range(len(parent) // group_size).shuffle(seed=seed).repeat()
+
+    def __len__(self) -> int:
+        return len(self._groups)  # endless, like repeat()
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        group, member = divmod(index, self._group_size)
+        return self._parent[self._groups[group] * self._group_size + member]
+
+    def __str__(self) -> str:
+        return f"GroupShuffle(group_size={self._group_size})"
 
 
 class ProcessRowsOfGlobalBatches(grain.MapDataset):

@@ -11,7 +11,7 @@ marker so that it is counted, never fatal.
 Source config (`ConfigDict` or dict), by `kind`:
   demo:          split='train' | 'eval', size=None (default 10,000 / 960), image_size=64,
                  pairs='all' | 'held_out' (eval only), captions='full' | 'names',
-                 colours=None or a subset of the colour names (see demo.py)
+                 colours=None or a subset of the colour names, group_size=1 (see demo.py)
   array_record:  path (a file, a directory of *.array_record files, or a glob; local or a bucket),
                  cache_dir=None (where a bucket's shards are copied on this host; see array_record.py)
   manifest:      path (.csv / .tsv / .jsonl), image_key='filepath', caption_key='title'
@@ -23,7 +23,11 @@ Source config (`ConfigDict` or dict), by `kind`:
   karpathy:      path (dataset_coco.json / dataset_flickr30k.json), split='test', image_dir=None
 Labelled kinds (image_folder, and manifest / tfds with a label_key) yield an int 'label' and
 take `class_names` (the evaluator's list, which the eval glue fills in) to check labels against.
-Every kind also takes `weight` (mixture weight, default 1.0). Webdataset tar shards are not
+Every kind also takes `weight` (mixture weight, default 1.0) and `group_size` (default 1): in
+training, blocks of `group_size` consecutive records are shuffled as one unit, so that records
+written next to each other on purpose (hard negatives, such as the demo's shape groups) share a
+batch (a mixture of several sources interleaves them record by record, so groups need a single
+training source). Webdataset tar shards are not
 read directly: `big-contrast data convert` turns them into ArrayRecord files first, so that
 training reads random-access, exactly resumable data.
 """
@@ -36,7 +40,7 @@ from big_contrast.data.errors import SkipRecord
 
 SOURCE_FIELDS = {
     "demo": {"split": "train", "size": None, "image_size": 64, "pairs": "all", "captions": "full",
-             "colours": None},
+             "colours": None, "group_size": 1},
     "array_record": {"path": None, "cache_dir": None},
     "manifest": {"path": None, "image_key": "filepath", "caption_key": "title", "separator": None,
                  "label_key": None, "class_names": None},
@@ -59,6 +63,8 @@ def source_options(name: str, config: Mapping) -> tuple[str, dict]:
     config = dict(config)
     kind = config.pop("kind", None)
     config.pop("weight", None)
+    if kind != "demo":  # the pipeline's shuffle reads it; the demo also lays its records out by it
+        config.pop("group_size", None)
     if kind == "tar":
         raise ValueError(
             f"data source {name!r}: webdataset tar shards are converted once, then read as "
