@@ -62,7 +62,7 @@ def test_a_bucket_workdir_trains_resumes_after_kill_9_and_evaluates(gcs_emulator
     out_json = f"{gcs_emulator}/eval/results.json"
     capfd.readouterr()
     code = cli.main(["big-contrast", "eval", "--workdir", workdir, "--config", config, "--json", out_json,
-                     "--config.batch_size=32", "--config.data.sources.demo.size=512", *SMALL_EVALS])
+                     "--config.batch_size=32", "--config.data.sources.demo.size=500", *SMALL_EVALS])
     out, err = capfd.readouterr()
     assert code == 0, err
     assert out.startswith("step 6\n"), out

@@ -178,11 +178,52 @@ def test_demo_held_out_selection_and_name_only_captions():
         demo_source("eval", captions="short")
 
 
-def test_demo_templates_name_the_other_attribute():
+def test_demo_groups_differ_in_shape_alone_and_drawing_is_cached():
+    from big_contrast.data import demo
+
+    grouped = demo_source("train", size=400, group_size=5)
+    assert "groups of 5" in repr(grouped)
+    pairs_seen = set()
+    for g in range(80):
+        members = [grouped.attributes(5 * g + r)[:4] for r in range(5)]
+        assert len({(colour, size, position) for colour, _, size, position in members}) == 1
+        assert len({shape for _, shape, _, _ in members}) == 5
+        pairs_seen.update((colour, shape) for colour, shape, _, _ in members)
+    assert not pairs_seen & set(HELD_OUT) and len(pairs_seen) == 42
+    example = grouped[12]
+    assert example["label/shape"] == SHAPES.index(grouped.attributes(12)[1])
+    assert example["image"] is grouped[12]["image"]  # kept after the first draw
+    fresh = demo_source("train", size=400, group_size=5)
+    fresh._encoded.clear()
+    assert fresh[12]["image"] == example["image"] and fresh[12]["captions"] == example["captions"]
+    assert demo.CACHE_RECORDS >= 10_000  # the demo's whole train split
+    with pytest.raises(ValueError, match="must lie in"):
+        demo_source("train", size=60, group_size=6)  # a colour has 5 training shapes
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        demo_source("train", size=402, group_size=5)
+    with pytest.raises(ValueError, match="split='train' only"):
+        demo_source("eval", group_size=2)
+
+
+def test_demo_templates_are_the_captions_with_the_class_left_open():
     from big_contrast.data.demo import COLOURS, demo_templates
 
-    assert [t.format("circle") for t in demo_templates("shape")] == [f"{c} circle" for c in COLOURS]
-    assert [t.format("red") for t in demo_templates("colour")] == [f"red {s}" for s in SHAPES]
+    train = demo_source("train", size=300)
+    for task, label in (("shape", "label/shape"), ("colour", "label/colour"),
+                        ("colour_shape", "label/colour_shape")):
+        templates, names = demo_templates(task), demo_class_names(task)
+        prompts = {t.format(name) for t in templates for name in names}
+        assert len(prompts) == len(templates) * len(names)  # one class per prompt
+        for i in range(300):  # every training caption that names the class is a prompt of it
+            example = train[i]
+            wanted = {t.format(names[example[label]]) for t in templates}
+            naming = [c for c in example["captions"] if task != "colour_shape" or names[example[label]] in c]
+            assert naming and set(naming) <= wanted
+    assert len(demo_templates("shape")) == 328 and "{}" in demo_templates("size")[0]
+    assert [t.format("circle") for t in demo_templates("shape", "short")] == [f"{c} circle" for c in COLOURS]
+    assert [t.format("red") for t in demo_templates("colour", "short")] == [f"red {s}" for s in SHAPES]
+    with pytest.raises(ValueError, match="style"):
+        demo_templates("shape", "photo")
 
 
 def test_demo_pipeline_with_labels():

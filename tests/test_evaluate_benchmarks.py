@@ -27,7 +27,7 @@ from big_contrast.evaluate import benchmarks
 def get_config(arg=None):
     config = demo.get_config("noeval")
     config.batch_size = 32
-    config.data.sources.demo.size = 512
+    config.data.sources.demo.size = 500
     data_dir = {data_dir!r}
     config.evals = benchmarks.evals(["flickr30k", "cifar10"], data_dir=data_dir, batch_size=16)
     labelled = lambda source: dict(sources={{"eval": source}}, label_keys=("label",))

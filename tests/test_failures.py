@@ -26,7 +26,7 @@ SMALL_EVALS = [f"--config.evals.{name}.data.sources.demo.size=48" for name in ("
 
 def train_argv(workdir, *overrides):
     return ["big-contrast", "train", "--config", str(REPO / "configs/demo.py:sigmoid"), "--workdir", str(workdir),
-            "--noplot", "--config.batch_size=32", "--config.log_every=1", "--config.data.sources.demo.size=512",
+            "--noplot", "--config.batch_size=32", "--config.log_every=1", "--config.data.sources.demo.size=500",
             "--config.total_steps=4", "--config.checkpoint_every=2", *SMALL_EVALS, *overrides]
 
 

@@ -15,7 +15,7 @@ from big_contrast.train.metrics import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SETTINGS = ["--config.batch_size=32", "--config.log_every=1", "--config.checkpoint_every=2",
-            "--config.data.sources.demo.size=512", "--config.evals.shape.every_steps=2",
+            "--config.data.sources.demo.size=500", "--config.evals.shape.every_steps=2",
             "--config.evals.shape.data.sources.demo.size=96", "--config.evals.shape.batch_size=32", "--noplot"]
 
 

@@ -35,7 +35,7 @@ def tiny_config(loss="sigmoid", **overrides):
     config.log_every = 1
     config.checkpoint_every = 3
     config.evals = {}
-    config.data.sources.demo.size = 512
+    config.data.sources.demo.size = 500
     config.update(overrides)
     return config
 
@@ -92,7 +92,7 @@ def test_gradient_caching_step_equals_the_one_pass_step(loss):
 def cli(workdir, *overrides):
     return [sys.executable, "-m", "big_contrast.cli", "train", "--config", str(REPO / "configs/demo.py:sigmoid,noeval"),
             "--workdir", str(workdir), "--noplot", "--config.batch_size=32", "--config.log_every=1",
-            "--config.data.sources.demo.size=512", *overrides]
+            "--config.data.sources.demo.size=500", *overrides]
 
 
 def env():
@@ -179,7 +179,7 @@ def test_eval_command_restores_a_checkpoint_and_reports(tmp_path):
     out = tmp_path / "eval.json"
     result = subprocess.run(
         [sys.executable, "-m", "big_contrast.cli", "eval", "--config", str(REPO / "configs/demo.py"),
-         "--workdir", str(tmp_path), "--config.batch_size=32", "--config.data.sources.demo.size=512",
+         "--workdir", str(tmp_path), "--config.batch_size=32", "--config.data.sources.demo.size=500",
          "--json", str(out)], env=env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(out.read_text())

@@ -17,6 +17,13 @@ Splits:
   * `eval`: all 48 colour-shape combinations in turn (so classes are balanced), including the
     6 held-out ones the model never saw as a pair in training -- a small compositional test.
     `pairs='held_out'` enumerates only those 6 (the compositional test on its own).
+`group_size=G` (train only) lays the records out in groups of G consecutive indices that share
+colour, size and position and differ in shape (G <= 5, the fewest training shapes of a
+colour): hard negatives for shape. The pipeline keeps a source's groups together when it
+shuffles (`group_size` in `sources.py`), so each batch holds about B / G such groups; without
+them almost every in-batch negative already differs from its positive in colour, size or
+position once those are learnt, and shape gets about one negative per row to learn from
+(experiments/demo_recipe).
 `captions='names'` replaces the five captions by the colour-shape class name alone ("red
 circle"): 42 distinct training captions, so most in-batch negatives repeat the positive's
 caption (the duplicate-caption case of experiments/loss_vs_batch). `colours=('red',)` keeps
@@ -25,12 +32,14 @@ Zero-shot classification tasks: `demo_class_names('shape')` (6 classes), `'colou
 `'colour_shape'` (48, e.g. "red circle"), `'size'`, `'position'`.
 
 Generation costs about 0.1 ms per example, done lazily in `__getitem__` (random access, no
-files); the same index always gives the same bytes.
+files); the same index always gives the same bytes, and the first `CACHE_RECORDS` indices keep
+their bytes once drawn (the demo trains for many epochs of a small split; about 1 KB each).
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import math
 
 import numpy as np
@@ -58,6 +67,7 @@ CAPTION_TEMPLATES = (
     "{position}: {size} {colour} {shape}",
 )
 DEFAULT_SIZES = {"train": 10_000, "eval": 960}  # eval: 20 examples per colour-shape pair
+CACHE_RECORDS = 50_000  # indices whose JPEG bytes are kept once drawn (~1 KB each at 32 px)
 _SPLIT_SEEDS = {"train": 1, "eval": 2}
 
 
@@ -75,20 +85,39 @@ def demo_class_names(task: str = "shape") -> list[str]:
     return names[task]
 
 
-def demo_templates(task: str = "shape") -> tuple[str, ...]:
-    """Zero-shot prompt templates phrased like the captions, one per value of the other attribute.
+def demo_templates(task: str = "shape", style: str = "captions") -> tuple[str, ...]:
+    """Zero-shot prompt templates phrased like the captions (CLIP's prompt ensembling).
 
-    Every training caption names colour *and* shape, so a prompt naming one of them alone
-    ("a photo of a circle.") is a text the text tower never saw. Averaging "red {}", "green {}",
-    ... over the colours (CLIP's prompt ensembling) gives a shape classifier made of texts of
-    the training distribution, with colour averaged out; and the same over shapes for colour.
+    A prompt naming one attribute alone ("a photo of a circle.") is a text the text tower never
+    saw. `style="captions"` (the default) gives every training caption with the task's value
+    left open -- for shape, the five templates over all colours, sizes and positions ("a photo
+    of a small red {} in the top left", ..., 328 in all) -- so the averaged class embedding is
+    the text embedding averaged over the captions of that class. `style="short"` gives one
+    short prompt per value of the other attribute ("red {}", "green {}", ...). Tasks:
+    'shape', 'colour', 'colour_shape' (templates that name "{colour} {shape}" together), 'size',
+    'position'.
     """
-    if task == "shape":
-        return tuple(f"{colour} {{}}" for colour in COLOURS)
-    if task == "colour":
-        return tuple(f"{{}} {shape}" for shape in SHAPES)
     demo_class_names(task)  # raises on an unknown task
-    return ("{}",)
+    if style == "short":
+        if task == "shape":
+            return tuple(f"{colour} {{}}" for colour in COLOURS)
+        if task == "colour":
+            return tuple(f"{{}} {shape}" for shape in SHAPES)
+        return ("{}",)
+    if style != "captions":
+        raise ValueError(f"demo template style={style!r}: use 'captions' or 'short'")
+    values = {"colour": list(COLOURS), "shape": list(SHAPES), "size": list(SIZES),
+              "position": list(POSITIONS)}
+    open_field = "{colour} {shape}" if task == "colour_shape" else "{%s}" % task
+    out = []
+    for template in CAPTION_TEMPLATES:
+        if open_field not in template:
+            continue
+        template = template.replace(open_field, "{open}")
+        rest = [f for f in values if "{%s}" % f in template]
+        for combo in itertools.product(*(values[f] for f in rest)):
+            out.append(template.format(open="{}", **dict(zip(rest, combo))))
+    return tuple(dict.fromkeys(out))
 
 
 def demo_vocabulary() -> list[str]:
@@ -146,7 +175,8 @@ class DemoSource:
     """Random-access demo examples: `source[i]` -> raw example dict (see module docstring)."""
 
     def __init__(self, split: str = "train", size: int | None = None, image_size: int = 64,
-                 pairs: str = "all", captions: str = "full", colours: tuple[str, ...] | None = None):
+                 pairs: str = "all", captions: str = "full", colours: tuple[str, ...] | None = None,
+                 group_size: int = 1):
         if split not in _SPLIT_SEEDS:
             raise ValueError(f"demo split must be one of {sorted(_SPLIT_SEEDS)}, got {split!r}")
         if pairs not in ("all", "held_out") or (pairs == "held_out" and split != "eval"):
@@ -162,6 +192,8 @@ class DemoSource:
             raise ValueError(f"demo image_size={image_size} is too small to draw shapes; use >= 16")
         self.split, self.image_size, self.caption_style = split, image_size, captions
         self.size = size or DEFAULT_SIZES[split]
+        self.group_size = int(group_size)
+        self._encoded: dict[int, bytes] = {}
         held_out = set(HELD_OUT)
         all_pairs = [(c, s) for c in COLOURS for s in SHAPES]
         if pairs == "held_out":
@@ -170,6 +202,21 @@ class DemoSource:
             self._pairs = all_pairs if split == "eval" else [p for p in all_pairs if p not in held_out]
         if colours is not None:  # e.g. one colour: shape is then the only thing a name caption says
             self._pairs = [p for p in self._pairs if p[0] in colours]
+        self._check_groups()
+
+    def _check_groups(self):
+        if self.group_size == 1:
+            return
+        if self.split != "train":
+            raise ValueError(f"demo group_size={self.group_size} applies to split='train' only; "
+                             "the eval split enumerates every pair in turn")
+        fewest = min(sum(p[0] == c for p in self._pairs) for c in {p[0] for p in self._pairs})
+        if not 1 < self.group_size <= fewest:
+            raise ValueError(f"demo group_size={self.group_size} must lie in [1, {fewest}]: a group "
+                             f"holds one example of each of up to {fewest} shapes of one colour")
+        if self.size % self.group_size:
+            raise ValueError(f"demo size={self.size} is not a multiple of group_size="
+                             f"{self.group_size}; make it one so that every group is whole")
 
     def __len__(self) -> int:
         return self.size
@@ -179,6 +226,8 @@ class DemoSource:
         if not 0 <= index < self.size:
             raise IndexError(f"demo index {index} out of range [0, {self.size})")
         rng = np.random.default_rng([_SPLIT_SEEDS[self.split], index])
+        if self.group_size > 1:
+            return (*self._group_member(index), rng)
         if self.split == "eval":  # enumerate pairs (balanced classes), then sizes x positions
             colour, shape = self._pairs[index % len(self._pairs)]
             layout = index // len(self._pairs)
@@ -190,22 +239,47 @@ class DemoSource:
             position = list(POSITIONS)[rng.integers(len(POSITIONS))]
         return colour, shape, size, position, rng
 
+    def _group_member(self, index: int) -> tuple[str, str, str, str]:
+        """Member `index % G` of group `index // G`: the group's colour, size and position, and
+        the member's place in the group's random order of that colour's shapes."""
+        group, member = divmod(index, self.group_size)
+        rng = np.random.default_rng([_SPLIT_SEEDS[self.split], 1 << 31, group])
+        colours = sorted({c for c, _ in self._pairs}, key=list(COLOURS).index)
+        colour = colours[rng.integers(len(colours))]
+        size = list(SIZES)[rng.integers(len(SIZES))]
+        position = list(POSITIONS)[rng.integers(len(POSITIONS))]
+        shapes = [s for c, s in self._pairs if c == colour]
+        return colour, shapes[rng.permutation(len(shapes))[member]], size, position
+
     def captions(self, index: int) -> list[str]:
         """The example's captions, without drawing its image."""
         colour, shape, size, position, _ = self.attributes(int(index))
+        return self._captions(colour, shape, size, position)
+
+    def _captions(self, colour: str, shape: str, size: str, position: str) -> list[str]:
         if self.caption_style == "names":
             return [f"{colour} {shape}"]
         return [t.format(colour=colour, shape=shape, size=size, position=position)
                 for t in CAPTION_TEMPLATES]
 
-    def __getitem__(self, index: int) -> dict:
-        colour, shape, size, position, rng = self.attributes(int(index))
-        image = draw_shape(shape, colour, size, position, self.image_size, rng)
+    def encoded_image(self, index: int, attributes) -> bytes:
+        """The example's JPEG bytes, drawn once and kept for the first `CACHE_RECORDS` indices."""
+        if index in self._encoded:
+            return self._encoded[index]
+        colour, shape, size, position, rng = attributes
         buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=92)
+        draw_shape(shape, colour, size, position, self.image_size, rng).save(buffer, format="JPEG", quality=92)
+        if index < CACHE_RECORDS:  # a dict write is atomic, so grain's reader threads may share it
+            self._encoded[index] = buffer.getvalue()
+        return buffer.getvalue()
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        attributes = self.attributes(index)
+        colour, shape, size, position, _ = attributes
         return {
-            "image": buffer.getvalue(),
-            "captions": self.captions(index),
+            "image": self.encoded_image(index, attributes),
+            "captions": self._captions(colour, shape, size, position),
             "key": f"demo-{self.split}-{index}",
             "label/shape": SHAPES.index(shape),
             "label/colour": list(COLOURS).index(colour),
@@ -215,11 +289,12 @@ class DemoSource:
         }
 
     def __repr__(self) -> str:
-        return f"DemoSource(split={self.split!r}, {self.size} examples, {self.image_size}px)"
+        groups = f", groups of {self.group_size}" if self.group_size > 1 else ""
+        return f"DemoSource(split={self.split!r}, {self.size} examples, {self.image_size}px{groups})"
 
 
 def demo_source(split: str = "train", size: int | None = None, image_size: int = 64,
                 pairs: str = "all", captions: str = "full",
-                colours: tuple[str, ...] | None = None) -> DemoSource:
+                colours: tuple[str, ...] | None = None, group_size: int = 1) -> DemoSource:
     """The demo data as a random-access source (`len`, `[i]`)."""
-    return DemoSource(split, size, image_size, pairs, captions, colours)
+    return DemoSource(split, size, image_size, pairs, captions, colours, group_size)
