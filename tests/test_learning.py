@@ -3,7 +3,7 @@
 The smoke test trains the demo recipe with the real trainer (8 simulated devices, ring loss,
 grain pipeline) on one colour with name captions ("red circle"), so shape is the only thing a
 caption says -- the fastest way shape is learnt (experiments/demo_recipe/README.md: with full
-captions shape stays near chance for thousands of steps) -- and checks zero-shot shape top-1
+captions shape needs thousands of steps) -- and checks zero-shot shape top-1
 on the demo eval split (red shapes) against a threshold chosen from measured runs.
 """
 import json
@@ -20,13 +20,14 @@ sys.path.insert(0, str(REPO / "configs"))
 import demo  # noqa: E402
 
 STEPS = 200
-# Measured with this exact config, model seeds 0, 1, 2 (data seed 0): shape top-1 0.271, 0.233,
-# 0.292 after 200 steps (0.279, 0.246, 0.329 before configs/demo.py matched the study's MLP,
-# heads and warm-up); chance is 1/6 = 0.167, and a model that learns nothing scores
-# 0.167 +- 0.024 (one std over the 240 eval images). 0.22 is above chance + 2 std and below
-# the worst measured seed, so a run that stops learning (a broken loss or gradient, frozen
-# towers, captions paired with the wrong images) fails, and a reseeded healthy run passes.
-THRESHOLDS = {"shape/top1": 0.22}
+# Measured with this exact config, model seeds 0, 1, 2 (data seed 0): shape top-1 0.338, 0.388,
+# 0.371 after 200 steps with the demo's round-3 recipe (groups of 5, image depth 2, softmax;
+# 0.271, 0.233, 0.292 with the round-2 recipe); chance is 1/6 = 0.167, and a model that learns
+# nothing scores 0.167 +- 0.024 (one std over the 240 eval images). 0.25 is above chance + 3 std
+# and well below the worst measured seed, so a run that stops learning (a broken loss or
+# gradient, frozen towers, captions paired with the wrong images) fails, and a reseeded healthy
+# run passes.
+THRESHOLDS = {"shape/top1": 0.25}
 
 
 def smoke_config(seed=0):

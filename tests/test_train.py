@@ -178,7 +178,7 @@ def test_eval_command_restores_a_checkpoint_and_reports(tmp_path):
     train(config, tmp_path, progress=False)
     out = tmp_path / "eval.json"
     result = subprocess.run(
-        [sys.executable, "-m", "big_contrast.cli", "eval", "--config", str(REPO / "configs/demo.py"),
+        [sys.executable, "-m", "big_contrast.cli", "eval", "--config", str(REPO / "configs/demo.py:sigmoid"),
          "--workdir", str(tmp_path), "--config.batch_size=32", "--config.data.sources.demo.size=500",
          "--json", str(out)], env=env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
