@@ -83,8 +83,8 @@ def pp_strings(recipe: Recipe) -> tuple[str, str]:
 
 
 @functools.lru_cache(maxsize=8)
-def raw_examples(split: str, size: int, image_size: int) -> tuple[dict, ...]:
-    source = demo.DemoSource(split, size, image_size)
+def raw_examples(split: str, size: int, image_size: int, group_size: int = 1) -> tuple[dict, ...]:
+    source = demo.DemoSource(split, size, image_size, group_size=group_size)
     return tuple({**source[i], "_source": 0} for i in range(size))
 
 
@@ -133,12 +133,13 @@ class Batches:
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
-        self.raws = raw_examples("train", recipe.train_size, recipe.image_size)
+        self.raws = raw_examples("train", recipe.train_size, recipe.image_size, recipe.shape_groups)
         self.process = ProcessExample(pp_strings(recipe)[0], make_tokenizer("demo"), MAX_LEN)
         self.rng = np.random.default_rng([recipe.seed, 12345])
-        self.order, self.cursor = self.rng.permutation(len(self.raws)), 0
+        self.order = self.rng.permutation(len(self.raws) // recipe.shape_groups)
+        self.cursor = 0
         self.arrays = None if recipe.aug != "none" else fixed_arrays(
-            recipe.train_size, recipe.image_size, recipe.captions)
+            recipe.train_size, recipe.image_size, recipe.captions, recipe.shape_groups)
 
     def indices(self) -> np.ndarray:
         if self.recipe.shape_groups > 1:
@@ -153,19 +154,16 @@ class Batches:
         return np.asarray(out)
 
     def grouped_indices(self) -> np.ndarray:
-        """Hard negatives for shape: groups of `shape_groups` examples that share colour, size and
-        position and differ in shape (as far as the bucket allows), groups drawn at random."""
-        if not hasattr(self, "buckets"):
-            buckets = {}
-            for i, r in enumerate(self.raws):
-                buckets.setdefault((r["label/colour"], r["label/size"], r["label/position"]), {}).setdefault(
-                    r["label/shape"], []).append(i)
-            self.buckets = list(buckets.values())
+        """Hard negatives for shape: the demo's own groups (`group_size`: examples that share
+        colour, size and position and differ in shape), whole groups in a seeded order per epoch,
+        as the pipeline's `GroupShuffle` reads them."""
         g, out = self.recipe.shape_groups, []
         while len(out) < self.recipe.batch:
-            bucket = self.buckets[self.rng.integers(len(self.buckets))]
-            shapes = self.rng.permutation(list(bucket))[:g]
-            out.extend(int(self.rng.choice(bucket[s])) for s in shapes)
+            if self.cursor == len(self.order):
+                self.order, self.cursor = self.rng.permutation(len(self.raws) // g), 0
+            group = self.order[self.cursor]
+            self.cursor += 1
+            out.extend(range(group * g, group * g + g))
         return np.asarray(out[:self.recipe.batch])
 
     def next(self) -> dict:
@@ -191,12 +189,12 @@ class Batches:
 
 
 @functools.lru_cache(maxsize=4)
-def fixed_arrays(size: int, image_size: int, captions: str) -> tuple[np.ndarray, np.ndarray]:
+def fixed_arrays(size: int, image_size: int, captions: str, group_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images [N, H, W, 3] (decoded once, no augmentation) and every caption's tokens [N, C, L]."""
     from big_contrast.data.image_ops import parse_image_pp
 
     pp, tok = parse_image_pp(f"decode|resize({image_size})"), make_tokenizer("demo")
-    raws = raw_examples("train", size, image_size)
+    raws = raw_examples("train", size, image_size, group_size)
     images = np.stack([pp(r["image"], None) for r in raws])
     texts = [class_name_captions(r) if captions == "names" else r["captions"] for r in raws]
     tokens = np.stack([[encode_fixed(tok, t, MAX_LEN) for t in ts] for ts in texts])
@@ -204,8 +202,11 @@ def fixed_arrays(size: int, image_size: int, captions: str) -> tuple[np.ndarray,
 
 
 def templates_for(task: str, style: str) -> tuple[str, ...]:
-    """"photo": the single prompt the demo shipped with; "attr": `demo.demo_templates`."""
-    return ("a photo of a {}.",) if style == "photo" else demo.demo_templates(task)
+    """"photo": the single prompt the demo shipped with; "attr": `demo.demo_templates(task,
+    'short')` ("red {}", ...); "captions": `demo.demo_templates(task)`, every caption."""
+    if style == "photo":
+        return ("a photo of a {}.",)
+    return demo.demo_templates(task, "short" if style == "attr" else "captions")
 
 
 def evaluate(recipe: Recipe, model, probe: bool = True) -> dict:
@@ -224,7 +225,7 @@ def evaluate(recipe: Recipe, model, probe: bool = True) -> dict:
     tok = make_tokenizer("demo")
     held = np.array([(demo.demo_class_names("colour")[r["label/colour"]], demo.SHAPES[r["label/shape"]])
                      in set(demo.HELD_OUT) for r in raws])
-    for style, suffix in (("attr", ""), ("photo", "@photo")):
+    for style, suffix in (("attr", ""), ("photo", "@photo"), ("captions", "@captions")):
         for task in ("shape", "colour", "colour_shape"):
             names, temps = demo.demo_class_names(task), templates_for(task, style)
             prompts = [t.format(n) for n in names for t in temps]
