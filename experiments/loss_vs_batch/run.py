@@ -1,7 +1,8 @@
 """Sigmoid vs softmax loss across global batch sizes, at a fixed number of examples seen.
 
-    python experiments/loss_vs_batch/run.py            # the grid in README.md (results.json, plot.png)
-    python experiments/loss_vs_batch/run.py --quick    # two tiny runs (the test suite runs it)
+    python experiments/loss_vs_batch/run.py                      # 32,768 examples per run (results_32768.*)
+    python experiments/loss_vs_batch/run.py --examples 262144 --losses sigmoid softmax "sigmoid, t/b lr x10"
+    python experiments/loss_vs_batch/run.py --quick              # two tiny runs (the test suite runs it)
 
 A small-scale version of SigLIP (Zhai et al. 2023) Fig. 2 / Sec. 4: both losses, batch sizes
 32 ... 4096, every run sees the same number of examples (so a bigger batch means fewer steps),
@@ -14,8 +15,11 @@ dense loss, train step and optimizer). Two caption sets:
   "negatives" share the positive's caption -- the duplicate-caption case. Its runs also record
   the learned scale and bias over training and the alignment / uniformity diagnostics.
 
-Metrics on the demo eval split: zero-shot colour-shape top-1 (48 classes), image->text and
-text->image recall@1, and wall time per run.
+Loss variants: `sigmoid`, `softmax`, and `sigmoid, t/b lr x10` (the sigmoid loss with its
+learned scale and bias at ten times the learning rate, `config.lr_mults`). Metrics on the demo
+eval split: zero-shot colour-shape top-1 (48 classes), image->text and text->image recall@1,
+and wall time per run. Results go to `results_<examples>.json` / `.md`, `plot_<examples>.png`
+and `scale_bias_<examples>.png`.
 """
 from __future__ import annotations
 
@@ -38,21 +42,23 @@ from harness import Recipe, train_and_eval  # noqa: E402
 METRICS = ("colour_shape_top1", "i2t_recall@1", "t2i_recall@1")
 DIAGNOSTICS = ("alignment", "uniformity_img", "uniformity_txt")
 BASE = Recipe(image_size=32, patch=8, aug="none", warmup=0, train_size=16_384, eval_size=480)
+LOSSES = {"sigmoid": dict(loss="sigmoid"), "softmax": dict(loss="softmax"),
+          "sigmoid, t/b lr x10": dict(loss="sigmoid", scalar_lr_mult=10.0)}
 
 
 def recipe_for(loss, batch, captions, seed, examples, base=BASE):
     steps = max(examples // batch, 1)
-    return base.replace(loss=loss, batch=batch, captions=captions, seed=seed, steps=steps,
+    return base.replace(**LOSSES[loss], batch=batch, captions=captions, seed=seed, steps=steps,
                         warmup=max(steps // 10, 1))
 
 
-def run_grid(batches, seeds, examples, caption_sets, out_path, base=BASE):
+def run_grid(batches, seeds, examples, caption_sets, out_path, base=BASE, losses=("sigmoid", "softmax")):
     results = json.loads(out_path.read_text()) if out_path.exists() else []
     done = {(r["loss"], r["batch"], r["captions"], r["seed"]) for r in results}
     for captions in caption_sets:
         for batch in batches:
             for seed in seeds:
-                for loss in ("sigmoid", "softmax"):
+                for loss in losses:
                     if (loss, batch, captions, seed) in done:
                         continue
                     recipe = recipe_for(loss, batch, captions, seed, examples, base)
@@ -63,7 +69,7 @@ def run_grid(batches, seeds, examples, caption_sets, out_path, base=BASE):
                                examples=recipe.steps * batch, wall_s=time.perf_counter() - start)
                     results.append(out)
                     out_path.write_text(json.dumps(results, indent=1))
-                    print(f"{captions:5s} {loss:7s} B={batch:5d} seed={seed} steps={recipe.steps:5d} "
+                    print(f"{captions:5s} {loss:20s} B={batch:5d} seed={seed} steps={recipe.steps:5d} "
                           + " ".join(f"{m}={out[m]:.3f}" for m in METRICS)
                           + f" scale={out['scale']:.2f} bias={out['bias']:.2f} wall={out['wall_s']:.0f}s",
                           flush=True)
@@ -76,7 +82,7 @@ def summarise(results) -> str:
     lines = ["| captions | batch | steps | loss | " + " | ".join(METRICS + DIAGNOSTICS) + " | scale | bias | wall s |",
              "|---|---:|---:|---|" + "---:|" * (len(METRICS) + len(DIAGNOSTICS) + 3)]
     for captions, batch in keys:
-        for loss in ("sigmoid", "softmax"):
+        for loss in LOSSES:
             rows = [r for r in results if (r["captions"], r["batch"], r["loss"]) == (captions, batch, loss)]
             if not rows:
                 continue
@@ -102,8 +108,10 @@ def plot(results, path):
     for row, captions in enumerate(caption_sets):
         for col, metric in enumerate(METRICS):
             ax = axes[row, col]
-            for loss in ("sigmoid", "softmax"):
+            for loss in LOSSES:
                 rows = [r for r in results if r["captions"] == captions and r["loss"] == loss]
+                if not rows:
+                    continue
                 batches = sorted({r["batch"] for r in rows})
                 values = [[r[metric] for r in rows if r["batch"] == b] for b in batches]
                 ax.errorbar(batches, [np.mean(v) for v in values], yerr=[np.std(v) for v in values],
@@ -132,7 +140,7 @@ def plot_traces(results, path):
         steps = [t["step"] / r["steps"] for t in r["trace"]]
         label = f"{r['loss']} B={r['batch']}"
         axes[0].plot(steps, [t["scale"] for t in r["trace"]], label=label)
-        if r["loss"] == "sigmoid":
+        if r["loss"].startswith("sigmoid"):
             axes[1].plot(steps, [t["bias"] for t in r["trace"]], label=label)
     axes[0].set_title("learned scale (names captions)")
     axes[1].set_title("learned bias (sigmoid, names captions)")
@@ -150,22 +158,25 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--examples", type=int, default=32_768, help="examples seen per run")
     parser.add_argument("--captions", nargs="+", default=["full", "names"])
+    parser.add_argument("--losses", nargs="+", default=["sigmoid", "softmax"], choices=list(LOSSES))
     parser.add_argument("--out", type=pathlib.Path, default=None,
-                        help="results file (default: results.json here; a temporary file with --quick)")
+                        help="results file (default: results_<examples>.json here; a temporary file with --quick)")
     args = parser.parse_args(argv)
     if args.out is None:
-        args.out = pathlib.Path(tempfile.mkdtemp()) / "quick.json" if args.quick else HERE / "results.json"
+        args.out = (pathlib.Path(tempfile.mkdtemp()) / "quick.json" if args.quick
+                    else HERE / f"results_{args.examples}.json")
     if args.quick:
         base = BASE.replace(train_size=256, eval_size=96)
         results = run_grid([32], [0], 64, ["names"], args.out, base)
     else:
-        results = run_grid(args.batches, args.seeds, args.examples, args.captions, args.out)
+        results = run_grid(args.batches, args.seeds, args.examples, args.captions, args.out,
+                           losses=args.losses)
     table = summarise(results)
     print(table)
     if not args.quick:
-        (HERE / "results.md").write_text(table + "\n")
-        plot(results, HERE / "plot.png")
-        plot_traces(results, HERE / "scale_bias.png")
+        (HERE / f"results_{args.examples}.md").write_text(table + "\n")
+        plot(results, HERE / f"plot_{args.examples}.png")
+        plot_traces(results, HERE / f"scale_bias_{args.examples}.png")
     return results
 
 
