@@ -134,14 +134,17 @@ def plot_traces(results, path):
     if not rows:
         return
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    batches = sorted({r["batch"] for r in rows})
+    styles = dict(zip(LOSSES, ("-", "--", ":")))  # colour: batch; line style: loss
     for r in rows:
         if r["seed"] != min(x["seed"] for x in rows):
             continue
         steps = [t["step"] / r["steps"] for t in r["trace"]]
-        label = f"{r['loss']} B={r['batch']}"
-        axes[0].plot(steps, [t["scale"] for t in r["trace"]], label=label)
+        look = dict(label=f"{r['loss']} B={r['batch']}", linestyle=styles[r["loss"]],
+                    color=f"C{batches.index(r['batch'])}")
+        axes[0].plot(steps, [t["scale"] for t in r["trace"]], **look)
         if r["loss"].startswith("sigmoid"):
-            axes[1].plot(steps, [t["bias"] for t in r["trace"]], label=label)
+            axes[1].plot(steps, [t["bias"] for t in r["trace"]], **look)
     axes[0].set_title("learned scale (names captions)")
     axes[1].set_title("learned bias (sigmoid, names captions)")
     for ax in axes:
