@@ -202,6 +202,9 @@ class DemoSource:
             self._pairs = all_pairs if split == "eval" else [p for p in all_pairs if p not in held_out]
         if colours is not None:  # e.g. one colour: shape is then the only thing a name caption says
             self._pairs = [p for p in self._pairs if p[0] in colours]
+        self._shapes_of: dict[str, list[str]] = {}  # colour -> its shapes here, in COLOURS order
+        for colour, shape in self._pairs:
+            self._shapes_of.setdefault(colour, []).append(shape)
         self._check_groups()
 
     def _check_groups(self):
@@ -210,7 +213,7 @@ class DemoSource:
         if self.split != "train":
             raise ValueError(f"demo group_size={self.group_size} applies to split='train' only; "
                              "the eval split enumerates every pair in turn")
-        fewest = min(sum(p[0] == c for p in self._pairs) for c in {p[0] for p in self._pairs})
+        fewest = min(len(shapes) for shapes in self._shapes_of.values())
         if not 1 < self.group_size <= fewest:
             raise ValueError(f"demo group_size={self.group_size} must lie in [1, {fewest}]: a group "
                              f"holds one example of each of up to {fewest} shapes of one colour")
@@ -244,11 +247,11 @@ class DemoSource:
         the member's place in the group's random order of that colour's shapes."""
         group, member = divmod(index, self.group_size)
         rng = np.random.default_rng([_SPLIT_SEEDS[self.split], 1 << 31, group])
-        colours = sorted({c for c, _ in self._pairs}, key=list(COLOURS).index)
+        colours = list(self._shapes_of)
         colour = colours[rng.integers(len(colours))]
         size = list(SIZES)[rng.integers(len(SIZES))]
         position = list(POSITIONS)[rng.integers(len(POSITIONS))]
-        shapes = [s for c, s in self._pairs if c == colour]
+        shapes = self._shapes_of[colour]
         return colour, shapes[rng.permutation(len(shapes))[member]], size, position
 
     def captions(self, index: int) -> list[str]:
@@ -262,7 +265,7 @@ class DemoSource:
         return [t.format(colour=colour, shape=shape, size=size, position=position)
                 for t in CAPTION_TEMPLATES]
 
-    def encoded_image(self, index: int, attributes) -> bytes:
+    def _encoded_image(self, index: int, attributes) -> bytes:
         """The example's JPEG bytes, drawn once and kept for the first `CACHE_RECORDS` indices."""
         if index in self._encoded:
             return self._encoded[index]
@@ -278,7 +281,7 @@ class DemoSource:
         attributes = self.attributes(index)
         colour, shape, size, position, _ = attributes
         return {
-            "image": self.encoded_image(index, attributes),
+            "image": self._encoded_image(index, attributes),
             "captions": self._captions(colour, shape, size, position),
             "key": f"demo-{self.split}-{index}",
             "label/shape": SHAPES.index(shape),

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 
 import grain
 import numpy as np
@@ -79,6 +80,10 @@ def _source_datasets(config, *, train: bool, process_index: int, process_count: 
         ds = grain.MapDataset.source(TaggedSource(source, k))
         group_size = config.sources[name].get("group_size", 1)
         if train and group_size > 1:
+            if len(source) % group_size:  # said, not silently dropped
+                print(f"Warning: data source {name!r} has {len(source)} records, not a multiple of "
+                      f"group_size={group_size}; its last {len(source) % group_size} are never read.",
+                      file=sys.stderr, flush=True)
             ds = GroupShuffle(ds, group_size, seed=derive_seed(seed, 1, k))
         elif train:
             ds = ds.shuffle(seed=derive_seed(seed, 1, k)).repeat()
@@ -93,7 +98,8 @@ class GroupShuffle(grain.MapDataset):
     """An endless shuffle of whole groups: records g*G ... g*G + G - 1 stay consecutive (so in
     one batch, unless the group straddles two), the groups' order reshuffled each epoch.
 
-    Records past the last whole group are never read (`DemoSource` refuses such a size)."""
+    Records past the last whole group are never read (the pipeline warns; `DemoSource` refuses
+    such a size)."""
 
     def __init__(self, parent, group_size: int, *, seed: int):
         super().__init__(parent)
