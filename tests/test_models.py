@@ -504,10 +504,10 @@ def test_text_tower_starts_with_words_louder_than_positions():
     CLIP's 0.02 for tokens with big_vision's 1/sqrt(width) for positions made positions 9x
     louder than words in the width-32 demo tower, whose embeddings then encoded caption length
     more than content (experiments/demo_recipe: demo colour top-1 with short prompts 0.52 -> 0.97)."""
-    from big_contrast.models.text import TextTransformer
+    from big_contrast.models.text import TextConfig, TextTransformer
 
-    text = TextTransformer(vocab_size=64, max_len=16, width=32, depth=1, mlp_dim=64, num_heads=2,
-                           rngs=nnx.Rngs(0))
+    text = TextTransformer(TextConfig(vocab_size=64, max_len=16, width=32, depth=1, mlp_dim=64,
+                                      num_heads=2), rngs=nnx.Rngs(0))
     token_std = float(jnp.std(text.embedding.embedding[...]))
     position_std = float(jnp.std(text.posemb[...]))
     assert token_std == pytest.approx(0.02, rel=0.1) and position_std == pytest.approx(0.01, rel=0.1)

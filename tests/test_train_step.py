@@ -47,8 +47,7 @@ def setup(mesh_shape, axis_types="auto", loss="sigmoid", **image):
     @functools.lru_cache(maxsize=None)
     def step(microbatches):
         fn = functools.partial(loss_and_grads, graphdef, rest=rest, loss=LossSpec(loss), mesh=mesh,
-                               axis=sharding.batch_axes(mesh), n_shards=sharding.num_batch_shards(mesh),
-                               microbatches=microbatches)
+                               axis=sharding.batch_axes(mesh), microbatches=microbatches)
         return jax.jit(lambda params, batch, step: fn(params, batch=batch, step=step), compiler_options=FAST)
 
     return step, params, batch, mesh

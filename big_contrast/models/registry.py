@@ -34,6 +34,7 @@ directory is the trainer's job (``config.init_towers`` in ``big_contrast/train``
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -44,11 +45,12 @@ from flax import nnx
 
 from big_contrast import sharding
 from big_contrast.models import variants
-from big_contrast.models.text import TextTransformer
+from big_contrast.models.text import TextConfig, TextTransformer
 from big_contrast.models.two_towers import TwoTowers
-from big_contrast.models.vit import ViT
+from big_contrast.models.vit import ViT, ViTConfig
 
 LOSSES = ("softmax", "sigmoid")
+FAMILIES = {"sigmoid": "siglip", "softmax": "clip"}  # the one home of this rule
 LOSS_DEFAULTS = {
     "softmax": dict(log_scale_init=math.log(1 / 0.07), max_log_scale=math.log(100.0),
                     bias_init=None),
@@ -73,18 +75,18 @@ def default_model_config():
 
 
 def _model_defaults(optional) -> dict:
-    """Every model option with its default; ``optional(type)`` stands for an unset (None) one."""
+    """Every model option with its default; ``optional(type)`` stands for an unset (None) one.
+    A tower's own options are its config class's fields (``ViTConfig``, ``TextConfig``) with
+    their defaults, so a new field needs no line here unless its default differs."""
     def size_overrides():
         return dict(width=optional(int), depth=optional(int), mlp_dim=optional(int),
                     num_heads=optional(int))
 
     return dict(
-        image=dict(variant="B/16", image_size=224, pool="map", posemb="learn", channels=3,
-                   head=True, head_bias=True, ln_pre=False, patch_bias=True, act="gelu_tanh",
-                   norm_eps=1e-6, patch_dropout=0.0, **size_overrides()),
-        text=dict(variant="B", vocab_size=32_000, max_len=64, causal=False, pool=optional(str),
-                  pad_id=0, eos_id=1, head=True, head_bias=True, mask_padding=True,
-                  act="gelu_tanh", norm_eps=1e-6, **size_overrides()),
+        image=dict(variant="B/16", head=True, head_bias=True, **size_overrides(),
+                   **_tower_defaults(ViTConfig, pool="map")),
+        text=dict(variant="B", head=True, head_bias=True, **size_overrides(),
+                  **_tower_defaults(TextConfig, pool=optional(str))),
         embed_dim=768,
         loss="sigmoid",
         log_scale_init=optional(float),
@@ -96,6 +98,18 @@ def _model_defaults(optional) -> dict:
         remat="none",
         scan_layers=False,
     )
+
+
+# Tower config fields that come from the variant and the model-wide options, not from the
+# tower's own section of the model config.
+_DERIVED = ("patch_size", "width", "depth", "mlp_dim", "num_heads", "dtype", "param_dtype",
+            "remat", "scan")
+
+
+def _tower_defaults(config_class, **overrides) -> dict:
+    defaults = {f.name: f.default for f in dataclasses.fields(config_class)
+                if f.name not in _DERIVED}
+    return {**defaults, **overrides}
 
 
 def resolve_config(config: Mapping | None) -> dict:
@@ -132,26 +146,42 @@ def _size_overrides(tower: dict) -> dict:
     return {k: tower[k] for k in ("width", "depth", "mlp_dim", "num_heads")}
 
 
-def create_image_tower(cfg: dict, rngs: nnx.Rngs) -> ViT:
-    image = cfg["image"]
-    size, patch = variants.decode_image_variant(image["variant"])
-    size = variants.with_overrides(size, **_size_overrides(image))
-    return ViT(patch_size=patch, image_size=image["image_size"], pool=image["pool"],
-               posemb=image["posemb"], channels=image["channels"],
-               patch_dropout=image["patch_dropout"], ln_pre=image["ln_pre"],
-               patch_bias=image["patch_bias"], act=image["act"], norm_eps=image["norm_eps"],
-               **vars(size), **_common(cfg), rngs=rngs)
+def _tower_config(config_class, section: dict, **derived):
+    """``config_class`` from the options of ``section`` that are its fields, and ``derived``."""
+    own = {f.name: section[f.name] for f in dataclasses.fields(config_class)
+           if f.name in section and f.name not in derived}
+    return config_class(**derived, **own)
 
 
-def create_text_tower(cfg: dict, rngs: nnx.Rngs) -> TextTransformer:
-    text = cfg["text"]
-    size = variants.with_overrides(variants.decode_text_variant(text["variant"]),
-                                   **_size_overrides(text))
-    return TextTransformer(vocab_size=text["vocab_size"], max_len=text["max_len"],
-                           causal=text["causal"], pool=text["pool"], pad_id=text["pad_id"],
-                           eos_id=text["eos_id"], mask_padding=text["mask_padding"],
-                           act=text["act"], norm_eps=text["norm_eps"], **vars(size),
-                           **_common(cfg), rngs=rngs)
+def image_config(config: Mapping | None) -> ViTConfig:
+    """The image tower's ``ViTConfig`` of a model config (a dict or a ConfigDict, any subset)."""
+    cfg = resolve_config(config)
+    size, patch = variants.decode_image_variant(cfg["image"]["variant"])
+    size = variants.with_overrides(size, **_size_overrides(cfg["image"]))
+    return _tower_config(ViTConfig, cfg["image"], patch_size=patch, **vars(size), **_common(cfg))
+
+
+def text_config(config: Mapping | None) -> TextConfig:
+    """The text tower's ``TextConfig`` of a model config (a dict or a ConfigDict, any subset)."""
+    cfg = resolve_config(config)
+    size = variants.with_overrides(variants.decode_text_variant(cfg["text"]["variant"]),
+                                   **_size_overrides(cfg["text"]))
+    return _tower_config(TextConfig, cfg["text"], **vars(size), **_common(cfg))
+
+
+def create_image_tower(cfg: Mapping | None, rngs: nnx.Rngs) -> ViT:
+    return ViT(image_config(cfg), rngs=rngs)
+
+
+def create_text_tower(cfg: Mapping | None, rngs: nnx.Rngs) -> TextTransformer:
+    return TextTransformer(text_config(cfg), rngs=rngs)
+
+
+def family(loss: str) -> str:
+    """The released-model family a loss belongs to: 'siglip' (sigmoid) or 'clip' (softmax)."""
+    if loss not in FAMILIES:
+        raise ValueError(f"loss={loss!r} is unknown; use one of {tuple(FAMILIES)}.")
+    return FAMILIES[loss]
 
 
 def create(config: Mapping | None = None,

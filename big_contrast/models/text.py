@@ -21,8 +21,14 @@ With ``mask_padding=True`` (the default) padding never changes the embedding:
 padded positions are masked from every attention and from pooling, and position
 embeddings are absolute, so a text padded to 64 tokens embeds exactly as the
 same text with no padding.
+
+All options are one frozen ``TextConfig``, validated when it is built:
+``TextTransformer(config, rngs=...)``.
 """
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,36 +41,65 @@ POOLS = ("eos", "last", "first", "mean", "map")
 TOKEN_EMBED_STD, POSEMB_STD = 0.02, 0.01  # CLIP / open_clip
 
 
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """Every option of the text tower, checked once here. ``models.text_config`` builds it from
+    a model config (a new field with a default is picked up there by name). ``pool=None``
+    resolves to 'eos' for a causal tower, else 'last'."""
+
+    width: int
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    vocab_size: int = 32_000
+    max_len: int = 64
+    causal: bool = False
+    pool: str | None = None
+    pad_id: int = 0
+    eos_id: int | None = 1
+    mask_padding: bool = True
+    act: str = "gelu_tanh"
+    norm_eps: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: str = "none"
+    scan: bool = False
+
+    def __post_init__(self):
+        if self.pool is None:  # frozen: resolved once, here
+            object.__setattr__(self, "pool", "eos" if self.causal else "last")
+        tfm.check_choice("text pool", self.pool, POOLS)
+        tfm.check_choice("text act", self.act, tfm.ACTIVATIONS)
+        tfm.check_choice("remat", self.remat, tfm.REMAT_POLICIES)
+        tfm.check_heads(self.width, self.num_heads)
+        if self.vocab_size < 1 or self.max_len < 1:
+            raise ValueError(f"text vocab_size={self.vocab_size} and max_len={self.max_len} "
+                             "must be positive.")
+
+
 class TextTransformer(nnx.Module):
 
-    def __init__(self, *, vocab_size: int, max_len: int, width: int, depth: int, mlp_dim: int,
-                 num_heads: int, causal: bool = False, pool: str | None = None, pad_id: int = 0,
-                 eos_id: int | None = 1, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat: str = "none", scan: bool = False, mask_padding: bool = True,
-                 act: str = "gelu_tanh", norm_eps: float = 1e-6, rngs: nnx.Rngs):
-        pool = ("eos" if causal else "last") if pool is None else pool
-        tfm.check_choice("text pool", pool, POOLS)
-        tfm.check_heads(width, num_heads)
-        if vocab_size < 1 or max_len < 1:
-            raise ValueError(f"text vocab_size={vocab_size} and max_len={max_len} must be positive.")
-        self.causal, self.pool, self.pad_id, self.eos_id = causal, pool, pad_id, eos_id
-        self.mask_padding = mask_padding
-        self.max_len, self.width, self.dtype = max_len, width, dtype
-        common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, config: TextConfig, *, rngs: nnx.Rngs):
+        c = self.config = config
+        self.causal, self.pool, self.pad_id, self.eos_id = c.causal, c.pool, c.pad_id, c.eos_id
+        self.mask_padding = c.mask_padding
+        self.max_len, self.width, self.dtype = c.max_len, c.width, c.dtype
+        common = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+        blocks = dict(act=c.act, norm_eps=c.norm_eps, **common)
 
-        self.embedding = nnx.Embed(vocab_size, width, embedding_init=nnx.initializers.normal(TOKEN_EMBED_STD),
+        self.embedding = nnx.Embed(c.vocab_size, c.width,
+                                   embedding_init=nnx.initializers.normal(TOKEN_EMBED_STD),
                                    embedding_metadata=tfm.logical("vocab", "embed"), **common)
         # CLIP's pair of inits (tokens 0.02, positions 0.01): with big_vision's 1/sqrt(width)
         # for positions next to CLIP's 0.02 for tokens, a width-32 tower starts with positions
         # 9x louder than words, and its embeddings encode caption length more than content.
         self.posemb = nnx.Param(nnx.initializers.normal(POSEMB_STD)(
-                                    rngs.params(), (1, max_len, width), param_dtype),
+                                    rngs.params(), (1, c.max_len, c.width), c.param_dtype),
                                 **tfm.logical(None, None, "embed"))
-        self.encoder = tfm.Encoder(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads,
-                                   remat=remat, scan=scan, act=act, norm_eps=norm_eps, **common)
-        self.map_head = (tfm.MAPHead(width, mlp_dim, num_heads, act=act, norm_eps=norm_eps,
-                                     **common)
-                         if pool == "map" else nnx.data(None))
+        self.encoder = tfm.Encoder(width=c.width, depth=c.depth, mlp_dim=c.mlp_dim,
+                                   num_heads=c.num_heads, remat=c.remat, scan=c.scan, **blocks)
+        self.map_head = (tfm.MAPHead(c.width, c.mlp_dim, c.num_heads, **blocks)
+                         if c.pool == "map" else nnx.data(None))
 
     def __call__(self, tokens_bl: jax.Array) -> jax.Array:
         self._check_tokens(tokens_bl)

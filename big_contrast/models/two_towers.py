@@ -64,12 +64,13 @@ class TwoTowers(nnx.Module):
                  lock_image: bool = False, frozen_patterns: tuple[str, ...] | None = None,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.image, self.text = image, text
-        self.image_head = _head(image.width, embed_dim, image_head, head_bias[0], image.dtype,
+        icfg, tcfg = image.config, text.config
+        self.image_head = _head(icfg.width, embed_dim, image_head, head_bias[0], icfg.dtype,
                                 param_dtype, rngs)
-        self.text_head = _head(text.width, embed_dim, text_head, head_bias[1], text.dtype,
+        self.text_head = _head(tcfg.width, embed_dim, text_head, head_bias[1], tcfg.dtype,
                                param_dtype, rngs)
-        widths = (embed_dim if self.image_head is not None else image.width,
-                  embed_dim if self.text_head is not None else text.width)
+        widths = (embed_dim if self.image_head is not None else icfg.width,
+                  embed_dim if self.text_head is not None else tcfg.width)
         if widths[0] != widths[1]:
             raise ValueError(f"image embeddings of width {widths[0]} and text embeddings of width "
                              f"{widths[1]} differ; set config.embed_dim to project both.")

@@ -21,11 +21,15 @@ every token is kept. The keys, not module state, decide the mask: a caller
 that derives them from (step, example index) gets the same mask in every
 pass over the same rows and after a resume.
 
+All options are one frozen ``ViTConfig``, validated when it is built: ``ViT(config, rngs=...)``.
 Options for released checkpoints: ``ln_pre`` (CLIP's LayerNorm before the
 encoder), ``patch_bias=False`` (CLIP's patch embedding has no bias), ``act``
 and ``norm_eps`` (see ``transformer.py``).
 """
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,48 +50,80 @@ def _pair(value, what: str) -> tuple[int, int]:
     return pair
 
 
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """Every option of the image tower, checked once here. ``models.image_config`` builds it
+    from a model config (a new field with a default is picked up there by name)."""
+
+    patch_size: int | tuple[int, int]  # a pair once built
+    width: int
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    image_size: int | tuple[int, int] = 224  # a pair once built
+    pool: str = "tok"
+    posemb: str = "learn"
+    channels: int = 3
+    patch_dropout: float = 0.0
+    ln_pre: bool = False
+    patch_bias: bool = True
+    act: str = "gelu_tanh"
+    norm_eps: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: str = "none"
+    scan: bool = False
+
+    def __post_init__(self):
+        tfm.check_choice("image pool", self.pool, POOLS)
+        tfm.check_choice("image posemb", self.posemb, POSEMBS)
+        tfm.check_choice("image act", self.act, tfm.ACTIVATIONS)
+        tfm.check_choice("remat", self.remat, tfm.REMAT_POLICIES)
+        tfm.check_heads(self.width, self.num_heads)
+        patch, size = _pair(self.patch_size, "patch_size"), _pair(self.image_size, "image_size")
+        if size[0] % patch[0] or size[1] % patch[1]:
+            raise ValueError(f"patch size {self.patch_size} does not divide image size "
+                             f"{self.image_size}; pick an image size that is a multiple of the "
+                             "patch size.")
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ValueError(f"patch_dropout={self.patch_dropout} must be in [0, 1): it is the "
+                             "fraction of patch tokens dropped in training.")
+        object.__setattr__(self, "patch_size", patch)  # frozen: normalised once, here
+        object.__setattr__(self, "image_size", size)
+        object.__setattr__(self, "patch_dropout", float(self.patch_dropout))
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1]
+
+
 class ViT(nnx.Module):
 
-    def __init__(self, *, patch_size: int | tuple[int, int], image_size: int | tuple[int, int],
-                 width: int, depth: int, mlp_dim: int, num_heads: int, pool: str = "tok",
-                 posemb: str = "learn", channels: int = 3, dtype=jnp.float32,
-                 param_dtype=jnp.float32, remat: str = "none", scan: bool = False,
-                 patch_dropout: float = 0.0, ln_pre: bool = False, patch_bias: bool = True,
-                 act: str = "gelu_tanh", norm_eps: float = 1e-6, rngs: nnx.Rngs):
-        tfm.check_choice("image pool", pool, POOLS)
-        tfm.check_choice("image posemb", posemb, POSEMBS)
-        tfm.check_heads(width, num_heads)
-        patch, size = _pair(patch_size, "patch_size"), _pair(image_size, "image_size")
-        if size[0] % patch[0] or size[1] % patch[1]:
-            raise ValueError(f"patch size {patch_size} does not divide image size {image_size}; "
-                             "pick an image size that is a multiple of the patch size.")
-        if not 0.0 <= patch_dropout < 1.0:
-            raise ValueError(f"patch_dropout={patch_dropout} must be in [0, 1): it is the fraction "
-                             "of patch tokens dropped in training.")
-        self.grid = (size[0] // patch[0], size[1] // patch[1])
-        self.patch_dropout = float(patch_dropout)
-        self.image_size, self.channels, self.width = size, channels, width
-        self.pool, self.posemb_kind, self.dtype = pool, posemb, dtype
-        common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
+        c = self.config = config
+        self.grid, self.patch_dropout = c.grid, c.patch_dropout
+        self.image_size, self.channels, self.width = c.image_size, c.channels, c.width
+        self.pool, self.posemb_kind, self.dtype = c.pool, c.posemb, c.dtype
+        common = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+        blocks = dict(act=c.act, norm_eps=c.norm_eps, **common)
 
-        self.embedding = nnx.Conv(channels, width, kernel_size=patch, strides=patch,
-                                  padding="VALID", use_bias=patch_bias,
+        self.embedding = nnx.Conv(c.channels, c.width, kernel_size=c.patch_size,
+                                  strides=c.patch_size, padding="VALID", use_bias=c.patch_bias,
                                   kernel_metadata=tfm.logical("patch", "patch", "channels", "embed"),
                                   bias_metadata=tfm.logical("embed"), **common)
-        num_tokens = self.grid[0] * self.grid[1] + (pool == "tok")
-        self.cls = (nnx.Param(jnp.zeros((1, 1, width), param_dtype), **tfm.logical(None, None, "embed"))
-                    if pool == "tok" else nnx.data(None))
-        self.posemb = (nnx.Param(nnx.initializers.normal(width ** -0.5)(
-                           rngs.params(), (1, num_tokens, width), param_dtype),
+        num_tokens = self.grid[0] * self.grid[1] + (c.pool == "tok")
+        self.cls = (nnx.Param(jnp.zeros((1, 1, c.width), c.param_dtype), **tfm.logical(None, None, "embed"))
+                    if c.pool == "tok" else nnx.data(None))
+        self.posemb = (nnx.Param(nnx.initializers.normal(c.width ** -0.5)(
+                           rngs.params(), (1, num_tokens, c.width), c.param_dtype),
                            **tfm.logical(None, None, "embed"))
-                       if posemb == "learn" else nnx.data(None))
-        self.ln_pre = (tfm.layer_norm(width, eps=norm_eps, **common) if ln_pre
+                       if c.posemb == "learn" else nnx.data(None))
+        self.ln_pre = (tfm.layer_norm(c.width, eps=c.norm_eps, **common) if c.ln_pre
                        else nnx.data(None))
-        self.encoder = tfm.Encoder(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads,
-                                   remat=remat, scan=scan, act=act, norm_eps=norm_eps, **common)
-        self.map_head = (tfm.MAPHead(width, mlp_dim, num_heads, act=act, norm_eps=norm_eps,
-                                     **common)
-                         if pool == "map" else nnx.data(None))
+        self.encoder = tfm.Encoder(width=c.width, depth=c.depth, mlp_dim=c.mlp_dim,
+                                   num_heads=c.num_heads, remat=c.remat, scan=c.scan, **blocks)
+        self.map_head = (tfm.MAPHead(c.width, c.mlp_dim, c.num_heads, **blocks)
+                         if c.pool == "map" else nnx.data(None))
 
     def __call__(self, images_bhwc: jax.Array, patch_keys: jax.Array | None = None) -> jax.Array:
         """Pooled features; ``patch_keys`` [B] (PRNG keys) turn on patch dropout (training)."""

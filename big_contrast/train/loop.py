@@ -10,7 +10,7 @@ run with an error naming the step, before anything of that step is saved; so doe
 that is not finite when it is about to be saved.
 
 The host and the devices overlap: a background thread (`prefetch.py`) keeps the next batches
-on the devices, each batch is donated to the step, and the host reads a step's loss only after
+on the devices, the state is donated to the step, and the host reads a step's loss only after
 dispatching the next one, waiting for the newest step only every `log_every` steps (and to
 evaluate or checkpoint). `config.profile_steps = (N, M)` traces steps N..M into
 `workdir/profile`.
@@ -31,7 +31,6 @@ import functools
 import math
 import signal
 import sys
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +48,7 @@ from big_contrast.train import record
 from big_contrast.train.metrics import MetricWriter, StepProfile, Throughput
 from big_contrast.train.prefetch import Prefetcher
 from big_contrast.train.optimizer import learning_rate_schedule, make_optimizer
-from big_contrast.train.step import LossSpec, TrainState, train_step
+from big_contrast.train.step import LossSpec, StepConfig, TrainState, train_step
 
 BATCH_FIELDS = ("image", "text")
 
@@ -69,7 +68,6 @@ class Run:
     state: TrainState
     state_shardings: object
     tx: object
-    n_shards: int
     optimizer: object  # config.optimizer with the run's total_steps, resolved once
     jitted: dict = dataclasses.field(default_factory=dict)  # compiled helpers, e.g. tower embedders
 
@@ -83,8 +81,7 @@ def build(config, *, mesh=None, params=None) -> Run:
     `params` (nested like the model's parameters, e.g. imported weights) replace the random
     initialisation."""
     mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
-    n_shards = sharding.num_batch_shards(mesh)
-    train_config.validate(config, n_shards)
+    train_config.validate(config, sharding.num_batch_shards(mesh))
     abstract = models.abstract_model(config.model)  # checks the model config, allocates nothing
     abstract_params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
     frozen = tuple(abstract.frozen_patterns) + tuple(config.freeze)
@@ -104,7 +101,7 @@ def build(config, *, mesh=None, params=None) -> Run:
     state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
                        opt_state=_on_mesh(jax.jit(tx.init)(params), replicated))
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    return Run(config, mesh, graphdef, rest, state, state_shardings, tx, n_shards, opt)
+    return Run(config, mesh, graphdef, rest, state, state_shardings, tx, opt)
 
 
 def optimizer_config(config):
@@ -146,20 +143,21 @@ def loss_spec(config) -> LossSpec:
     return LossSpec(config.model.loss, config.loss_impl, config.loss_block, config.get("loss_dtype"))
 
 
-def make_step_fn(run: Run, batch_sharding, *, donate_batch: bool = False):
-    """The jitted train step; the state is donated, and the batch too with `donate_batch` (the
-    loop's batches are used once; benchmarks and tests that reuse one batch keep the default)."""
+def make_step_fn(run: Run, batch_sharding):
+    """The jitted `step(state, batch)`, its fixed arguments bound once; the state is donated
+    (the batch is not: no output has its shapes, so XLA could not reuse its buffers)."""
     config = run.config
-    loss = loss_spec(config)
-    step = functools.partial(
-        train_step, graphdef=run.graphdef, rest=run.rest, tx=run.tx, loss=loss, mesh=run.mesh,
-        axis=sharding.batch_axes(run.mesh), n_shards=run.n_shards,
-        microbatches=train_config.microbatches(config, run.n_shards), lr_fn=learning_rate_schedule(run.optimizer),
-        image_norm=device_normalization(config.data.pp_train), seed=config.seed,
+    fixed = StepConfig(
+        graphdef=run.graphdef, rest=run.rest, tx=run.tx, loss=loss_spec(config),
+        lr_fn=learning_rate_schedule(run.optimizer), mesh=run.mesh,
+        axis=sharding.batch_axes(run.mesh),
+        microbatches=train_config.microbatches(config, sharding.num_batch_shards(run.mesh)),
+        seed=config.seed, image_norm=device_normalization(config.data.pp_train),
     )
+    step = functools.partial(train_step, config=fixed)  # `train_step` looked up now (tests patch it)
     batch_shardings = {k: batch_sharding for k in BATCH_FIELDS}
     return jax.jit(step, in_shardings=(run.state_shardings, batch_shardings),
-                   out_shardings=(run.state_shardings, None), donate_argnums=(0, 1) if donate_batch else (0,))
+                   out_shardings=(run.state_shardings, None), donate_argnums=(0,))
 
 
 @contextlib.contextmanager
@@ -203,7 +201,7 @@ def train(config, workdir, *, mesh=None, progress=True, stop_after_steps=None) -
         # Input pipeline: a thread keeps batches on the devices ahead of the step.
         batches = Prefetcher(data, depth=config.get("prefetch_batches", 2), fields=BATCH_FIELDS)
         return _loop(run, state, batches, ckpt, writer, evaluators,
-                     make_step_fn(run, batch_sharding, donate_batch=True), stop_after_steps, workdir)
+                     make_step_fn(run, batch_sharding), stop_after_steps, workdir)
     finally:
         _close_in_order(ckpt, batches or data, writer)
 
@@ -290,12 +288,8 @@ def _loop(run, state, batches, ckpt, writer, evaluators, step_fn, stop_after_ste
 
 
 def _compile(step_fn, state, batch):
-    """The step compiled for these shapes. XLA reuses a donated buffer only for an output of the
-    same shape and dtype; the batch has none today (its donation frees nothing yet, on any
-    backend), and jax's warning saying so at every compile is not something a user can act on."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-        return step_fn.lower(state, batch).compile()
+    """The step compiled for these shapes."""
+    return step_fn.lower(state, batch).compile()
 
 
 def _check_finite(metrics, step, ckpt) -> None:

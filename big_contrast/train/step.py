@@ -26,6 +26,7 @@ reduce-scattered over `fsdp` per micro-batch, so accumulators stay sharded.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -86,14 +87,13 @@ def patch_keys(step, rows, seed=0):
     return jax.vmap(lambda row: jax.random.fold_in(base, row))(rows)
 
 
-def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis, n_shards, microbatches,
+def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis, microbatches,
                    step=None, seed=0):
     """(loss, aux, grads) for one global batch, in one pass or with gradient caching.
 
     `step` (the train step) seeds the image tower's patch dropout; None turns it off.
-    `n_shards` is implied by the mesh (micro-batches are cut on each device's own rows).
+    Micro-batches are cut on each device's own rows, so the mesh implies the shard count.
     """
-    del n_shards
 
     def embed(p, images, texts, rows):
         model = nnx.merge(graphdef, p, rest)
@@ -251,20 +251,40 @@ def _without_axes(spec, axes):
     return P(*(keep(entry) for entry in spec))
 
 
-def train_step(state: TrainState, batch, *, graphdef, rest, tx, loss, mesh, axis, n_shards, microbatches, lr_fn,
-               seed=0, image_norm=None):
-    """One optimizer step; returns the new state and scalar metrics. `seed` and the step number
-    seed patch dropout.
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """What a train step holds fixed over a run, bound once (`make_train_step`) so the jitted
+    step is `step(state, batch)`. `axis`: the mesh's batch axes (`sharding.batch_axes`).
+    `image_norm` (a `device_ops.DeviceNormalization`) turns uint8 images into the model's float
+    input on the device; float images pass through. `seed` and the step number seed patch
+    dropout."""
 
-    `image_norm` (a `device_ops.DeviceNormalization`) turns uint8 images into the model's
-    float input here, on the device; float images pass through.
-    """
-    batch = {**batch, "image": normalize_on_device(batch["image"], image_norm)}
+    graphdef: Any
+    rest: Any
+    tx: optax.GradientTransformation
+    loss: LossSpec
+    lr_fn: Any  # step -> learning rate, for the metrics
+    mesh: jax.sharding.Mesh | None = None
+    axis: Any = None
+    microbatches: int = 1
+    seed: int = 0
+    image_norm: Any = None
+
+
+def make_train_step(config: StepConfig):
+    """`step(state, batch) -> (state, metrics)` with `config` bound (jit it)."""
+    return functools.partial(train_step, config=config)
+
+
+def train_step(state: TrainState, batch, *, config: StepConfig):
+    """One optimizer step; returns the new state and scalar metrics."""
+    c = config
+    batch = {**batch, "image": normalize_on_device(batch["image"], c.image_norm)}
     value, aux, grads = loss_and_grads(
-        graphdef, state.params, rest, batch, loss=loss, mesh=mesh, axis=axis, n_shards=n_shards,
-        microbatches=microbatches, step=state.step, seed=seed,
+        c.graphdef, state.params, c.rest, batch, loss=c.loss, mesh=c.mesh, axis=c.axis,
+        microbatches=c.microbatches, step=state.step, seed=c.seed,
     )
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = c.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(
         loss=value,
@@ -272,6 +292,6 @@ def train_step(state: TrainState, batch, *, graphdef, rest, tx, loss, mesh, axis
         bias=aux["bias"],
         grad_norm=optax.tree.norm(grads),
         param_norm=optax.tree.norm(params),
-        learning_rate=lr_fn(state.step),
+        learning_rate=c.lr_fn(state.step),
     )
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
