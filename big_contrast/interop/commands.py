@@ -109,7 +109,7 @@ def _record(workdir, step, config):
         state, _ = ckpt.restore_arrays(step)
     finally:
         ckpt.close()
-    family = "siglip" if model_config["loss"] == "sigmoid" else "clip"
+    family = models.family(model_config["loss"])
     pp = preprocess.SIGLIP if family == "siglip" else preprocess.CLIP
     return imported.Imported(family, str(workdir), model_config, imported.flatten(state["params"]),
                              None, dict(pp))

@@ -19,6 +19,7 @@ import math
 
 from etils import epath
 
+from big_contrast import models
 from big_contrast.interop import weights as w
 from big_contrast.models import variants
 
@@ -123,13 +124,12 @@ def model_config(hf_config: dict) -> dict:
 
 
 def depths(cfg: dict) -> tuple[int, int]:
-    def depth(tower):
-        return tower.get("depth") or variants.SIZES[tower["variant"].split("/")[0]].depth
-    return depth(cfg["image"]), depth(cfg["text"])
+    """The image and text tower depths of a model config (variant and overrides decoded)."""
+    return models.image_config(cfg).depth, models.text_config(cfg).depth
 
 
 def family_of_model(cfg: dict) -> str:
-    return "siglip" if cfg["loss"] == "sigmoid" else "clip"
+    return models.family(cfg["loss"])
 
 
 def rules(cfg: dict) -> list[w.Rule]:
@@ -213,8 +213,9 @@ def check_exportable(cfg: dict) -> str:
                  text=dict(causal=True, pool="eos", head=True, head_bias=False)))
     wrong = [f"{tower}.{k}={cfg[tower][k]!r} (needs {v!r})" for tower, fields in want.items()
              for k, v in fields.items() if cfg[tower][k] != v]
-    if family == "siglip" and cfg.get("embed_dim") not in (None, _width(image)):
-        wrong.append(f"embed_dim={cfg['embed_dim']} (needs the image width {_width(image)})")
+    width = models.image_config(cfg).width
+    if family == "siglip" and cfg.get("embed_dim") not in (None, width):
+        wrong.append(f"embed_dim={cfg['embed_dim']} (needs the image width {width})")
     if family == "clip" and text["pad_id"] == text["eos_id"] and text["mask_padding"]:
         wrong.append("text.mask_padding=True with pad_id == eos_id")
     if wrong:
@@ -223,22 +224,12 @@ def check_exportable(cfg: dict) -> str:
     return family
 
 
-def _width(tower: dict) -> int:
-    return tower.get("width") or variants.SIZES[tower["variant"].split("/")[0]].width
-
-
-def _size(tower: dict) -> variants.Size:
-    base = variants.SIZES[tower["variant"].split("/")[0]]
-    return variants.with_overrides(base, **{k: tower.get(k) for k in
-                                            ("width", "depth", "mlp_dim", "num_heads")})
-
-
 def hf_config(cfg: dict, *, pad_id: int, eos_id: int | None) -> dict:
     """``config.json`` of the transformers model that ``cfg`` matches."""
     family = check_exportable(cfg)
     image, text = cfg["image"], cfg["text"]
-    isize, tsize = _size(image), _size(text)
-    patch = int(image["variant"].split("/")[1])
+    isize, tsize = models.image_config(cfg), models.text_config(cfg)
+    patch = isize.patch_size[0]  # variants are square: 'B/16' -> (16, 16)
     vision = dict(hidden_size=isize.width, num_hidden_layers=isize.depth,
                   intermediate_size=isize.mlp_dim, num_attention_heads=isize.num_heads,
                   image_size=image["image_size"], patch_size=patch,

@@ -27,6 +27,7 @@ import re
 
 from etils import epath
 
+from big_contrast import models
 from big_contrast.interop import weights as w
 from big_contrast.interop.hf import size_fields
 
@@ -290,7 +291,7 @@ def read(path, arch_name: str):
     params = w.to_ours(rules(cfg, arch), state, expected_shapes(cfg), str(path))
     cfg = finish_scalars(cfg, params)
     size = [cfg["image"]["image_size"]] * 2
-    family = "siglip" if cfg["loss"] == "sigmoid" else "clip"
+    family = models.family(cfg["loss"])
     # open_clip's eval transform: SigLIP resizes to the square ('squash'), CLIP resizes the
     # shorter side and centre-crops; both bicubic.
     pp = (dict(preprocess.SIGLIP, size=size) if family == "siglip" else

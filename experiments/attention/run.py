@@ -28,14 +28,15 @@ import numpy as np
 from flax import nnx
 
 from big_contrast.models import transformer
-from big_contrast.models.vit import ViT
+from big_contrast.models.vit import ViT, ViTConfig
 
 SETTINGS = (("float32", "einsum"), ("float32", "auto"), ("bfloat16", "einsum"), ("bfloat16", "auto"))
 
 
 def tower(depth: int, dtype) -> ViT:
-    return ViT(patch_size=16, image_size=224, width=768, depth=depth, mlp_dim=3072, num_heads=12,
-               pool="map", dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    return ViT(ViTConfig(patch_size=16, image_size=224, width=768, depth=depth, mlp_dim=3072,
+                         num_heads=12, pool="map", dtype=dtype, param_dtype=jnp.float32),
+               rngs=nnx.Rngs(0))
 
 
 def compiled_step(depth: int, dtype_name: str, impl: str, params, images):

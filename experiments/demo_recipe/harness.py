@@ -1,6 +1,6 @@
 """A lean single-process trainer for recipe studies on the demo data (no mesh, no grain, no files).
 
-It runs the library's own pieces -- `models.create`, `train.step.train_step` with the dense loss
+It runs the library's own pieces -- `models.create`, `train.step.make_train_step` with the dense loss
 (the reference every ring / all-gather impl matches), `train.optimizer.make_optimizer`, the demo
 generator and image ops, and the zero-shot / retrieval metric functions -- in a plain Python
 loop, so dozens of recipes fit in minutes on a 2-core CPU. `configs/demo.py` trains the chosen
@@ -30,7 +30,7 @@ from big_contrast.evaluate.retrieval import recall_at_k
 from big_contrast.evaluate.zero_shot import classifier_from_prompt_embeddings, topk_accuracy
 from big_contrast.train import default_config
 from big_contrast.train.optimizer import learning_rate_schedule, make_optimizer
-from big_contrast.train.step import LossSpec, TrainState, train_step
+from big_contrast.train.step import LossSpec, StepConfig, TrainState, make_train_step
 
 MAX_LEN = 16
 CURVE_KEYS = ("shape_top1", "shape_top1@photo", "colour_top1", "i2t_recall@1", "t2i_recall@1")
@@ -274,10 +274,9 @@ def train_and_eval(recipe: Recipe, *, trace_every: int = 0, eval_every: int = 0,
     tx = make_optimizer(opt, params, lr_mults=mults)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
     micro = 1 if recipe.microbatch is None else recipe.batch // recipe.microbatch
-    step_fn = jax.jit(functools.partial(
-        train_step, graphdef=graphdef, rest=rest, tx=tx, loss=LossSpec(recipe.loss, "dense"),
-        mesh=None, axis=None, n_shards=1, microbatches=micro, lr_fn=learning_rate_schedule(opt)),
-        donate_argnums=(0,))
+    step_fn = jax.jit(make_train_step(StepConfig(
+        graphdef=graphdef, rest=rest, tx=tx, loss=LossSpec(recipe.loss, "dense"),
+        lr_fn=learning_rate_schedule(opt), microbatches=micro)), donate_argnums=(0,))
     batches, trace, curve = Batches(recipe), [], []
     start = time.perf_counter()
     for step in range(recipe.steps):

@@ -61,7 +61,7 @@ def main():
 
     config = config_for(args.batch, args.loss)
     run = build(config)
-    per_device = args.batch // run.n_shards
+    per_device = args.batch // sharding.num_batch_shards(run.mesh)
     batch_sharding = sharding.batch_sharding(run.mesh)
     with make_pipeline(config.data, batch_sharding, train=True, global_batch_size=args.batch) as data:
         batch = {k: v for k, v in next(data).items() if k in ("image", "text")}

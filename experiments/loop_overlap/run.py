@@ -10,7 +10,7 @@ trains from the same initial state in one process, alternating the two loops `--
   the step, then `float(loss)` after every step (the NaN check), so the host waits for each step
   before it builds the next batch and dispatches the next step;
 * **overlapped**: the trainer's own loop (`train.loop._loop`): batches from the prefetching
-  thread, donated, the loss read one step behind, the host waiting only at the log steps.
+  thread, the loss read one step behind, the host waiting only at the log steps.
 
 With `--data memory` (the default) both read the same in-memory batches (uint8 images and
 tokens made by the demo pipeline beforehand, copied to the devices on every `next`, as the real
@@ -127,7 +127,7 @@ def main():
     batch_sharding = sharding.batch_sharding(run.mesh)
     batches = host_batches(config, 8)
     loops = {"before": (loop_before, train_loop.make_step_fn(run, batch_sharding)),
-             "overlapped": (loop_overlapped, train_loop.make_step_fn(run, batch_sharding, donate_batch=True))}
+             "overlapped": (loop_overlapped, train_loop.make_step_fn(run, batch_sharding))}
     rates = {name: [] for name in loops}
     for repeat in range(args.repeats):
         for name, (loop, step_fn) in loops.items():

@@ -45,7 +45,8 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from big_contrast import models, sharding  # noqa: E402
-from big_contrast.train.step import LossSpec, TrainState, loss_and_grads, train_step  # noqa: E402
+from big_contrast.train.step import (  # noqa: E402
+    LossSpec, StepConfig, TrainState, loss_and_grads, make_train_step)
 
 # Dense bf16 peak FLOP/s per device, by a substring of `device.device_kind`.
 PEAK_FLOPS = {
@@ -136,10 +137,9 @@ def _model(config_json):
 def step_fn(args, variant, mesh):
     graphdef, _, rest = _model(json.dumps(model_config(args, variant)))
     tx = optax.adamw(1e-4, weight_decay=1e-4)
-    step = functools.partial(
-        train_step, graphdef=graphdef, rest=rest, tx=tx, loss=loss_spec(variant), mesh=mesh,
-        axis=sharding.batch_axes(mesh), n_shards=sharding.num_batch_shards(mesh),
-        microbatches=variant.microbatches, lr_fn=lambda step: 1e-4)
+    step = make_train_step(StepConfig(
+        graphdef=graphdef, rest=rest, tx=tx, loss=loss_spec(variant), lr_fn=lambda step: 1e-4,
+        mesh=mesh, axis=sharding.batch_axes(mesh), microbatches=variant.microbatches))
     return jax.jit(step, donate_argnums=(0,)), tx
 
 
@@ -148,8 +148,7 @@ def model_flops(args, variant, mesh, params, batch) -> float:
     one_pass = dataclasses.replace(variant, impl="dense", microbatches=1, block=None)
     graphdef, _, rest = _model(json.dumps(model_config(args, one_pass)))
     fn = functools.partial(loss_and_grads, graphdef, rest=rest, loss=loss_spec(one_pass), mesh=mesh,
-                           axis=sharding.batch_axes(mesh), n_shards=sharding.num_batch_shards(mesh),
-                           microbatches=1, step=jnp.int32(0))
+                           axis=sharding.batch_axes(mesh), microbatches=1, step=jnp.int32(0))
     return float(jax.jit(lambda p, b: fn(p, batch=b)).lower(params, batch).cost_analysis()["flops"])
 
 
