@@ -5,6 +5,7 @@ initialisers: compiling dozens of threefry draws costs seconds per model on
 this CPU, and the forward checks do not depend on how weights were drawn.
 ``test_create_sharded_*`` covers the real initialisation path.
 """
+import dataclasses
 import functools
 
 import jax
@@ -458,6 +459,42 @@ def test_bad_config_raises_value_error(overrides, message):
 def test_unknown_config_key_is_an_error():
     with pytest.raises(ValueError, match="poool"):
         models.resolve_config({"image": {"poool": "map"}})
+
+
+@pytest.mark.parametrize("config_class,build", [
+    ("ViTConfig", lambda: models.image_config(tiny_config())),
+    ("TextConfig", lambda: models.text_config(tiny_config())),
+])
+def test_each_tower_config_is_frozen_and_is_what_the_tower_holds(config_class, build):
+    config = build()
+    assert type(config).__name__ == config_class
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.width = 64
+    tower = (models.ViT if config_class == "ViTConfig" else models.TextTransformer)(
+        config, rngs=nnx.Rngs(0))
+    assert tower.config is config
+    # A field added to the config class is picked up by name from the model config.
+    assert models.image_config(tiny_config(**{"image.ln_pre": True})).ln_pre is True
+    assert models.text_config(tiny_config(**{"text.causal": True})).pool == "eos"
+
+
+@pytest.mark.parametrize("build,message", [
+    (lambda: models.ViTConfig(patch_size=8, width=32, depth=1, mlp_dim=64, num_heads=2,
+                              image_size=20), r"^patch size 8 does not divide image size 20; [^.]*\.$"),
+    (lambda: models.ViTConfig(patch_size=8, width=32, depth=1, mlp_dim=64, num_heads=2,
+                              patch_dropout=1.0), r"^patch_dropout=1\.0 must be in \[0, 1\)"),
+    (lambda: models.TextConfig(width=32, depth=1, mlp_dim=64, num_heads=2, pool="cls"),
+     r"^text pool='cls' is unknown; use one of \('eos', 'last', 'first', 'mean', 'map'\)\.$"),
+    (lambda: models.TextConfig(width=32, depth=1, mlp_dim=64, num_heads=2, act="relu"),
+     r"^text act='relu' is unknown; use one of .*\.$"),
+    (lambda: models.image_config({"image": {"poool": "map"}}),
+     r"^config\.image\.poool is not a model option; known options: \[.*\]\.$"),
+    (lambda: models.text_config({"text": {"bogus": 1}}), r"^config\.text\.bogus is not a model option"),
+])
+def test_an_invalid_or_unknown_tower_field_fails_in_one_sentence(build, message):
+    with pytest.raises(ValueError, match=message) as raised:
+        build()
+    assert "\n" not in str(raised.value)
 
 
 def test_image_shape_is_checked():

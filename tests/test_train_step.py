@@ -2,16 +2,18 @@
 (counted in the compiled HLO) on Auto and Explicit data x fsdp meshes; patch
 dropout through both passes. Tiny towers with numpy weights, 8 simulated devices."""
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from big_contrast import models, sharding
-from big_contrast.train.step import LossSpec, loss_and_grads
+from big_contrast.train.step import LossSpec, StepConfig, TrainState, loss_and_grads, make_train_step
 from conftest import all_reduce_elements, random_model
 
 B = 16  # 2 rows per device on 8 devices: 2 micro-batches of 1
@@ -111,3 +113,35 @@ def test_step_benchmark_imports_without_the_data_stack():
     data_modules = {m for m in loaded if m.startswith("big_contrast.data.")}
     assert data_modules <= {"big_contrast.data.device_ops"}, data_modules  # the step's uint8 op only
     assert "big_contrast.train.loop" not in loaded
+
+
+def test_the_step_jitted_as_state_and_batch_equals_loss_and_grads_and_the_update():
+    """`StepConfig` binds the step's fixed arguments once; the jitted `step(state, batch)` gives
+    what the step computes from its parts (gradient caching with patch dropout, seeded by the
+    state's step and `seed`): the same loss, metrics and new parameters."""
+    config = tiny_config("softmax", patch_dropout=0.5)
+    graphdef, params, rest = nnx.split(random_model(config), nnx.Param, ...)
+    params = nnx.to_pure_dict(params)
+    rng = np.random.default_rng(2)
+    batch = dict(image=jnp.asarray(rng.normal(size=(4, 16, 16, 3)), jnp.float32),
+                 text=jnp.asarray(rng.integers(2, 50, size=(4, 8)), jnp.int32))
+    tx, loss = optax.adamw(1e-2), LossSpec("softmax", "dense")
+    state = TrainState(step=jnp.int32(3), params=params, opt_state=tx.init(params))
+    fixed = StepConfig(graphdef=graphdef, rest=rest, tx=tx, loss=loss, lr_fn=lambda s: 0.5 * s,
+                       microbatches=2, seed=5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fixed.seed = 6
+    new, metrics = jax.jit(make_train_step(fixed), compiler_options=FAST)(state, batch)
+
+    def reference(params, opt_state, batch):
+        value, aux, grads = loss_and_grads(graphdef, params, rest, batch, loss=loss, mesh=None,
+                                           axis=None, microbatches=2, step=jnp.int32(3), seed=5)
+        updates, _ = tx.update(grads, opt_state, params)
+        return value, aux, optax.apply_updates(params, updates)
+
+    value, aux, expected = jax.jit(reference, compiler_options=FAST)(params, state.opt_state, batch)
+    assert int(new.step) == 4 and float(metrics["learning_rate"]) == 1.5
+    np.testing.assert_allclose(metrics["loss"], value, rtol=1e-6)
+    np.testing.assert_allclose(metrics["scale"], aux["scale"], rtol=1e-6)
+    np.testing.assert_allclose(flat(new.params), flat(expected), rtol=1e-5, atol=1e-7)
+    assert rel_err(flat(new.params), flat(params)) > 1e-4  # the update moved the parameters
