@@ -28,6 +28,12 @@ Options for released checkpoints (``big_contrast/interop``), per tower:
 ``remat``: 'none' | 'full' | 'dots_saveable' | 'dots_with_no_batch_dims_saveable'.
 ``scan_layers``: stack each tower's blocks and run them with ``nnx.scan``.
 
+Towers: ``image_config`` / ``text_config`` turn a model config into the tower's one frozen
+``ViTConfig`` / ``TextConfig`` (variant decoded, overrides and the model-wide dtype, remat and
+scan applied); a tower option is a field of its config class, read from the tower's section
+by name, so adding one is a line in that class (plus its model-config default only where
+that differs from the class's).
+
 Checkpoint loading: ``load_tower_params`` copies a tower's parameters from a
 pytree with shape checks; reading that pytree from an orbax checkpoint
 directory is the trainer's job (``config.init_towers`` in ``big_contrast/train``).
