@@ -44,6 +44,7 @@ def config_for(batch, loss):
     config.batch_size = batch
     # ViT-S width (384) at 4 layers: a real matmul load per example, compiled in seconds.
     config.model.image.update(variant="S/8", image_size=64, pool="gap", depth=4)
+    config.data.pp_train = "decode|resize(64)|value_range(-1, 1)"  # the demo's own pp is 32 px
     config.model.text.update(variant="S", max_len=16, depth=4)
     config.model.embed_dim = 256
     config.optimizer.update(warmup_steps=0, schedule="constant")
