@@ -157,6 +157,11 @@ def test_an_unknown_method_fails_when_the_op_is_called_directly():
         image_ops.resize(np.zeros((4, 4, 3), np.uint8), None, size=2, method="cubic")
 
 
+def test_a_pillow_method_after_normalisation_fails_with_a_sentence():
+    with pytest.raises(ValueError, match="resamples uint8 pixels; put value_range / normalize after"):
+        parse_image_pp('decode|value_range|resize(4, "bicubic")')(np.zeros((8, 8, 3), np.uint8), None)
+
+
 @pytest.mark.parametrize("method", sorted(image_ops.PIL_METHODS))
 def test_pillow_methods_equal_pillow_on_the_decoded_pixels(method):
     image = random_image(50, 81, seed=3)

@@ -169,6 +169,7 @@ def _pixels(image, box=None, out_wh=None):
 
 
 def check_method(method) -> str:
+    """`method` if the resize ops know it, else a ValueError that lists the ones they do."""
     if method not in METHODS:
         raise ValueError(f"resize method {method!r} is unknown; use one of {', '.join(METHODS)}.")
     return method
@@ -183,6 +184,9 @@ def _crop_box(box, width, height):
 def _resize_box_pil(image, box, out_wh, method):
     """Pillow's resampling of the `box` region (cropped first, as torchvision's resized_crop)."""
     pixels, _ = _pixels(image)
+    if pixels.dtype != np.uint8:
+        raise ValueError(f"resize method {method!r} resamples uint8 pixels; put value_range / "
+                         "normalize after the resize ops in the op string.")
     x0, y0, x1, y1 = _crop_box(box, pixels.shape[1], pixels.shape[0])
     region = Image.fromarray(np.ascontiguousarray(pixels[y0:y1, x0:x1]))
     return np.asarray(region.resize(out_wh, PIL_METHODS[method]))
