@@ -8,10 +8,12 @@ Ops (each `op(image, rng) -> image`; arguments are python literals, checked when
                                fast=True decodes JPEGs with libjpeg's fast integer IDCT and
                                plain chroma upsampling (less exact pixels: mean abs difference
                                2-5 / 255; through Pillow, so no faster than the OpenCV default)
-  resize(size)                 to exactly `size` (int or (h, w)), aspect not kept
-  resize_small(size)           shorter side to `size`, aspect kept
+  resize(size, method="bilinear")
+                               to exactly `size` (int or (h, w)), aspect not kept
+  resize_small(size, method="bilinear")
+                               shorter side to `size`, aspect kept
   central_crop(size)           the centred `size` window (int or (h, w))
-  random_resized_crop(size, scale=(0.08, 1.0), ratio=(3/4, 4/3))
+  random_resized_crop(size, scale=(0.08, 1.0), ratio=(3/4, 4/3), method="bilinear")
                                a random window of `scale` x area and `ratio` aspect, resized to
                                `size` (torchvision's RandomResizedCrop / big_vision's inception_crop)
   flip_lr(p=0.5)               horizontal flip with probability p
@@ -25,13 +27,27 @@ device instead: `device_ops.py`). JPEGs in RGB or grey decode with OpenCV (`cv2.
 libjpeg-turbo, EXIF orientation ignored as Pillow does), other formats and modes with Pillow.
 Resizing ops ask the JPEG decoder for a reduced-size decode (DCT scaling by 1/2, 1/4 or 1/8)
 whenever the output is at most half the size of the region it comes from, which skips most
-of the decoding work on large images. Resampling is OpenCV's SIMD `cv2.resize`: bilinear
-(`INTER_LINEAR`, half-pixel centres, as big_vision's `tf.image.resize`) unless the region
-shrinks by 2x or more in both directions, then area averaging (`INTER_AREA`). A crop box
-that falls between pixels of a reduced-size decode is rounded to whole pixels. Outputs are
-within 1 / 255 of a plain numpy resampler; against the Pillow bilinear resampling used before
-they differ by < 0.5 / 255 on average when enlarging and by a few / 255 when shrinking (Pillow
-widens its filter there). Bytes that do not decode raise `SkipRecord('undecodable_image')`.
+of the decoding work on large images. Bytes that do not decode raise
+`SkipRecord('undecodable_image')`.
+
+Resampling `method` of the resize ops (big_vision's resize ops take one too):
+  "bilinear"       the default, fast: OpenCV's SIMD `cv2.resize`, bilinear (`INTER_LINEAR`,
+                   half-pixel centres, as big_vision's `tf.image.resize`) unless the region shrinks
+                   by 2x or more in both directions, then area averaging (`INTER_AREA`), after a
+                   reduced-size JPEG decode where one fits. Within 1 / 255 of a plain numpy
+                   resampler; Pillow's bilinear differs by < 0.5 / 255 on average when enlarging
+                   and by a few / 255 when shrinking (Pillow widens its filter there).
+  "bicubic", "lanczos", "nearest", "pil_bilinear"
+                   Pillow's filters on the fully decoded pixels (no reduced-size decode, which
+                   would change them): the resampling of transformers' PIL image processors
+                   (`SiglipImageProcessor`, `CLIPImageProcessor`), open_clip and torchvision,
+                   pixel for pixel. With one of these, `resize_small` floors the longer side as
+                   transformers and torchvision do (the default rounds it, as big_vision does).
+A crop box that falls between pixels of a reduced-size decode is rounded to whole pixels.
+
+Normalisation constants live here once: CLIP's `CLIP_MEAN` / `CLIP_STD` and SigLIP's
+`SIGLIP_MEAN` / `SIGLIP_STD` (0.5, which is `value_range(-1, 1)`); the interop `Transform`
+(`interop/preprocess.py`) is an op string of these ops.
 """
 
 from __future__ import annotations
@@ -56,6 +72,12 @@ cv2.setNumThreads(1)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+# The resize methods that resample with Pillow (the rest of the docstring says why).
+PIL_METHODS = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
+               "nearest": Image.Resampling.NEAREST, "pil_bilinear": Image.Resampling.BILINEAR}
+METHODS = ("bilinear", *PIL_METHODS)
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 _CV2_REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
                 8: cv2.IMREAD_REDUCED_COLOR_8}
@@ -146,13 +168,37 @@ def _pixels(image, box=None, out_wh=None):
     return pixels, box
 
 
-def _resize_box(image, box, out_hw):
+def check_method(method) -> str:
+    """`method` if the resize ops know it, else a ValueError that lists the ones they do."""
+    if method not in METHODS:
+        raise ValueError(f"resize method {method!r} is unknown; use one of {', '.join(METHODS)}.")
+    return method
+
+
+def _crop_box(box, width, height):
+    """`box` rounded to whole pixels inside a `width` x `height` image, at least 1 x 1."""
+    x0, y0 = max(0, round(box[0])), max(0, round(box[1]))
+    return x0, y0, min(width, max(x0 + 1, round(box[2]))), min(height, max(y0 + 1, round(box[3])))
+
+
+def _resize_box_pil(image, box, out_wh, method):
+    """Pillow's resampling of the `box` region (cropped first, as torchvision's resized_crop)."""
+    pixels, _ = _pixels(image)
+    if pixels.dtype != np.uint8:
+        raise ValueError(f"resize method {method!r} resamples uint8 pixels; put value_range / "
+                         "normalize after the resize ops in the op string.")
+    x0, y0, x1, y1 = _crop_box(box, pixels.shape[1], pixels.shape[0])
+    region = Image.fromarray(np.ascontiguousarray(pixels[y0:y1, x0:x1]))
+    return np.asarray(region.resize(out_wh, PIL_METHODS[method]))
+
+
+def _resize_box(image, box, out_hw, method="bilinear"):
     """The `box` (x0, y0, x1, y1) region of `image` resampled to `out_hw` pixels."""
     out_wh = (out_hw[1], out_hw[0])
+    if check_method(method) != "bilinear":
+        return _resize_box_pil(image, box, out_wh, method)
     pixels, box = _pixels(image, box, out_wh)
-    height, width = pixels.shape[:2]
-    x0, y0 = max(0, round(box[0])), max(0, round(box[1]))
-    x1, y1 = min(width, max(x0 + 1, round(box[2]))), min(height, max(y0 + 1, round(box[3])))
+    x0, y0, x1, y1 = _crop_box(box, pixels.shape[1], pixels.shape[0])
     region = pixels[y0:y1, x0:x1]
     shrink = min((x1 - x0) / out_wh[0], (y1 - y0) / out_wh[1])
     interpolation = cv2.INTER_AREA if shrink >= 2 else cv2.INTER_LINEAR
@@ -175,17 +221,21 @@ def decode(data, rng, *, fast=False):
     return Undecoded(data, header, fast)
 
 
-def resize(image, rng, *, size):
+def resize(image, rng, *, size, method="bilinear"):
     del rng
-    return _resize_box(image, (0, 0, *_size(image)), _hw(size))
+    return _resize_box(image, (0, 0, *_size(image)), _hw(size), method)
 
 
-def resize_small(image, rng, *, size):
+def resize_small(image, rng, *, size, method="bilinear"):
     del rng
     width, height = _size(image)
-    factor = size / min(width, height)
-    out_hw = (max(1, round(height * factor)), max(1, round(width * factor)))
-    return _resize_box(image, (0, 0, width, height), out_hw)
+    if check_method(method) == "bilinear":  # big_vision rounds the longer side
+        factor = size / min(width, height)
+        out_hw = (max(1, round(height * factor)), max(1, round(width * factor)))
+    else:  # transformers' and torchvision's shortest-edge resize floors it
+        long_side = int(size * max(width, height) / min(width, height))
+        out_hw = (size, long_side) if height <= width else (long_side, size)
+    return _resize_box(image, (0, 0, width, height), out_hw, method)
 
 
 def central_crop(image, rng, *, size):
@@ -223,11 +273,12 @@ def sample_crop_box(width, height, rng, scale, ratio) -> tuple[int, int, int, in
     return x0, y0, x0 + w, y0 + h
 
 
-def random_resized_crop(image, rng, *, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+def random_resized_crop(image, rng, *, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                        method="bilinear"):
     if not 0 < scale[0] <= scale[1] <= 1 or not 0 < ratio[0] <= ratio[1]:
         raise ValueError(f"random_resized_crop needs 0 < scale <= 1 and 0 < ratio, got {scale}, {ratio}")
     box = sample_crop_box(*_size(image), rng, scale, ratio)
-    return _resize_box(image, box, _hw(size))
+    return _resize_box(image, box, _hw(size), method)
 
 
 def flip_lr(image, rng, *, p=0.5):
@@ -262,9 +313,10 @@ OPS = {
     "central_crop": central_crop, "random_resized_crop": random_resized_crop,
     "flip_lr": flip_lr, "value_range": value_range, "normalize": normalize,
 }
-# Ops whose first positional argument is `size`.
-_POSITIONAL = {"decode": ("fast",), "resize": ("size",), "resize_small": ("size",), "central_crop": ("size",),
-               "random_resized_crop": ("size", "scale", "ratio"), "flip_lr": ("p",),
+# The arguments each op takes positionally, in order.
+_POSITIONAL = {"decode": ("fast",), "resize": ("size", "method"), "resize_small": ("size", "method"),
+               "central_crop": ("size",), "random_resized_crop": ("size", "scale", "ratio", "method"),
+               "flip_lr": ("p",),
                "value_range": ("vmin", "vmax"), "normalize": ("mean", "std")}
 
 
@@ -291,6 +343,11 @@ def _parse_op(text: str):
         inspect.signature(OPS[name]).bind(None, None, **kwargs)
     except TypeError as e:
         raise ValueError(f"image op {text!r}: {e}") from None
+    if "method" in kwargs:
+        try:
+            check_method(kwargs["method"])
+        except ValueError as e:
+            raise ValueError(f"image op {text!r}: {e}") from None
     return name, kwargs
 
 

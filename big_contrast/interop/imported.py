@@ -97,8 +97,9 @@ Imported by `big-contrast import` from {source} ({family}). Fine-tune with
 step-0 checkpoint; set total_steps / data / optimizer with config arguments or edit this
 file). LiT: in another config, copy MODEL["image"] into config.model.image, set
 config.model.lock_image = True and config.init_towers = {{"image": "{workdir}"}}.
-Evaluation on the demo data uses the tokenizer in tokenizer/ and the pipeline op string
-nearest to the checkpoint's preprocessing (`interop.load` gives the exact transform).
+Evaluation uses the tokenizer in tokenizer/ and, as data.pp_eval (and pp_train), the
+checkpoint's own preprocessing as an op string: the same pixels as `interop.load`'s transform
+and the reference's image processor.
 """
 import json
 import pathlib

@@ -1,9 +1,9 @@
-"""The image preprocessing a released checkpoint expects, pixel-exact with transformers'.
+"""The image preprocessing a released checkpoint expects, as an op string of the data pipeline.
 
 ``Transform(settings)(pil_image)`` -> float32 ``[H, W, 3]``, the same steps as the PIL
 backend of transformers' ``SiglipImageProcessor`` / ``CLIPImageProcessor`` (and open_clip's
 eval transform for SigLIP, which resizes straight to the square): convert to RGB, resize
-the uint8 image with PIL (to an exact size, or the shorter side to ``size`` with the longer
+the uint8 image with Pillow (to an exact size, or the shorter side to ``size`` with the longer
 side floored, as transformers does), centre-crop, scale by ``1/255``, subtract the mean and
 divide by the std per channel. ``settings`` is a dict:
 
@@ -13,31 +13,36 @@ divide by the std per channel. ``settings`` is a dict:
     resample   'bicubic' | 'bilinear' | 'nearest' | 'lanczos'
     mean, std  three floats each
 
-``pp_string(settings)`` is the nearest op string of the data pipeline (``data/image_ops``),
-which resizes bilinearly: ``big-contrast eval`` on a dataset uses it; ``transform`` is exact.
+There is one implementation: ``pp_string(settings)`` writes these steps as an op string of
+``data/image_ops`` (e.g. ``decode|resize_small(224, method="bicubic")|central_crop((224, 224))
+|normalize(...)``) and ``Transform`` runs it. ``big-contrast import`` writes the same string into
+the workdir's ``config.data.pp_eval`` / ``pp_train``, so ``big-contrast eval`` on a dataset
+preprocesses as the reference does. The normalisation constants are ``image_ops``'.
 """
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image
 
-RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
-            "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
+from big_contrast.data import image_ops
+
+# settings["resample"] (transformers' names) -> the resize ops' Pillow `method`
+RESIZE_METHOD = {"bicubic": "bicubic", "bilinear": "pil_bilinear", "nearest": "nearest",
+                 "lanczos": "lanczos"}
 _HF_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
 SIGLIP = dict(resize="exact", size=[224, 224], crop=None, resample="bicubic",
-              mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])
+              mean=list(image_ops.SIGLIP_MEAN), std=list(image_ops.SIGLIP_STD))
 CLIP = dict(resize="shortest", size=224, crop=[224, 224], resample="bicubic",
-            mean=[0.48145466, 0.4578275, 0.40821073], std=[0.26862954, 0.26130258, 0.27577711])
+            mean=list(image_ops.CLIP_MEAN), std=list(image_ops.CLIP_STD))
 
 
 class Transform:
     """PIL image -> the float32 ``[H, W, 3]`` pixels of the checkpoint's preprocessing."""
 
     def __init__(self, settings: dict):
-        if settings["resize"] not in ("exact", "shortest") or settings["resample"] not in RESAMPLE:
-            raise ValueError(f"preprocessing {settings} is unknown: resize must be 'exact' or "
-                             f"'shortest' and resample one of {tuple(RESAMPLE)}.")
         self.settings = dict(settings)
+        self.spec = pp_string(self.settings)
+        self._pipeline = image_ops.parse_image_pp(self.spec)
 
     @property
     def output_size(self) -> tuple[int, int]:
@@ -47,36 +52,21 @@ class Transform:
         return tuple(s["size"]) if s["resize"] == "exact" else (s["size"], s["size"])
 
     def __call__(self, image: Image.Image) -> np.ndarray:
-        s = self.settings
-        image = image.convert("RGB")
-        width, height = image.size
-        if s["resize"] == "exact":
-            out_h, out_w = s["size"]
-        else:
-            short, long = min(width, height), max(width, height)
-            new_long = int(s["size"] * long / short)
-            out_h, out_w = (s["size"], new_long) if height <= width else (new_long, s["size"])
-        x = np.asarray(image.resize((out_w, out_h), RESAMPLE[s["resample"]]))
-        if s["crop"] is not None:
-            x = _center_crop(x, *s["crop"])
-        x = x.astype(np.float32) * np.float32(1 / 255)
-        return ((x - np.asarray(s["mean"], np.float32)) / np.asarray(s["std"], np.float32))
+        return self._pipeline(image, None)  # no random op: no generator needed
 
     def batch(self, images) -> np.ndarray:
         return np.stack([self(image) for image in images])
 
 
-def _center_crop(x: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
-    """transformers' ``center_crop``: zero-pads an image smaller than the crop, then cuts."""
-    h, w = x.shape[:2]
-    if h < crop_h or w < crop_w:
-        new_h, new_w = max(h, crop_h), max(w, crop_w)
-        padded = np.zeros((new_h, new_w, x.shape[2]), x.dtype)
-        top, left = (new_h - h + 1) // 2, (new_w - w + 1) // 2  # ceil, as transformers
-        padded[top:top + h, left:left + w] = x
-        x, h, w = padded, new_h, new_w
-    top, left = (h - crop_h) // 2, (w - crop_w) // 2
-    return x[top:top + crop_h, left:left + crop_w]
+def _check(settings: dict) -> None:
+    if settings["resize"] not in ("exact", "shortest") or settings["resample"] not in RESIZE_METHOD:
+        raise ValueError(f"preprocessing {settings} is unknown: resize must be 'exact' or "
+                         f"'shortest' and resample one of {tuple(RESIZE_METHOD)}.")
+    crop, size = settings["crop"], settings["size"]
+    smallest = (size, size) if settings["resize"] == "shortest" else tuple(size)  # the resized image
+    if crop is not None and (crop[0] > smallest[0] or crop[1] > smallest[1]):
+        raise ValueError(f"preprocessing crops {crop} out of an image resized to {size}; use a crop "
+                         "no larger than the resize (a larger one would only add black borders).")
 
 
 def from_hf_preprocessor(config: dict, family: str) -> dict:
@@ -117,13 +107,15 @@ def to_hf_preprocessor(settings: dict, family: str) -> dict:
 
 
 def pp_string(settings: dict) -> str:
-    """The data pipeline's nearest op string (bilinear resize) for evaluation on a dataset."""
+    """The op string of ``data/image_ops`` that computes ``settings``' preprocessing."""
+    _check(settings)
+    method = RESIZE_METHOD[settings["resample"]]
     if settings["resize"] == "exact":
-        ops = [f"resize(({settings['size'][0]}, {settings['size'][1]}))"]
+        ops = [f'resize(({settings["size"][0]}, {settings["size"][1]}), method="{method}")']
     else:
-        ops = [f"resize_small({settings['size']})"]
+        ops = [f'resize_small({settings["size"]}, method="{method}")']
     if settings["crop"] is not None:
         ops.append(f"central_crop(({settings['crop'][0]}, {settings['crop'][1]}))")
-    mean = tuple(round(v, 8) for v in settings["mean"])
-    std = tuple(round(v, 8) for v in settings["std"])
+    mean = tuple(float(v) for v in settings["mean"])  # repr round-trips: the exact constants
+    std = tuple(float(v) for v in settings["std"])
     return "|".join(["decode", *ops, f"normalize(mean={mean}, std={std})"])
