@@ -30,8 +30,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from big_contrast import paths
-from big_contrast.errors import (CheckpointSaveFailed, ConfigMismatch, DamagedCheckpoint, short_reason,
-                                 silence_closed_event_loop)
+from big_contrast.errors import CheckpointSaveFailed, ConfigMismatch, DamagedCheckpoint, MissingFileError, short_reason
+from big_contrast.logs import silence_closed_event_loop
 from big_contrast.sharding import path_str
 
 
@@ -195,9 +195,9 @@ class Checkpointer:
     def _existing_step(self, step: int | None) -> int:
         step = self.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"No checkpoint in {self.directory}; train first or pass another --workdir.")
+            raise MissingFileError(f"No checkpoint in {self.directory}; train first or pass another --workdir.")
         if step not in self.all_steps():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"No checkpoint for step {step} in {self.directory}; available steps: {self.all_steps()}.")
         return step
 

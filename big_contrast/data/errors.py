@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from big_contrast.errors import BigContrastError, ConfigError, MissingFileError
+
 # The fixed vocabulary of skip reasons; the order is the column order of the `skipped` array.
 SKIP_REASONS = (
     "undecodable_image",  # PIL cannot identify or fully decode the bytes
@@ -39,14 +41,14 @@ class SkipRecord(Exception):
         self.reason = reason
 
 
-class MissingDataError(FileNotFoundError, ValueError):
+class MissingDataError(MissingFileError, ValueError):
     """A dataset is not where its config says (a TFDS dataset not prepared, a folder or file
     that does not exist); the message says how to prepare it. Benchmark runs report it for
     that dataset and go on with the others. (A `ValueError` too, so that callers that catch
     bad-config errors catch it.)"""
 
 
-class TooManySkippedError(RuntimeError):
+class TooManySkippedError(BigContrastError, RuntimeError):
     """A source's skipped fraction passed `data.max_skip_fraction`."""
 
 
