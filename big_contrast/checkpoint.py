@@ -203,7 +203,7 @@ class Checkpointer:
 
     def _damaged(self, step: int, error: BaseException) -> DamagedCheckpoint:
         return DamagedCheckpoint(
-            step, f"The checkpoint of step {step} in {self.directory} cannot be restored: {short_reason(error)}.")
+            step, f"The checkpoint of step {step} in {self.directory} cannot be restored: {short_reason(_root_cause(error))}.")
 
     def restore_arrays(self, step: int | None = None) -> tuple[Any, int]:
         """(state, step) as host arrays in the saved structure, without an abstract target: for
@@ -226,6 +226,14 @@ class Checkpointer:
             self._finish_pending()
         finally:
             self._manager.close()
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost explicit cause: orbax wraps tensorstore's specific message ("Requested
+    byte range ... is not valid for value of size 100") in a generic one with the JSON spec."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
 
 
 def _one_device_target(state_dir) -> Any:

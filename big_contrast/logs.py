@@ -47,21 +47,31 @@ def quiet_library_tracebacks() -> None:
     warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
 
 
+def _abandoned_orbax_coroutine(unraisable) -> bool:
+    """An orbax coroutine that a failed restore left suspended, closed by the garbage
+    collector: its `except BaseException` turns the close into a new exception (one per
+    unread array, each with a traceback and the TensorStore spec: thousands of lines)."""
+    code = getattr(unraisable.object, "cr_code", None)
+    return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+
+
 def silence_closed_event_loop() -> None:
     """Drops the 'RuntimeError: Event loop is closed' that tensorstore callbacks raise when a
     failed orbax restore has already closed its asyncio loop (reads still in flight finish
-    later, possibly while the interpreter shuts down), and asyncio's report of the reads and
-    writes a failed restore or save abandoned; every other unraisable exception and log
-    record goes through. Idempotent."""
+    later, possibly while the interpreter shuts down), the exceptions raised when the garbage
+    collector closes the orbax read coroutines such a restore abandoned, and asyncio's report
+    of the reads and writes a failed restore or save abandoned; every other unraisable
+    exception and log record goes through. Idempotent."""
     previous = sys.unraisablehook
     if getattr(previous, "_drops_closed_loop_noise", False):
         return
 
     # Everything the hook uses is bound now: at shutdown this module's globals are cleared
     # while the hook can still be called.
-    def hook(unraisable, previous=previous, noise=RuntimeError("Event loop is closed")):
+    def hook(unraisable, previous=previous, noise=RuntimeError("Event loop is closed"),
+             abandoned=_abandoned_orbax_coroutine):
         error = unraisable.exc_value
-        if not (type(error) is type(noise) and error.args == noise.args):
+        if not (type(error) is type(noise) and error.args == noise.args) and not abandoned(unraisable):
             previous(unraisable)
 
     hook._drops_closed_loop_noise = True
