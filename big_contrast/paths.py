@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 from etils import epath
 
-from big_contrast.errors import BigContrastError
+from big_contrast.errors import BigContrastError, MissingFileError
 
 _EPATH_SCHEMES = ("gs", "s3", "az", "hf")  # what etils.epath turns into a cloud path
 _URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://([^/]+)(/.*)?$")
@@ -199,7 +199,7 @@ def check_readable(url, *, timeout: float = CHECK_TIMEOUT_S) -> None:
     def probe():
         target = parse(text)
         if not target.exists():
-            raise FileNotFoundError(text)
+            raise MissingFileError(text)
 
     _bounded(text, probe, timeout, "read")
 
