@@ -244,3 +244,37 @@ def test_command_line_mistakes_exit_2_with_one_line(tmp_path, monkeypatch, capfd
     monkeypatch.chdir(tmp_path)
     code, out, err = run_cli(["big-contrast", *args], capfd)
     assert code == 2 and len(messages(err)) == 1 and message in err and "Traceback" not in err + out, err
+
+
+def run_cli_raising(tmp_path, raising):
+    """`big-contrast train` in a subprocess whose `train` runs `raising` (source lines) instead:
+    the real exit status and stderr, without a compile."""
+    script = (
+        "import sys\n"
+        "import big_contrast.train as train\n"
+        "def fake(config, workdir):\n"
+        + "".join(f"    {line}\n" for line in raising) +
+        "train.train = fake\n"
+        "from big_contrast import cli\n"
+        "sys.exit(cli.main(sys.argv))\n")
+    argv = ["big-contrast", "train", "--config", str(REPO / "configs/demo.py"), "--workdir", str(tmp_path / "w")]
+    return subprocess.run([sys.executable, "-c", script, *argv[1:]], capture_output=True, text=True, cwd=tmp_path)
+
+
+def test_an_internal_bug_shows_its_traceback_and_is_not_reported_as_a_user_error(tmp_path):
+    result = run_cli_raising(tmp_path, ["raise ValueError('an invariant of the package broke')"])
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "ValueError: an invariant of the package broke" in result.stderr
+    assert "big-contrast train:" not in result.stderr  # not the one-line report of a user error
+
+
+def test_too_many_skipped_records_exit_2_with_one_sentence(tmp_path):
+    result = run_cli_raising(tmp_path, [
+        "from big_contrast.data.errors import SkipCounter",
+        "SkipCounter(['web'], max_skip_fraction=0.1, min_seen=1).add([10], [[5, 0, 0, 0, 0]])"])
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = messages(result.stderr)
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert lines[0].startswith("big-contrast train: data source 'web' skipped 5 of 10 records"), lines[0]
+    assert "raise data.max_skip_fraction" in lines[0]
