@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 
 from big_contrast import paths
 from big_contrast.errors import CheckpointSaveFailed, ConfigMismatch, DamagedCheckpoint, MissingFileError, short_reason
-from big_contrast.logs import silence_closed_event_loop
+from big_contrast.logs import orbax_records_held_on_failure, silence_closed_event_loop
 from big_contrast.sharding import path_str
 
 
@@ -134,14 +134,15 @@ class Checkpointer:
         the step cannot be read.
         """
         step = self._existing_step(step)
-        self.check_structure(abstract_state, step)
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
-        try:
-            restored = self._manager.restore(step, args=args)
-        except Exception as error:  # noqa: BLE001 - whatever the files' damage, one sentence
-            raise self._damaged(step, error) from error
-        if not isinstance(restored["meta"], dict):
-            raise self._damaged(step, ValueError("its metadata is not a JSON object"))
+        with orbax_records_held_on_failure():  # a damaged step: our one sentence, not orbax's logs
+            self.check_structure(abstract_state, step)
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+            try:
+                restored = self._manager.restore(step, args=args)
+            except Exception as error:  # noqa: BLE001 - whatever the files' damage, one sentence
+                raise self._damaged(step, error) from error
+            if not isinstance(restored["meta"], dict):
+                raise self._damaged(step, ValueError("its metadata is not a JSON object"))
         return restored["state"], restored["meta"], step
 
     def restore_newest(self, abstract_state: Any, *, accept: Callable[[dict, int], Any] | None = None,

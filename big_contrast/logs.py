@@ -9,6 +9,7 @@ into an event loop that is already closed). Everything else goes through.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -35,6 +36,36 @@ class _LibraryTracebacks(logging.Filter):
             return True
         files = [frame.f_code.co_filename for frame, _ in traceback.walk_tb(record.exc_info[2])]
         return not any(f"{os.sep}orbax{os.sep}" in name for name in files)
+
+
+class _HoldOrbaxRecords(logging.Filter):
+    def __init__(self):
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record):
+        if f"{os.sep}orbax{os.sep}" not in record.pathname:
+            return True
+        self.held.append(record)
+        return False
+
+
+@contextlib.contextmanager
+def orbax_records_held_on_failure():
+    """Holds what orbax logs inside the block (e.g. 'Failed to json parse Metadata file' for a
+    truncated checkpoint): released as logged if the block succeeds, dropped if it raises, as
+    the error then says what went wrong in one sentence."""
+    holder = _HoldOrbaxRecords()
+    logger = logging.getLogger("absl")
+    logger.addFilter(holder)
+    try:
+        yield
+    except BaseException:
+        logger.removeFilter(holder)
+        raise
+    logger.removeFilter(holder)
+    for record in holder.held:
+        logger.handle(record)
 
 
 def quiet_library_tracebacks() -> None:
