@@ -30,8 +30,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from big_contrast import paths
-from big_contrast.errors import (CheckpointSaveFailed, ConfigMismatch, DamagedCheckpoint, short_reason,
-                                 silence_closed_event_loop)
+from big_contrast.errors import CheckpointSaveFailed, ConfigMismatch, DamagedCheckpoint, MissingFileError, short_reason
+from big_contrast.logs import orbax_records_held_on_failure, silence_closed_event_loop
 from big_contrast.sharding import path_str
 
 
@@ -134,14 +134,15 @@ class Checkpointer:
         the step cannot be read.
         """
         step = self._existing_step(step)
-        self.check_structure(abstract_state, step)
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
-        try:
-            restored = self._manager.restore(step, args=args)
-        except Exception as error:  # noqa: BLE001 - whatever the files' damage, one sentence
-            raise self._damaged(step, error) from error
-        if not isinstance(restored["meta"], dict):
-            raise self._damaged(step, ValueError("its metadata is not a JSON object"))
+        with orbax_records_held_on_failure():  # a damaged step: our one sentence, not orbax's logs
+            self.check_structure(abstract_state, step)
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+            try:
+                restored = self._manager.restore(step, args=args)
+            except Exception as error:  # noqa: BLE001 - whatever the files' damage, one sentence
+                raise self._damaged(step, error) from error
+            if not isinstance(restored["meta"], dict):
+                raise self._damaged(step, ValueError("its metadata is not a JSON object"))
         return restored["state"], restored["meta"], step
 
     def restore_newest(self, abstract_state: Any, *, accept: Callable[[dict, int], Any] | None = None,
@@ -195,15 +196,15 @@ class Checkpointer:
     def _existing_step(self, step: int | None) -> int:
         step = self.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"No checkpoint in {self.directory}; train first or pass another --workdir.")
+            raise MissingFileError(f"No checkpoint in {self.directory}; train first or pass another --workdir.")
         if step not in self.all_steps():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"No checkpoint for step {step} in {self.directory}; available steps: {self.all_steps()}.")
         return step
 
     def _damaged(self, step: int, error: BaseException) -> DamagedCheckpoint:
         return DamagedCheckpoint(
-            step, f"The checkpoint of step {step} in {self.directory} cannot be restored: {short_reason(error)}.")
+            step, f"The checkpoint of step {step} in {self.directory} cannot be restored: {short_reason(_root_cause(error))}.")
 
     def restore_arrays(self, step: int | None = None) -> tuple[Any, int]:
         """(state, step) as host arrays in the saved structure, without an abstract target: for
@@ -226,6 +227,14 @@ class Checkpointer:
             self._finish_pending()
         finally:
             self._manager.close()
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost explicit cause: orbax wraps tensorstore's specific message ("Requested
+    byte range ... is not valid for value of size 100") in a generic one with the JSON spec."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
 
 
 def _one_device_target(state_dir) -> Any:

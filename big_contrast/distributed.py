@@ -23,6 +23,8 @@ import time
 
 import jax
 
+from big_contrast.errors import ConfigError
+
 
 XLA_FLAG_DEFAULTS = {"xla_gpu_enable_latency_hiding_scheduler": "true"}
 
@@ -57,7 +59,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     """Starts the distributed runtime when asked for or detected; returns whether it did."""
     explicit = (coordinator, num_processes, process_id)
     if any(v is not None for v in explicit) and any(v is None for v in explicit):
-        raise ValueError("Multi-host needs all of --coordinator ADDR:PORT, --num_processes N and --process_id I "
+        raise ConfigError("Multi-host needs all of --coordinator ADDR:PORT, --num_processes N and --process_id I "
                          f"(got coordinator={coordinator}, num_processes={num_processes}, process_id={process_id}).")
     if coordinator is None and not cluster_detected():
         return False
@@ -84,7 +86,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 def _wait_for_coordinator(address: str, process_id: int, timeout_s: float) -> None:
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-        raise ValueError(f"--coordinator={address!r} must be HOST:PORT, e.g. 10.0.0.2:1234.")
+        raise ConfigError(f"--coordinator={address!r} must be HOST:PORT, e.g. 10.0.0.2:1234.")
     deadline = time.monotonic() + timeout_s
     while True:
         try:

@@ -1,23 +1,30 @@
-"""Errors a user can fix, and the shutdown noise that is not an error.
+"""Errors a user can fix: one base class, `BigContrastError`, for every expected failure.
 
 Every expected failure says in one sentence what went wrong and what to change. The CLI
-turns these, and the `ValueError` / `FileNotFoundError` that config and data checks raise
-with such a sentence, into exit status 2 and a short message on stderr; the traceback is
-shown only with `--debug` (or BIG_CONTRAST_DEBUG=1).
+turns a `BigContrastError` (and absl's flag errors) into exit status 2 and that sentence on
+stderr; the traceback is shown only with `--debug` (or BIG_CONTRAST_DEBUG=1). Anything else
+(a bare `ValueError`, a `KeyError`, ...) is a bug in this package or a library and keeps its
+traceback. `ConfigError` and `MissingFileError` also inherit `ValueError` / `FileNotFoundError`
+so that callers (and tests) that catch those still do.
+
+The log filters that keep library noise off stderr live in `big_contrast.logs`.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import re
-import sys
-import traceback
-import warnings
 
 
 class BigContrastError(Exception):
     """An expected failure whose message says what to change."""
+
+
+class ConfigError(BigContrastError, ValueError):
+    """A config value, flag or input that cannot work; the message says what to change."""
+
+
+class MissingFileError(BigContrastError, FileNotFoundError):
+    """A file or folder the user named (or a step they asked for) does not exist."""
 
 
 class ConfigMismatch(BigContrastError, ValueError):
@@ -48,7 +55,17 @@ class UsageError(BigContrastError):
     """A command line that lacks or misuses a flag."""
 
 
-USER_ERRORS = (BigContrastError, ValueError, FileNotFoundError, NotADirectoryError)
+USER_ERRORS = (BigContrastError,)
+
+
+def __getattr__(name):
+    # Temporary: cli.py still imports the log filters from here; they moved to
+    # big_contrast.logs. Remove once cli.py imports `quiet_library_tracebacks` from there.
+    if name in ("quiet_library_tracebacks", "silence_closed_event_loop"):
+        from big_contrast import logs
+
+        return getattr(logs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def short_reason(error: BaseException, limit: int = 240) -> str:
@@ -59,56 +76,3 @@ def short_reason(error: BaseException, limit: int = 240) -> str:
     if isinstance(error, KeyError):
         text = text.strip("'\"")
     return text if len(text) <= limit else "..." + text[-limit:]
-
-
-class _AbandonedIO(logging.Filter):
-    """Drops asyncio's '... exception was never retrieved' for orbax / tensorstore reads and
-    writes that a failed restore or save abandoned (their error is the one already reported)."""
-
-    def filter(self, record):
-        first_line = str(record.msg).split("\n", 1)[0]
-        unretrieved = first_line.endswith("exception was never retrieved")
-        return not (unretrieved and any(word in str(record.msg) for word in ("tensorstore", "orbax", "OCDBT")))
-
-
-class _LibraryTracebacks(logging.Filter):
-    """Drops the tracebacks orbax logs from its background threads when a save or restore
-    fails: the error reaches the caller, which reports it in one sentence."""
-
-    def filter(self, record):
-        if not record.exc_info or record.exc_info[2] is None:
-            return True
-        files = [frame.f_code.co_filename for frame, _ in traceback.walk_tb(record.exc_info[2])]
-        return not any(f"{os.sep}orbax{os.sep}" in name for name in files)
-
-
-def quiet_library_tracebacks() -> None:
-    """For the CLI without --debug: orbax's logged tracebacks and asyncio's reports of the
-    I/O a failure abandoned stay off stderr."""
-    logging.getLogger("absl").addFilter(_LibraryTracebacks())
-    logging.getLogger("asyncio").addFilter(_AbandonedIO())
-    # A failed async save leaves orbax's unstarted write coroutines behind; Python reports each
-    # at exit ("coroutine ... was never awaited"): noise once the failure has been reported.
-    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
-
-
-def silence_closed_event_loop() -> None:
-    """Drops the 'RuntimeError: Event loop is closed' that tensorstore callbacks raise when a
-    failed orbax restore has already closed its asyncio loop (reads still in flight finish
-    later, possibly while the interpreter shuts down), and asyncio's report of the reads and
-    writes a failed restore or save abandoned; every other unraisable exception and log
-    record goes through. Idempotent."""
-    previous = sys.unraisablehook
-    if getattr(previous, "_drops_closed_loop_noise", False):
-        return
-
-    # Everything the hook uses is bound now: at shutdown this module's globals are cleared
-    # while the hook can still be called.
-    def hook(unraisable, previous=previous, noise=RuntimeError("Event loop is closed")):
-        error = unraisable.exc_value
-        if not (type(error) is type(noise) and error.args == noise.args):
-            previous(unraisable)
-
-    hook._drops_closed_loop_noise = True
-    sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(_AbandonedIO())

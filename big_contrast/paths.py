@@ -28,7 +28,8 @@ from collections.abc import Callable
 
 from etils import epath
 
-CLOUD_SCHEMES = ("gs", "s3")
+from big_contrast.errors import BigContrastError, MissingFileError
+
 _EPATH_SCHEMES = ("gs", "s3", "az", "hf")  # what etils.epath turns into a cloud path
 _URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://([^/]+)(/.*)?$")
 # A cloud scheme followed by anything but '://' + bucket: 'gs:/b', 'gs//b', 'gs:b', 's3:///b'.
@@ -38,7 +39,7 @@ CHECK_TIMEOUT_S = 15.0
 GCS_ENDPOINT = "https://storage.googleapis.com"
 
 
-class StorageError(ValueError):
+class StorageError(BigContrastError, ValueError):
     """A user path that is malformed, unreachable or not usable; the message is one sentence."""
 
 
@@ -198,7 +199,7 @@ def check_readable(url, *, timeout: float = CHECK_TIMEOUT_S) -> None:
     def probe():
         target = parse(text)
         if not target.exists():
-            raise FileNotFoundError(text)
+            raise MissingFileError(text)
 
     _bounded(text, probe, timeout, "read")
 

@@ -46,6 +46,8 @@ import jax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from big_contrast.errors import ConfigError
+
 MeshAxes = Union[None, str, tuple[str, ...]]
 Rules = Sequence[tuple[str, MeshAxes]]
 
@@ -108,20 +110,20 @@ def _mesh_pairs(mesh_config) -> list[tuple[str, int]]:
     for item in items:
         if (not isinstance(item, (tuple, list)) or len(item) != 2
                 or not isinstance(item[0], str) or not isinstance(item[1], int)):
-            raise ValueError(
+            raise ConfigError(
                 f"mesh entry {item!r} in {mesh_config!r} is not a (name, size) pair; "
                 f"write the mesh like {DEFAULT_MESH!r}.")
         pairs.append((item[0], item[1]))
     names = [name for name, _ in pairs]
     if not pairs or len(set(names)) != len(names):
-        raise ValueError(f"mesh {mesh_config!r} needs at least one axis and unique axis names.")
+        raise ConfigError(f"mesh {mesh_config!r} needs at least one axis and unique axis names.")
     unknown = [name for name in names if name not in MESH_AXES]
     if unknown:
-        raise ValueError(f"mesh axes {unknown} in {mesh_config!r} are unknown; "
+        raise ConfigError(f"mesh axes {unknown} in {mesh_config!r} are unknown; "
                          f"the models shard over {MESH_AXES}.")
     bad = [(name, size) for name, size in pairs if size < 1 and size != -1]
     if bad or sum(size == -1 for _, size in pairs) > 1:
-        raise ValueError(f"mesh {mesh_config!r}: sizes must be positive, with at most one -1 "
+        raise ConfigError(f"mesh {mesh_config!r}: sizes must be positive, with at most one -1 "
                          "(which absorbs the remaining devices).")
     return pairs
 
@@ -131,12 +133,12 @@ def _resolve_sizes(pairs, num_devices: int) -> tuple[int, ...]:
     sizes = [size for _, size in pairs]
     if -1 in sizes:
         if num_devices % known:
-            raise ValueError(
+            raise ConfigError(
                 f"mesh {tuple(pairs)!r}: the fixed axes need a multiple of {known} devices "
                 f"but {num_devices} are available; change the sizes so they divide {num_devices}.")
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
-        raise ValueError(
+        raise ConfigError(
             f"mesh {tuple(pairs)!r} has {math.prod(sizes)} devices but {num_devices} are "
             "available; make the sizes multiply to the device count or use -1 for one axis.")
     return tuple(sizes)
@@ -145,7 +147,7 @@ def _resolve_sizes(pairs, num_devices: int) -> tuple[int, ...]:
 def _axis_types(axis_types: str) -> tuple[AxisType]:
     choices = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
     if axis_types not in choices:
-        raise ValueError(f"axis_types={axis_types!r} is unknown; use one of {sorted(choices)}.")
+        raise ConfigError(f"axis_types={axis_types!r} is unknown; use one of {sorted(choices)}.")
     return (choices[axis_types],)
 
 
@@ -163,12 +165,12 @@ def batch_axes(mesh: Mesh, axes: str | Sequence[str] | None = None) -> tuple[str
     if axes is None:
         found = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
         if not found:
-            raise ValueError(f"mesh axes {mesh.axis_names} contain none of the batch axes {BATCH_AXES}.")
+            raise ConfigError(f"mesh axes {mesh.axis_names} contain none of the batch axes {BATCH_AXES}.")
         return found
     axes = axis_names(axes)
     missing = [a for a in axes if a not in mesh.axis_names]
     if missing:
-        raise ValueError(f"batch axes {missing} are not axes of the mesh {dict(mesh.shape)}; "
+        raise ConfigError(f"batch axes {missing} are not axes of the mesh {dict(mesh.shape)}; "
                          "set batch_axes to the mesh axes the batch is split over.")
     return axes
 
@@ -188,7 +190,7 @@ def check_batch_size(global_batch: int, mesh: Mesh) -> None:
     """Raises a ValueError when the global batch does not split evenly over the batch axes."""
     shards = num_batch_shards(mesh)
     if global_batch % shards:
-        raise ValueError(
+        raise ConfigError(
             f"global batch {global_batch} does not divide over the {shards} batch shards of mesh "
             f"{dict(mesh.shape)}; use a multiple of {shards}.")
 
@@ -207,7 +209,7 @@ def check_rules(rules: Rules) -> tuple[tuple[str, MeshAxes], ...]:
             names = (axes,) if isinstance(axes, str) else axes
             ok = isinstance(names, (tuple, list)) and all(isinstance(a, str) for a in names)
         if not ok:
-            raise ValueError(f"sharding rule {rule!r} is not (logical_regex, None | mesh axis | "
+            raise ConfigError(f"sharding rule {rule!r} is not (logical_regex, None | mesh axis | "
                              "tuple of mesh axes), e.g. ('embed', 'fsdp').")
         checked.append((rule[0], tuple(axes) if isinstance(axes, list) else axes))
     return tuple(checked)

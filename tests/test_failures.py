@@ -74,6 +74,13 @@ def truncate_arrays(step_dir):
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def truncate_largest_files(step_dir):
+    """What a crash mid-write on a full disk leaves: the biggest files cut to 100 bytes."""
+    files = sorted((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    for path in files[-3:]:
+        path.write_bytes(path.read_bytes()[:100])
+
+
 def delete_meta(step_dir):
     shutil.rmtree(step_dir / "meta")
 
@@ -107,6 +114,22 @@ def test_a_damaged_latest_checkpoint_is_skipped_and_the_run_resumes_from_the_pre
     # The damaged checkpoint is left as it was, for inspection.
     assert snapshot(workdir / "checkpoints" / "4") == damaged
     assert "not saving step 4" in out
+
+
+def test_largest_files_cut_to_100_bytes_fall_back_with_one_warning_line(trained, tmp_path):
+    """In a subprocess (pytest takes over the hook that reports what the garbage collector
+    finds): the reads the failed restore abandoned must not reach stderr."""
+    workdir = copy_of(trained, tmp_path)
+    truncate_largest_files(workdir / "checkpoints" / "4")
+    result = subprocess.run([sys.executable, "-m", "big_contrast.cli", *train_argv(workdir)[1:]],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = messages(result.stderr)
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith("Warning: The checkpoint of step 4") and "trying step 2" in lines[0], lines[0]
+    assert "is not valid for value of size 100" in lines[0], lines[0]  # tensorstore's cause, not orbax's wrapper
+    assert losses(workdir) == pytest.approx(losses(trained), rel=1e-5)
+    assert [r["step"] for r in read_metrics(workdir) if "loss" in r][-2:] == [3, 4]
 
 
 @pytest.mark.parametrize("override,key", [
@@ -221,3 +244,37 @@ def test_command_line_mistakes_exit_2_with_one_line(tmp_path, monkeypatch, capfd
     monkeypatch.chdir(tmp_path)
     code, out, err = run_cli(["big-contrast", *args], capfd)
     assert code == 2 and len(messages(err)) == 1 and message in err and "Traceback" not in err + out, err
+
+
+def run_cli_raising(tmp_path, raising):
+    """`big-contrast train` in a subprocess whose `train` runs `raising` (source lines) instead:
+    the real exit status and stderr, without a compile."""
+    script = (
+        "import sys\n"
+        "import big_contrast.train as train\n"
+        "def fake(config, workdir):\n"
+        + "".join(f"    {line}\n" for line in raising) +
+        "train.train = fake\n"
+        "from big_contrast import cli\n"
+        "sys.exit(cli.main(sys.argv))\n")
+    argv = ["big-contrast", "train", "--config", str(REPO / "configs/demo.py"), "--workdir", str(tmp_path / "w")]
+    return subprocess.run([sys.executable, "-c", script, *argv[1:]], capture_output=True, text=True, cwd=tmp_path)
+
+
+def test_an_internal_bug_shows_its_traceback_and_is_not_reported_as_a_user_error(tmp_path):
+    result = run_cli_raising(tmp_path, ["raise ValueError('an invariant of the package broke')"])
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "ValueError: an invariant of the package broke" in result.stderr
+    assert "big-contrast train:" not in result.stderr  # not the one-line report of a user error
+
+
+def test_too_many_skipped_records_exit_2_with_one_sentence(tmp_path):
+    result = run_cli_raising(tmp_path, [
+        "from big_contrast.data.errors import SkipCounter",
+        "SkipCounter(['web'], max_skip_fraction=0.1, min_seen=1).add([10], [[5, 0, 0, 0, 0]])"])
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = messages(result.stderr)
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert lines[0].startswith("big-contrast train: data source 'web' skipped 5 of 10 records"), lines[0]
+    assert "raise data.max_skip_fraction" in lines[0]

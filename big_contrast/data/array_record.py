@@ -19,6 +19,7 @@ import grain
 from big_contrast import paths
 from big_contrast.data.errors import SkipRecord
 from big_contrast.data.records import decode_record
+from big_contrast.errors import ConfigError, MissingFileError
 
 
 def resolve_array_record_paths(path: str | Sequence[str]) -> list[str]:
@@ -31,17 +32,17 @@ def resolve_array_record_paths(path: str | Sequence[str]) -> list[str]:
         if paths.has_magic(pattern):
             found = paths.glob(pattern)
             if not found:
-                raise FileNotFoundError(f"no file matches the ArrayRecord pattern {pattern!r}")
+                raise MissingFileError(f"no file matches the ArrayRecord pattern {pattern!r}")
         elif paths.parse(pattern).is_dir():
             found = paths.glob(os.path.join(pattern, "*.array_record*"))
             if not found:
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"directory {pattern!r} holds no *.array_record files; write them with "
                     "`big-contrast data convert`")
         elif paths.parse(pattern).is_file():
             found = [pattern]
         else:
-            raise FileNotFoundError(f"ArrayRecord path {pattern!r} does not exist")
+            raise MissingFileError(f"ArrayRecord path {pattern!r} does not exist")
         files.extend(found)
     return files
 
@@ -74,7 +75,7 @@ def local_copies(files: Sequence[str], cache_dir: str | None = None) -> list[str
         os.makedirs(cache_dir, exist_ok=True)
         free = shutil.disk_usage(cache_dir).free
         if needed > free:
-            raise ValueError(
+            raise ConfigError(
                 f"the ArrayRecord shards to copy from the bucket need {needed / 2**30:.1f} GiB but the cache "
                 f"folder {cache_dir!r} has {free / 2**30:.1f} GiB free; set the source's cache_dir (or "
                 "BIG_CONTRAST_CACHE) to a larger disk")

@@ -26,6 +26,7 @@ import grain
 import numpy as np
 
 from big_contrast.data.errors import SkipCounter
+from big_contrast.errors import ConfigError
 
 
 def _shared_memory_array(shape, dtype):
@@ -52,7 +53,7 @@ def stack_examples(examples: list[dict], shared_memory: bool = False) -> dict:
             batch[key] = np.stack(values, out=out)
         except ValueError:
             shapes = sorted({np.shape(ex[key]) for ex in examples})
-            raise ValueError(
+            raise ConfigError(
                 f"examples of one batch have different {key!r} shapes {shapes}; the image pp "
                 "must end with a fixed size (e.g. random_resized_crop(224) or central_crop(224))"
             ) from None
@@ -66,7 +67,7 @@ class SkipCountingBatchIterDataset(grain.IterDataset):
                  drop_remainder: bool, max_skip_fraction: float | None, min_seen: int):
         super().__init__(parent)
         if batch_size <= 0:
-            raise ValueError(f"per-process batch size must be positive, got {batch_size}")
+            raise ConfigError(f"per-process batch size must be positive, got {batch_size}")
         self.batch_size, self.source_names = batch_size, tuple(source_names)
         self.drop_remainder = drop_remainder
         self.max_skip_fraction, self.min_seen = max_skip_fraction, min_seen

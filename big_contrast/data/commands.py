@@ -25,6 +25,7 @@ from big_contrast import paths
 from big_contrast.data.convert import ConvertSummary, convert_to_array_record
 from big_contrast.data.errors import SkipRecord
 from big_contrast.data.manifest import MANIFEST_EXTENSIONS
+from big_contrast.errors import ConfigError
 
 
 def convert(inputs: str | Sequence[str], output_dir: str, *, examples_per_shard: int = 10_000,
@@ -65,7 +66,7 @@ def source_config_from_spec(spec: str, *, split: str = "train", data_dir: str | 
     if spec.lower().endswith(MANIFEST_EXTENSIONS):
         return {"kind": "manifest", "path": spec, **keys}
     if ".tar" in os.path.basename(spec):
-        raise ValueError(f"{spec!r} looks like a tar shard: convert it first with "
+        raise ConfigError(f"{spec!r} looks like a tar shard: convert it first with "
                          "`big-contrast data convert`, then pass the output folder")
     return {"kind": "array_record", "path": spec}
 

@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from big_contrast.errors import ConfigError
+
 # The demo images have 'left' / 'right' in their captions, so the demo pp does not flip.
 DEMO_PP_TRAIN = "decode|random_resized_crop(64, scale=(0.6, 1.0), ratio=(0.9, 1.1))|value_range(-1, 1)"
 DEMO_PP_EVAL = "decode|resize(64)|value_range(-1, 1)"
@@ -73,27 +75,27 @@ def default_data_config() -> ml_collections.ConfigDict:
 def check_data_config(config) -> None:
     """Fails early, with a sentence, on values that cannot work."""
     if not config.sources:
-        raise ValueError("config.data.sources is empty; name at least one source")
+        raise ConfigError("config.data.sources is empty; name at least one source")
     if config.batch_size <= 0:
-        raise ValueError(f"config.data.batch_size={config.batch_size} must be positive")
+        raise ConfigError(f"config.data.batch_size={config.batch_size} must be positive")
     if config.max_len < 2:
-        raise ValueError(f"config.data.max_len={config.max_len} must be >= 2 (one token + EOS)")
+        raise ConfigError(f"config.data.max_len={config.max_len} must be >= 2 (one token + EOS)")
     max_captions = config.get("max_captions")
     if max_captions is not None and max_captions < 1:
-        raise ValueError(f"config.data.max_captions={max_captions} must be >= 1 (or None for one caption)")
+        raise ConfigError(f"config.data.max_captions={max_captions} must be >= 1 (or None for one caption)")
     if config.num_workers < 0 or config.num_threads < 0:
-        raise ValueError(
+        raise ConfigError(
             f"config.data.num_workers={config.num_workers} / num_threads={config.num_threads} "
             "must be >= 0")
     for name, source in config.sources.items():
         weight = source.get("weight", 1.0)
         if not weight or weight <= 0:
-            raise ValueError(f"config.data.sources.{name}.weight={weight} must be positive")
+            raise ConfigError(f"config.data.sources.{name}.weight={weight} must be positive")
         group_size = source.get("group_size", 1)
         if not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"config.data.sources.{name}.group_size={group_size!r} must be a positive int")
+            raise ConfigError(f"config.data.sources.{name}.group_size={group_size!r} must be a positive int")
         if group_size > 1 and len(config.sources) > 1:
-            raise ValueError(
+            raise ConfigError(
                 f"config.data.sources.{name}.group_size={group_size} keeps groups of records in one "
                 f"batch, but a mixture of {len(config.sources)} sources interleaves them record by "
                 "record; train on that source alone or set group_size=1")

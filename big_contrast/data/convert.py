@@ -23,6 +23,7 @@ from big_contrast.data.errors import SKIP_REASONS, SkipRecord
 from big_contrast.data.manifest import MANIFEST_EXTENSIONS, ManifestSource
 from big_contrast.data.records import encode_record
 from big_contrast.data.tarshards import check_image_header, iter_tar_samples
+from big_contrast.errors import ConfigError, MissingFileError
 
 SUMMARY_FILE = "convert_summary.json"
 
@@ -52,13 +53,13 @@ def expand_inputs(inputs: str | Sequence[str]) -> list[str]:
     """Paths or globs (local or in a bucket) -> existing files; every pattern must match something."""
     patterns = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if not patterns:
-        raise ValueError("convert needs at least one input (tar shards or a manifest)")
+        raise ConfigError("convert needs at least one input (tar shards or a manifest)")
     files = []
     for pattern in map(os.fspath, patterns):
         found = paths.glob(pattern) if paths.has_magic(pattern) else [pattern]
         missing = [p for p in found if not paths.parse(p).is_file()]
         if not found or missing:
-            raise FileNotFoundError(f"convert input {pattern!r} does not exist (or matches no file)")
+            raise MissingFileError(f"convert input {pattern!r} does not exist (or matches no file)")
         files.extend(found)
     return files
 
@@ -135,12 +136,12 @@ def convert_to_array_record(inputs: str | Sequence[str], output_dir: str, *,
       json_caption_key: caption field of a tar sample's `.json` member when it has no `.txt`.
     """
     if examples_per_shard <= 0:
-        raise ValueError(f"examples_per_shard={examples_per_shard} must be positive")
+        raise ConfigError(f"examples_per_shard={examples_per_shard} must be positive")
     files = expand_inputs(inputs)
     os.makedirs(output_dir, exist_ok=True)
     existing = glob.glob(os.path.join(output_dir, "*.array_record*"))
     if existing and not overwrite:
-        raise ValueError(f"output_dir {output_dir!r} already holds {len(existing)} ArrayRecord "
+        raise ConfigError(f"output_dir {output_dir!r} already holds {len(existing)} ArrayRecord "
                          "file(s); choose an empty folder or pass overwrite=True")
     for path in existing:
         os.remove(path)

@@ -38,6 +38,7 @@ from big_contrast.data.errors import SKIP_REASONS, SkipRecord
 from big_contrast.data.manifest import MANIFEST_EXTENSIONS, ManifestSource
 from big_contrast.data.records import encode_record
 from big_contrast.data.tarshards import iter_tar_samples
+from big_contrast.errors import ConfigError
 
 METRICS_NAMESPACE = "big_contrast.convert"
 STATE_DIR = "_convert_state"
@@ -173,7 +174,7 @@ def pipeline_options(runner: str, pipeline_args: Sequence[str] = (), workers: in
     from apache_beam.options.pipeline_options import PipelineOptions
 
     if runner not in RUNNERS:
-        raise ValueError(f"unknown Beam runner {runner!r}; use one of {', '.join(RUNNERS)} "
+        raise ConfigError(f"unknown Beam runner {runner!r}; use one of {', '.join(RUNNERS)} "
                          "(or runner='serial' for the in-process converter)")
     args = list(pipeline_args)
     if runner == "DirectRunner":
@@ -204,10 +205,10 @@ def _prepare_output(output_dir: str, plan: dict, overwrite: bool) -> dict[str, d
             state_dir.rmtree()
         previous, existing = None, []
     if previous is not None and previous != plan:
-        raise ValueError(f"output_dir {output_dir!r} holds a conversion of other inputs or settings; "
+        raise ConfigError(f"output_dir {output_dir!r} holds a conversion of other inputs or settings; "
                          "choose an empty folder or pass overwrite=True (--overwrite)")
     if previous is None and existing:
-        raise ValueError(f"output_dir {output_dir!r} already holds {len(existing)} ArrayRecord "
+        raise ConfigError(f"output_dir {output_dir!r} already holds {len(existing)} ArrayRecord "
                          "file(s); choose an empty folder or pass overwrite=True")
     state_dir.mkdir(parents=True, exist_ok=True)
     (state_dir / PLAN_FILE).write_text(json.dumps(plan))
@@ -272,7 +273,7 @@ def convert_with_beam(inputs: str | Sequence[str], output_dir: str, *, runner: s
                           "or pass runner='serial' (--runner serial)") from None
 
     if examples_per_shard <= 0:
-        raise ValueError(f"examples_per_shard={examples_per_shard} must be positive")
+        raise ConfigError(f"examples_per_shard={examples_per_shard} must be positive")
     options = RecordOptions(image_key, caption_key, json_caption_key)
     beam_options = pipeline_options(runner, pipeline_args, workers)
     check_locations(inputs, output_dir)

@@ -45,6 +45,8 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
+from big_contrast.errors import ConfigError
+
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
@@ -81,7 +83,7 @@ def demo_class_names(task: str = "shape") -> list[str]:
         "position": list(POSITIONS),
     }
     if task not in names:
-        raise ValueError(f"unknown demo task {task!r}; choose one of {sorted(names)}")
+        raise ConfigError(f"unknown demo task {task!r}; choose one of {sorted(names)}")
     return names[task]
 
 
@@ -105,7 +107,7 @@ def demo_templates(task: str = "shape", style: str = "captions") -> tuple[str, .
             return tuple(f"{{}} {shape}" for shape in SHAPES)
         return ("{}",)
     if style != "captions":
-        raise ValueError(f"demo template style={style!r}: use 'captions' or 'short'")
+        raise ConfigError(f"demo template style={style!r}: use 'captions' or 'short'")
     values = {"colour": list(COLOURS), "shape": list(SHAPES), "size": list(SIZES),
               "position": list(POSITIONS)}
     open_field = "{colour} {shape}" if task == "colour_shape" else "{%s}" % task
@@ -178,18 +180,18 @@ class DemoSource:
                  pairs: str = "all", captions: str = "full", colours: tuple[str, ...] | None = None,
                  group_size: int = 1):
         if split not in _SPLIT_SEEDS:
-            raise ValueError(f"demo split must be one of {sorted(_SPLIT_SEEDS)}, got {split!r}")
+            raise ConfigError(f"demo split must be one of {sorted(_SPLIT_SEEDS)}, got {split!r}")
         if pairs not in ("all", "held_out") or (pairs == "held_out" and split != "eval"):
-            raise ValueError(f"demo pairs={pairs!r} must be 'all', or 'held_out' with split='eval'")
+            raise ConfigError(f"demo pairs={pairs!r} must be 'all', or 'held_out' with split='eval'")
         if captions not in ("full", "names"):
-            raise ValueError(f"demo captions={captions!r} must be 'full' or 'names'")
+            raise ConfigError(f"demo captions={captions!r} must be 'full' or 'names'")
         unknown = sorted(set(colours or ()) - set(COLOURS))
         if unknown or (colours is not None and not colours):
-            raise ValueError(f"demo colours={colours!r} must be a non-empty subset of {list(COLOURS)}")
+            raise ConfigError(f"demo colours={colours!r} must be a non-empty subset of {list(COLOURS)}")
         if size is not None and size <= 0:
-            raise ValueError(f"demo size must be positive, got {size}")
+            raise ConfigError(f"demo size must be positive, got {size}")
         if image_size < 16:
-            raise ValueError(f"demo image_size={image_size} is too small to draw shapes; use >= 16")
+            raise ConfigError(f"demo image_size={image_size} is too small to draw shapes; use >= 16")
         self.split, self.image_size, self.caption_style = split, image_size, captions
         self.size = size or DEFAULT_SIZES[split]
         self.group_size = int(group_size)
@@ -211,14 +213,14 @@ class DemoSource:
         if self.group_size == 1:
             return
         if self.split != "train":
-            raise ValueError(f"demo group_size={self.group_size} applies to split='train' only; "
+            raise ConfigError(f"demo group_size={self.group_size} applies to split='train' only; "
                              "the eval split enumerates every pair in turn")
         fewest = min(len(shapes) for shapes in self._shapes_of.values())
         if not 1 < self.group_size <= fewest:
-            raise ValueError(f"demo group_size={self.group_size} must lie in [1, {fewest}]: a group "
+            raise ConfigError(f"demo group_size={self.group_size} must lie in [1, {fewest}]: a group "
                              f"holds one example of each of up to {fewest} shapes of one colour")
         if self.size % self.group_size:
-            raise ValueError(f"demo size={self.size} is not a multiple of group_size="
+            raise ConfigError(f"demo size={self.size} is not a multiple of group_size="
                              f"{self.group_size}; make it one so that every group is whole")
 
     def __len__(self) -> int:

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from big_contrast.errors import BigContrastError, ConfigError, MissingFileError
+
 # The fixed vocabulary of skip reasons; the order is the column order of the `skipped` array.
 SKIP_REASONS = (
     "undecodable_image",  # PIL cannot identify or fully decode the bytes
@@ -39,14 +41,14 @@ class SkipRecord(Exception):
         self.reason = reason
 
 
-class MissingDataError(FileNotFoundError, ValueError):
+class MissingDataError(MissingFileError, ValueError):
     """A dataset is not where its config says (a TFDS dataset not prepared, a folder or file
     that does not exist); the message says how to prepare it. Benchmark runs report it for
     that dataset and go on with the others. (A `ValueError` too, so that callers that catch
     bad-config errors catch it.)"""
 
 
-class TooManySkippedError(RuntimeError):
+class TooManySkippedError(BigContrastError, RuntimeError):
     """A source's skipped fraction passed `data.max_skip_fraction`."""
 
 
@@ -64,7 +66,7 @@ class SkipCounter:
     def __init__(self, source_names: Sequence[str], max_skip_fraction: float | None = 0.1,
                  min_seen: int = 1000):
         if max_skip_fraction is not None and not 0.0 <= max_skip_fraction <= 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"max_skip_fraction={max_skip_fraction} must lie in [0, 1] (or be None to disable)")
         self.source_names = tuple(source_names)
         self.max_skip_fraction = max_skip_fraction
@@ -110,7 +112,7 @@ class SkipCounter:
     def set_state(self, state: dict) -> None:
         seen, skipped = np.asarray(state["seen"], np.int64), np.asarray(state["skipped"], np.int64)
         if seen.shape != self.seen.shape or skipped.shape != self.skipped.shape:
-            raise ValueError(
+            raise ConfigError(
                 f"skip-count state for {seen.shape[0]} sources cannot be restored into a pipeline "
                 f"with {len(self.source_names)} sources {self.source_names}")
         self.seen, self.skipped = seen, skipped

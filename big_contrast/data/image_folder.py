@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from big_contrast.data.errors import MissingDataError, SkipRecord
 from big_contrast.data.labels import check_num_classes
+from big_contrast.errors import ConfigError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -37,7 +38,7 @@ def class_folders(path: str) -> list[str]:
             "(the ImageNet val / torchvision ImageFolder layout)")
     names = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not names:
-        raise ValueError(f"image folder {str(path)!r} has no class sub-folders; put each class's images "
+        raise ConfigError(f"image folder {str(path)!r} has no class sub-folders; put each class's images "
                          "in a sub-folder named after the class")
     return names
 
@@ -51,7 +52,7 @@ def list_images(path: str) -> tuple[list[str], list[int], list[str]]:
         images = sorted(p.name for p in (root / name).iterdir()
                         if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir())
         if not images:
-            raise ValueError(
+            raise ConfigError(
                 f"class folder {str(root / name)!r} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
                 "remove the folder or add its images")
         files.extend(f"{name}/{image}" for image in images)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 
 from big_contrast.data.errors import MissingDataError, SkipRecord
+from big_contrast.errors import ConfigError
 
 
 def _path(path):
@@ -35,11 +36,11 @@ def read_split(path: str, split: str) -> list[dict]:
     try:
         images = json.loads(file.read_text())["images"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{str(path)!r} is not a Karpathy split file (a JSON object with 'images'): {e}") from None
+        raise ConfigError(f"{str(path)!r} is not a Karpathy split file (a JSON object with 'images'): {e}") from None
     entries = [image for image in images if image.get("split") == split]
     if not entries:
         splits = sorted({str(image.get("split")) for image in images})
-        raise ValueError(f"Karpathy split file {str(path)!r} has no images in split {split!r}; its splits are {splits}")
+        raise ConfigError(f"Karpathy split file {str(path)!r} has no images in split {split!r}; its splits are {splits}")
     return entries
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from big_contrast.errors import ConfigError
+
 
 def check_num_classes(num_classes: int, class_names: Sequence[str] | None, where: str) -> None:
     """The source has `num_classes` classes; a given class list must have as many names."""
     if class_names is not None and len(class_names) != num_classes:
-        raise ValueError(
+        raise ConfigError(
             f"{where} has {num_classes} classes but the class-name list has {len(class_names)} "
             "names; give the evaluator the class names of this dataset, in label order")
 
@@ -25,25 +27,25 @@ def label_index(value, class_names: Sequence[str] | None, where: str,
     """A manifest label cell -> int: an integer (or its string), or a class name from the list
     (`name_to_index`, the list's inverse, saves rebuilding it per row)."""
     if isinstance(value, bool):
-        raise ValueError(f"{where}: label {value!r} is a boolean, not a class index or name")
+        raise ConfigError(f"{where}: label {value!r} is a boolean, not a class index or name")
     if isinstance(value, int):
         label = value
     elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
         label = int(value.strip())
     elif isinstance(value, str) and value.strip():
         if class_names is None:
-            raise ValueError(
+            raise ConfigError(
                 f"{where}: label {value!r} is a class name, but no class-name list was given to map "
                 "it to an index; set the evaluator's class_names (or the source's class_names)")
         index = name_to_index or {name: i for i, name in enumerate(class_names)}
         if value.strip() not in index:
-            raise ValueError(
+            raise ConfigError(
                 f"{where}: label {value!r} is not in the class-name list "
                 f"({len(class_names)} names, e.g. {list(class_names[:3])})")
         return index[value.strip()]
     else:
-        raise ValueError(f"{where}: label {value!r} is neither an integer nor a class name")
+        raise ConfigError(f"{where}: label {value!r} is neither an integer nor a class name")
     if label < 0 or (class_names is not None and label >= len(class_names)):
         bound = f"[0, {len(class_names)})" if class_names is not None else ">= 0"
-        raise ValueError(f"{where}: label {label} lies outside the class list ({bound})")
+        raise ConfigError(f"{where}: label {label} lies outside the class list ({bound})")
     return label

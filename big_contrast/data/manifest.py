@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from big_contrast import paths
 from big_contrast.data.errors import MissingDataError, SkipRecord
 from big_contrast.data.labels import label_index
+from big_contrast.errors import ConfigError
 
 MANIFEST_EXTENSIONS = (".csv", ".tsv", ".jsonl", ".json")
 
@@ -39,7 +40,7 @@ def parse_keys(keys: str | Sequence[str]) -> tuple[str, ...]:
     parts = keys.split(",") if isinstance(keys, str) else list(keys)
     parts = tuple(k.strip() for k in parts if k.strip())
     if not parts:
-        raise ValueError(f"caption_key {keys!r} names no column")
+        raise ConfigError(f"caption_key {keys!r} names no column")
     return parts
 
 
@@ -47,7 +48,7 @@ def _read_rows(path: str, separator: str | None) -> tuple[list[dict], list[str]]
     """Returns the rows as dicts and the column names (for error messages)."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in MANIFEST_EXTENSIONS:
-        raise ValueError(
+        raise ConfigError(
             f"manifest {path!r} has extension {ext!r}; use one of {MANIFEST_EXTENSIONS}")
     # Bytes through the path layer, then text with newlines as written (csv wants newline="").
     with io.StringIO(paths.read_bytes(path).decode("utf-8"), newline="") as f:
@@ -59,7 +60,7 @@ def _read_rows(path: str, separator: str | None) -> tuple[list[dict], list[str]]
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"manifest {path!r} line {line_number} is not JSON: {e}") from None
+                    raise ConfigError(f"manifest {path!r} line {line_number} is not JSON: {e}") from None
             columns = sorted({k for row in rows[:100] for k in row})
             return rows, columns
         delimiter = separator or ("\t" if ext == ".tsv" else ",")
@@ -89,13 +90,13 @@ class ManifestSource:
         self.caption_keys = parse_keys(caption_key)
         rows, columns = _read_rows(self.path, separator)
         if not rows:
-            raise ValueError(f"manifest {path!r} has no rows")
+            raise ConfigError(f"manifest {path!r} has no rows")
         if label_key and not any(k in columns for k in self.caption_keys):
             self.caption_keys = ()  # a labelled eval manifest without captions
         missing = [k for k in (image_key, *self.caption_keys, *([label_key] if label_key else []))
                    if k not in columns]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"manifest {path!r} has no column(s) {missing}; its columns are {columns}. "
                 "Set the source's image_key / caption_key (open_clip's --csv-img-key / "
                 "--csv-caption-key) to the right names, or check the separator.")

@@ -52,6 +52,7 @@ from big_contrast.data.memory import keep_freed_memory, worker_init
 from big_contrast.data.preprocess import ProcessExample
 from big_contrast.data.sources import TaggedSource, open_source
 from big_contrast.data.tokenizer import make_tokenizer
+from big_contrast.errors import ConfigError
 
 def derive_seed(seed: int, *path: int) -> int:
     """A 32-bit seed for one random stage, derived from the pipeline seed."""
@@ -73,7 +74,7 @@ def _source_datasets(config, *, train: bool, process_index: int, process_count: 
     for k, name in enumerate(config.sources.keys()):
         source = open_source(name, config.sources[name])
         if len(source) < process_count:
-            raise ValueError(
+            raise ConfigError(
                 f"data source {name!r} has {len(source)} records, fewer than the {process_count} "
                 "processes that each need a disjoint share")
         largest_share = max(largest_share, math.ceil(len(source) / process_count))
@@ -104,7 +105,7 @@ class GroupShuffle(grain.MapDataset):
     def __init__(self, parent, group_size: int, *, seed: int):
         super().__init__(parent)
         if len(parent) < group_size:
-            raise ValueError(f"group_size={group_size} is larger than the source's {len(parent)} records")
+            raise ConfigError(f"group_size={group_size} is larger than the source's {len(parent)} records")
         self._group_size = group_size
         self._groups = grain.MapDataset.range(len(parent) // group_size).shuffle(seed=seed).repeat()
 
@@ -165,7 +166,7 @@ def build_dataset(config, *, train: bool, per_process_batch: int, process_index:
     seed = config.seed if seed is None else seed
     names = tuple(config.sources.keys())
     if not train and len(names) > 1:
-        raise ValueError(f"evaluation reads one source; config has {len(names)}: {names}")
+        raise ConfigError(f"evaluation reads one source; config has {len(names)}: {names}")
     pp = host_spec(config.pp_train if train else config.pp_eval, config.get("device_normalize", False))
     processor = ProcessExample(pp, make_tokenizer(config.tokenizer, config.lowercase),
                                config.max_len, tuple(config.label_keys),
@@ -240,7 +241,7 @@ class DataIterator:
 
     def _padding_batch(self) -> dict:
         if self._template is None:
-            raise ValueError("this process's share of the evaluation data produced no example "
+            raise ConfigError("this process's share of the evaluation data produced no example "
                              "(every record was skipped), so no padding batch can be shaped")
         return {k: np.zeros_like(v) for k, v in self._template.items()}
 
@@ -294,7 +295,7 @@ def _check_sharding(sharding, global_batch: int, process_count: int):
     axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
     num_shards = math.prod(mesh.shape[a] for a in axes)
     if global_batch % num_shards:
-        raise ValueError(
+        raise ConfigError(
             f"global batch size {global_batch} does not divide over the {num_shards} batch shards "
             f"of mesh axes {axes}; use a multiple of {num_shards}")
     rows = {(idx[0].start, idx[0].stop)
@@ -347,7 +348,7 @@ def make_pipeline(config, sharding=None, *, train: bool = True, global_batch_siz
         shard = ShardByJaxProcess()
         process_index, process_count = shard.shard_index, shard.shard_count
     if global_batch % process_count:
-        raise ValueError(
+        raise ConfigError(
             f"global batch size {global_batch} does not divide over {process_count} processes")
     per_process_batch = global_batch // process_count
     dataset, names, largest_share = build_dataset(

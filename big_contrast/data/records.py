@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import struct
 
+from big_contrast.errors import ConfigError
+
 MAGIC = b"BCR1"
 _LENGTH = struct.Struct("<I")
 _PREFIX = len(MAGIC) + _LENGTH.size
@@ -42,7 +44,7 @@ def encode_record(image: bytes, captions: list[str], key: str | None = None, **e
 def decode_record(record: bytes) -> dict:
     """Parses one record into `{'image': bytes, 'captions': [...], 'key': ..., ...}`."""
     if record[: len(MAGIC)] != MAGIC:
-        raise ValueError(
+        raise ConfigError(
             f"not a big_contrast record (first bytes {bytes(record[:8])!r}, expected {MAGIC!r}); "
             "ArrayRecord files for training are written by `big-contrast data convert`")
     (header_length,) = _LENGTH.unpack_from(record, len(MAGIC))

@@ -37,6 +37,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from big_contrast.data.errors import SkipRecord
+from big_contrast.errors import ConfigError
 
 SOURCE_FIELDS = {
     "demo": {"split": "train", "size": None, "image_size": 64, "pairs": "all", "captions": "full",
@@ -66,21 +67,21 @@ def source_options(name: str, config: Mapping) -> tuple[str, dict]:
     if kind != "demo":  # the pipeline's shuffle reads it; the demo also lays its records out by it
         config.pop("group_size", None)
     if kind == "tar":
-        raise ValueError(
+        raise ConfigError(
             f"data source {name!r}: webdataset tar shards are converted once, then read as "
             "ArrayRecord: run `big-contrast data convert <shards> <out_dir>` and use "
             "kind='array_record', path=<out_dir>")
     if kind not in SOURCE_FIELDS:
-        raise ValueError(f"data source {name!r} has kind={kind!r}; use one of {sorted(SOURCE_FIELDS)}")
+        raise ConfigError(f"data source {name!r} has kind={kind!r}; use one of {sorted(SOURCE_FIELDS)}")
     unknown = sorted(set(config) - set(SOURCE_FIELDS[kind]))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"data source {name!r} (kind={kind!r}) has unknown field(s) {unknown}; "
             f"its fields are {sorted(SOURCE_FIELDS[kind])} and 'weight'")
     options = {**SOURCE_FIELDS[kind], **config}
     for field in REQUIRED.get(kind, ()):
         if not options[field]:
-            raise ValueError(f"data source {name!r} (kind={kind!r}) needs {field!r}")
+            raise ConfigError(f"data source {name!r} (kind={kind!r}) needs {field!r}")
     return kind, options
 
 

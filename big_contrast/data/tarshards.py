@@ -25,6 +25,7 @@ from PIL import Image
 
 from big_contrast import paths
 from big_contrast.data.errors import SkipRecord
+from big_contrast.errors import MissingFileError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext
@@ -79,7 +80,7 @@ def iter_tar_samples(path: str, json_caption_key: str = "caption") -> Iterator[d
     """Yields a raw example, or the `SkipRecord` explaining why it was dropped, per sample."""
     shard = paths.parse(path)
     if not shard.is_file():
-        raise FileNotFoundError(f"tar shard {path!r} does not exist")
+        raise MissingFileError(f"tar shard {path!r} does not exist")
     key, files = None, {}
     truncated = False
     with shard.open("rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:

@@ -18,6 +18,7 @@ import re
 
 from big_contrast.data.errors import MissingDataError
 from big_contrast.data.labels import check_num_classes
+from big_contrast.errors import ConfigError
 
 
 def _nested(path: str, leaf):
@@ -51,7 +52,7 @@ def _open_builder(name: str, data_dir: str | None):
             f"`tfds build {name} --data_dir=<dir> --file_format=array_record`")
     file_format = str(getattr(builder.info.file_format, "value", builder.info.file_format))
     if "array_record" not in file_format:
-        raise ValueError(
+        raise ConfigError(
             f"TFDS dataset {name!r} in {where} was prepared as {file_format}, which has no random "
             "access; prepare it again with --file_format=array_record")
     return builder
@@ -66,7 +67,7 @@ def _check_data_dir(data_dir) -> None:
     paths.validate(data_dir)
     if paths.is_remote(data_dir):
         paths.check_readable(data_dir)
-        raise ValueError(
+        raise ConfigError(
             f"TFDS data_dir {data_dir!r} is in a bucket, which the array_record reader cannot open; copy the "
             "prepared dataset to a local disk (gcloud storage cp -r) and pass that folder, or convert it "
             "with `big-contrast data convert` and read it as kind='array_record' (cached per host)")
@@ -85,7 +86,7 @@ class TfdsSource:
         for base in re.split(r"[+]", split):
             base = base.split("[")[0].strip()
             if base not in splits:
-                raise ValueError(f"TFDS dataset {name!r} has no split {base!r}; its splits are {splits}")
+                raise ConfigError(f"TFDS dataset {name!r} has no split {base!r}; its splits are {splits}")
         features = builder.info.features
         if label_key and caption_key.split("/")[0] not in features:
             caption_key = None  # a labelled dataset without captions
@@ -93,13 +94,13 @@ class TfdsSource:
             if key is None:
                 continue
             if key.split("/")[0] not in features:
-                raise ValueError(
+                raise ConfigError(
                     f"TFDS dataset {name!r} has no feature {key!r}; its features are "
                     f"{list(features.keys())}. Set the source's image_key / caption_key / label_key.")
         if label_key:
             num_classes = getattr(features[label_key], "num_classes", None)
             if num_classes is None:
-                raise ValueError(f"TFDS feature {name!r}[{label_key!r}] is a {type(features[label_key]).__name__}, "
+                raise ConfigError(f"TFDS feature {name!r}[{label_key!r}] is a {type(features[label_key]).__name__}, "
                                  "not a ClassLabel; set label_key to the dataset's class-label feature")
             check_num_classes(num_classes, class_names, f"TFDS dataset {name!r} feature {label_key!r}")
         self.name, self.split = name, split

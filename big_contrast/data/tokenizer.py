@@ -27,6 +27,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from big_contrast.errors import ConfigError, MissingFileError
+
 PAD_ID = 0
 
 
@@ -68,7 +70,7 @@ class SentencePieceTokenizer:
             from big_contrast import paths
 
             if not paths.parse(model).is_file():  # local or in a bucket
-                raise FileNotFoundError(f"sentencepiece model {os.fspath(model)!r} does not exist")
+                raise MissingFileError(f"sentencepiece model {os.fspath(model)!r} does not exist")
             model = paths.read_bytes(model)
         self.lowercase = lowercase
         self._model_proto = bytes(model)
@@ -80,7 +82,7 @@ class SentencePieceTokenizer:
         self._sp = spm.SentencePieceProcessor(model_proto=self._model_proto)
         self.eos_id, self.unk_id = self._sp.eos_id(), self._sp.unk_id()
         if self.eos_id < 0:
-            raise ValueError(
+            raise ConfigError(
                 "the sentencepiece model has no EOS piece (eos_id=-1); the fixed-length encoding "
                 "appends EOS, so train the model with eos_id set (train_sentencepiece does)")
         self.vocab_size = self._sp.vocab_size()
@@ -115,7 +117,7 @@ def make_tokenizer(spec: str, lowercase: bool = True):
 
     if spec.endswith(".model") or paths.parse(spec).exists():
         return SentencePieceTokenizer(spec, lowercase)
-    raise ValueError(
+    raise ConfigError(
         f"unknown tokenizer {spec!r}: use 'bytes', 'demo' or the path of a sentencepiece .model "
         "file (train one with `big-contrast data train-tokenizer`)")
 
@@ -142,7 +144,7 @@ def train_sentencepiece(captions: Iterable[str], vocab_size: int, *, lowercase: 
     import sentencepiece as spm
 
     if vocab_size < 4:
-        raise ValueError(f"vocab_size={vocab_size} is too small; it must exceed the 3 special ids")
+        raise ConfigError(f"vocab_size={vocab_size} is too small; it must exceed the 3 special ids")
     sentences = (c.lower() if lowercase else c for c in captions)
     model = io.BytesIO()
     try:
@@ -152,5 +154,5 @@ def train_sentencepiece(captions: Iterable[str], vocab_size: int, *, lowercase: 
             pad_id=PAD_ID, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=exact_vocab_size,
             minloglevel=2)
     except RuntimeError as e:
-        raise ValueError(f"sentencepiece training failed: {e}") from None
+        raise ConfigError(f"sentencepiece training failed: {e}") from None
     return model.getvalue()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from big_contrast.errors import ConfigError
 from big_contrast.evaluate.base import Encoders, Evaluator
 from big_contrast.evaluate.diagnostics import (
     DiagnosticsEvaluator, alignment, embedding_diagnostics, mean_pair_scores, modality_gap, uniformity)
@@ -34,7 +35,7 @@ def build_evaluator(name: str, config: Mapping[str, Any] | Any) -> Evaluator:
     """The evaluator for one `config.evals.<name>` entry, chosen by its `type`."""
     kind = config.get("type") if hasattr(config, "get") else None
     if kind not in EVALUATORS:
-        raise ValueError(f"Evaluator {name!r} has type {kind!r}; set type to one of {sorted(EVALUATORS)}.")
+        raise ConfigError(f"Evaluator {name!r} has type {kind!r}; set type to one of {sorted(EVALUATORS)}.")
     return EVALUATORS[kind](name, config)
 
 

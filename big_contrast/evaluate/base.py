@@ -18,6 +18,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from big_contrast.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class Encoders:
@@ -68,7 +70,7 @@ class Evaluator(abc.ABC):
         given = _as_dict(config)
         unknown = sorted(set(given) - set(settings))
         if unknown:
-            raise ValueError(f"Evaluator {name!r} ({self.TYPE}) has unknown config keys {unknown}; "
+            raise ConfigError(f"Evaluator {name!r} ({self.TYPE}) has unknown config keys {unknown}; "
                              f"the known ones are {sorted(settings)}.")
         settings.update(given)
         self.name = name
@@ -78,7 +80,7 @@ class Evaluator(abc.ABC):
         self.batch_size = int(settings["batch_size"])
         self.data_config = settings["data"]
         if self.batch_size < 1 or self.every_steps < 0:
-            raise ValueError(f"Evaluator {name!r}: batch_size must be >= 1 and every_steps >= 0; got "
+            raise ConfigError(f"Evaluator {name!r}: batch_size must be >= 1 and every_steps >= 0; got "
                              f"{self.batch_size} and {self.every_steps}.")
 
     @property
@@ -105,5 +107,5 @@ def l2_normalize(z: np.ndarray) -> np.ndarray:
 def check_ks(ks: Sequence[int], context: str) -> tuple[int, ...]:
     ks = tuple(int(k) for k in ks)
     if not ks or min(ks) < 1:
-        raise ValueError(f"{context}: ks must be positive integers; got {ks}.")
+        raise ConfigError(f"{context}: ks must be positive integers; got {ks}.")
     return ks

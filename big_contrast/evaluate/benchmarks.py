@@ -35,6 +35,8 @@ from typing import Sequence
 
 import ml_collections
 
+from big_contrast.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class Benchmark:
@@ -91,7 +93,7 @@ def get(name: str) -> Benchmark:
     """The benchmark called `name` (or one of its aliases)."""
     key = ALIASES.get(name.strip().lower(), name.strip().lower())
     if key not in BENCHMARKS:
-        raise ValueError(f"Unknown benchmark {name!r}; use some of {sorted(BENCHMARKS)}.")
+        raise ConfigError(f"Unknown benchmark {name!r}; use some of {sorted(BENCHMARKS)}.")
     return BENCHMARKS[key]
 
 
@@ -150,9 +152,9 @@ def evals(names: Sequence[str] | str, data_dir: str, *, batch_size: int = 256, e
     if isinstance(names, str):
         names = [n for n in names.split(",") if n.strip()]
     if not names:
-        raise ValueError("No benchmark named; pass some of " + ", ".join(sorted(BENCHMARKS)) + ".")
+        raise ConfigError("No benchmark named; pass some of " + ", ".join(sorted(BENCHMARKS)) + ".")
     if not data_dir:
-        raise ValueError("Benchmarks need data_dir: the folder with the prepared TFDS datasets / image folders.")
+        raise ConfigError("Benchmarks need data_dir: the folder with the prepared TFDS datasets / image folders.")
     config = ml_collections.ConfigDict()
     for name in names:
         bench = get(name)

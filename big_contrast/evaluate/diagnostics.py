@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from big_contrast.errors import ConfigError
 from big_contrast.evaluate.base import Encoders, Evaluator
 from big_contrast.evaluate.embed import embed_pairs_for
 
@@ -53,7 +54,7 @@ def uniformity(z, t: float = 2.0, *, chunk: int = 2048) -> float:
     z = np.asarray(z, np.float32)
     n = len(z)
     if n < 2:
-        raise ValueError(f"Uniformity needs at least two embeddings; got {n}.")
+        raise ConfigError(f"Uniformity needs at least two embeddings; got {n}.")
     size = min(chunk, n)
     n_blocks = math.ceil(n / size)
     padded = np.zeros((n_blocks * size, z.shape[1]), np.float32)
@@ -87,7 +88,7 @@ def mean_pair_scores(zimg, ztxt, img_of_txt=None, *, scale: float = 1.0, bias: f
     zimg, ztxt, img_of_txt = _pairs(zimg, ztxt, img_of_txt)
     n_img, n_txt = len(zimg), len(ztxt)
     if n_img < 2:
-        raise ValueError(f"Mean negative scores need at least two images; got {n_img}.")
+        raise ConfigError(f"Mean negative scores need at least two images; got {n_img}.")
     positive_dots = np.sum(zimg[img_of_txt] * ztxt, axis=1)
     all_dots_sum = zimg.sum(0) @ ztxt.sum(0)
     n_negative = n_img * n_txt - n_txt

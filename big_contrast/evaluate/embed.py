@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import jax
 import numpy as np
 
+from big_contrast.errors import ConfigError
 from big_contrast.sharding import batch_sharding, num_batch_shards
 
 Batch = Mapping[str, np.ndarray]
@@ -39,7 +40,7 @@ def local_rows(batch_size: int, mesh=None, batch_axes: str | Sequence[str] | Non
     sharding = batch_sharding(mesh, batch_axes)
     shards = num_batch_shards(mesh, batch_axes)
     if batch_size % shards:
-        raise ValueError(f"Eval batch size {batch_size} does not divide over the {shards} devices of the batch "
+        raise ConfigError(f"Eval batch size {batch_size} does not divide over the {shards} devices of the batch "
                          f"axes {sharding.spec[0]}; use a multiple of {shards}.")
     starts = sorted({idx[0].start or 0 for idx in sharding.addressable_devices_indices_map((batch_size,)).values()})
     rows_per_shard = batch_size // shards
@@ -50,7 +51,7 @@ def pad_batch(batch: Batch, size: int) -> dict[str, np.ndarray]:
     """Pad every field to `size` rows with zeros and add the boolean mask VALID (False on padding)."""
     n = _num_rows(batch)
     if n > size:
-        raise ValueError(f"A batch has {n} rows but the local batch size is {size}; make the data yield "
+        raise ConfigError(f"A batch has {n} rows but the local batch size is {size}; make the data yield "
                          f"batches of at most {size} rows per process.")
     padded = {}
     for key, value in batch.items():
@@ -137,7 +138,7 @@ def _any_process_has_data(has_batch: bool) -> bool:
 def _check_fields(batch: Batch, fields: Iterable[str], context: str) -> None:
     missing = [f for f in fields if f not in batch]
     if missing:
-        raise ValueError(f"{context}: the data has no field {missing[0]!r} (fields present: {sorted(batch)}); "
+        raise ConfigError(f"{context}: the data has no field {missing[0]!r} (fields present: {sorted(batch)}); "
                          "name the right field in the evaluator config or add it in preprocessing.")
 
 
@@ -180,7 +181,7 @@ def embed_dataset(
             _check_fields(batch, fields, context)
             template = {f: np.zeros_like(np.asarray(batch[f])[:0]) for f in fields}
         elif template is None:
-            raise ValueError(f"{context}: this process (index {jax.process_index()}) got no examples at all "
+            raise ConfigError(f"{context}: this process (index {jax.process_index()}) got no examples at all "
                              "while others did; give every process at least one example.")
         if batch is not None and VALID in batch and len(batch[VALID]) == size:
             # Already padded to the local batch by the data pipeline, with its mask: pad once.
@@ -197,7 +198,7 @@ def embed_dataset(
         for field in keep:
             outputs[field].append(_as_global(padded[field], mesh, batch_axes))
     if template is None:
-        raise ValueError(f"{context}: the data is empty; an evaluation needs at least one example.")
+        raise ConfigError(f"{context}: the data is empty; an evaluation needs at least one example.")
     valid_rows = [_to_host(v) for v in valid]
     return {name: np.concatenate([_to_host(part)[rows] for part, rows in zip(parts, valid_rows)])
             for name, parts in outputs.items()}
@@ -213,7 +214,7 @@ def tokenize_field(batch: Batch, field: str, tokenize, context: str) -> dict[str
     if not _is_text(texts):
         return dict(batch)
     if tokenize is None:
-        raise ValueError(f"{context}: field {field!r} holds raw strings but no tokenize callable was given; "
+        raise ConfigError(f"{context}: field {field!r} holds raw strings but no tokenize callable was given; "
                          "pass Encoders(tokenize=...) or tokenize in the data pipeline.")
     flat = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts.reshape(-1)]
     tokens = np.asarray(tokenize(flat), np.int32) if flat else np.zeros((0, 1), np.int32)

@@ -21,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
+from big_contrast.errors import ConfigError
 from big_contrast.evaluate.base import Encoders, Evaluator, l2_normalize
 from big_contrast.evaluate.embed import embed_dataset
 
@@ -41,7 +42,7 @@ def draw_shots(labels: np.ndarray, shots: int, holdout: int, seed: int,
     for c in range(num_classes):
         members = np.flatnonzero(labels == c)
         if len(members) < shots + holdout:
-            raise ValueError(
+            raise ConfigError(
                 f"class {c} has {len(members)} train images; a {shots}-shot probe with {holdout} held out per "
                 f"class needs {shots + holdout}: use a larger train split or fewer shots / holdout_per_class")
         members = rng.permutation(members)
@@ -116,10 +117,10 @@ class FewShotEvaluator(Evaluator):
         super().__init__(name, config)
         shots = tuple(int(k) for k in self.config["shots"])
         if not shots or min(shots) < 1 or self.config["holdout_per_class"] < 1:
-            raise ValueError(f"{self.context}: shots must be positive integers and holdout_per_class >= 1; got "
+            raise ConfigError(f"{self.context}: shots must be positive integers and holdout_per_class >= 1; got "
                              f"{shots} and {self.config['holdout_per_class']}.")
         if not self.config["l2_regs"] or min(self.config["l2_regs"]) <= 0:
-            raise ValueError(f"{self.context}: l2_regs must be a non-empty list of positive numbers.")
+            raise ConfigError(f"{self.context}: l2_regs must be a non-empty list of positive numbers.")
         self.shots = shots
 
     def _features(self, data, encoders: Encoders):
@@ -131,7 +132,7 @@ class FewShotEvaluator(Evaluator):
 
     def evaluate(self, data, encoders: Encoders) -> dict[str, float]:
         if set(data) != set(self.DATA_KEYS):
-            raise ValueError(f"{self.context}: pass the data as {{'train_data': ..., 'data': ...}} (train and test "
+            raise ConfigError(f"{self.context}: pass the data as {{'train_data': ..., 'data': ...}} (train and test "
                              f"split); got keys {sorted(data)}.")
         zimg_train, labels_train = self._features(data["train_data"], encoders)
         zimg_test, labels_test = self._features(data["data"], encoders)

@@ -13,6 +13,7 @@ import re
 import string
 from typing import Mapping, Sequence
 
+from big_contrast.errors import ConfigError
 from big_contrast.evaluate.imagenet_classes import IMAGENET_CLASSNAMES
 
 # CLIP's 80 ImageNet templates, in the order of OpenAI's notebook and open_clip's
@@ -128,16 +129,16 @@ def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
     """A template set by name ('imagenet80', 'simple7', 'photo') or an explicit list, validated."""
     if isinstance(templates, str):
         if templates not in TEMPLATE_SETS:
-            raise ValueError(
+            raise ConfigError(
                 f"Unknown template set {templates!r}; use one of {sorted(TEMPLATE_SETS)} "
                 "or pass a list of strings that contain '{}'.")
         templates = TEMPLATE_SETS[templates]
     templates = tuple(templates)
     if not templates:
-        raise ValueError("The template list is empty; pass at least one template such as 'a photo of a {}.'.")
+        raise ConfigError("The template list is empty; pass at least one template such as 'a photo of a {}.'.")
     for template in templates:
         if not isinstance(template, str) or "{}" not in template:
-            raise ValueError(
+            raise ConfigError(
                 f"Template {template!r} has no '{{}}' placeholder for the class name; "
                 "write it like 'a photo of a {}.'.")
     return templates
@@ -165,12 +166,12 @@ def class_names_from_file(path: str | os.PathLike) -> list[str]:
     from big_contrast import paths
 
     if not paths.parse(path).exists():  # local or in a bucket
-        raise ValueError(f"Class-name file {str(path)!r} does not exist; give a text file with one name per line.")
+        raise ConfigError(f"Class-name file {str(path)!r} does not exist; give a text file with one name per line.")
     names = [line.strip() for line in paths.read_bytes(path).decode("utf-8").rstrip().splitlines()]
     blank = [i + 1 for i, name in enumerate(names) if not name]
     if blank:
         # A blank line in the middle would shift every later label by one, so refuse it.
-        raise ValueError(f"Class-name file {str(path)!r} has blank lines {blank[:5]}; every line must name a class.")
+        raise ConfigError(f"Class-name file {str(path)!r} has blank lines {blank[:5]}; every line must name a class.")
     return names
 
 
@@ -191,12 +192,12 @@ def class_names_from_tfds(name: str, *, data_dir: str | None = None, field: str 
             f"read; prepare it with `tfds build {name} --data_dir=<dir> --file_format=array_record`")
     features = builder.info.features
     if field not in features:
-        raise ValueError(
+        raise ConfigError(
             f"TFDS dataset {name!r} has no feature {field!r}; its features are {sorted(features.keys())}. "
             "Set the evaluator's label_field to the class-label feature.")
     names = getattr(features[field], "names", None)
     if names is None:
-        raise ValueError(f"TFDS feature {name!r}[{field!r}] is a {type(features[field]).__name__}, not a ClassLabel "
+        raise ConfigError(f"TFDS feature {name!r}[{field!r}] is a {type(features[field]).__name__}, not a ClassLabel "
                          "with names; pass class names as a list or a file instead.")
     return list(names)
 
@@ -209,14 +210,14 @@ def read_name_map(spec: str | Mapping[str, str]) -> dict[str, str]:
     from big_contrast import paths
 
     if not paths.parse(spec).exists():
-        raise ValueError(f"Class-name map {spec!r} does not exist; give a JSON object or 'RAW NAME' lines.")
+        raise ConfigError(f"Class-name map {spec!r} does not exist; give a JSON object or 'RAW NAME' lines.")
     text = paths.read_bytes(spec).decode("utf-8")
     if spec.endswith(".json"):
         return {str(k): str(v) for k, v in json.loads(text).items()}
     pairs = [line.strip().split(None, 1) for line in text.splitlines() if line.strip()]
     bad = [" ".join(p) for p in pairs if len(p) != 2]
     if bad:
-        raise ValueError(f"Class-name map {spec!r} has lines without a name after the raw label: {bad[:3]}.")
+        raise ConfigError(f"Class-name map {spec!r} has lines without a name after the raw label: {bad[:3]}.")
     return {raw: name.strip() for raw, name in pairs}
 
 
@@ -227,7 +228,7 @@ def map_class_names(names: Sequence[str], name_map: str | Mapping[str, str] | No
     mapping = read_name_map(name_map)
     missing = [n for n in names if n not in mapping]
     if missing:
-        raise ValueError(f"The class-name map has no entry for {missing[:5]} (of {len(names)} classes); "
+        raise ConfigError(f"The class-name map has no entry for {missing[:5]} (of {len(names)} classes); "
                          "add them or fix the map.")
     return [mapping[n] for n in names]
 
@@ -260,18 +261,18 @@ def resolve_class_names(
 
             names = class_folders(spec[len("folder:"):])
         else:
-            raise ValueError(
+            raise ConfigError(
                 f"Class names {spec!r} are neither a built-in list {sorted(BUILTIN_CLASS_NAMES)} nor "
                 "'file:PATH', 'tfds:NAME' or 'folder:DIR'; pass one of those or a list of names.")
     else:
         names = list(spec)
     names = map_class_names(names, name_map)
     if not names:
-        raise ValueError(f"The class-name list from {spec!r} is empty; zero-shot classification needs at least "
+        raise ConfigError(f"The class-name list from {spec!r} is empty; zero-shot classification needs at least "
                          "one class name.")
     bad = [n for n in names if not isinstance(n, str) or not n.strip()]
     if bad:
-        raise ValueError(f"Class names must be non-empty strings; got {bad[:5]}.")
+        raise ConfigError(f"Class names must be non-empty strings; got {bad[:5]}.")
     if canonicalize:
         names = [canonicalize_class_name(n) for n in names]
     return names

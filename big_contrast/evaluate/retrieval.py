@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from big_contrast.errors import ConfigError
 from big_contrast.evaluate.base import Encoders, Evaluator, check_ks
 from big_contrast.evaluate.embed import embed_pairs_for
 
@@ -81,17 +82,17 @@ def _check_inputs(zimg: np.ndarray, ztxt: np.ndarray, img_of_txt: np.ndarray) ->
         raise ValueError(f"img_of_txt must give one image index per caption, shape ({len(ztxt)},); "
                          f"got {img_of_txt.shape}.")
     if len(zimg) == 0 or len(ztxt) == 0:
-        raise ValueError(f"Retrieval needs at least one image and one caption; got {len(zimg)} and {len(ztxt)}.")
+        raise ConfigError(f"Retrieval needs at least one image and one caption; got {len(zimg)} and {len(ztxt)}.")
     if img_of_txt.min() < 0 or img_of_txt.max() >= len(zimg):
-        raise ValueError(f"img_of_txt has image indices outside [0, {len(zimg)}): "
+        raise ConfigError(f"img_of_txt has image indices outside [0, {len(zimg)}): "
                          f"min {img_of_txt.min()}, max {img_of_txt.max()}.")
     uncaptioned = np.setdiff1d(np.arange(len(zimg)), img_of_txt)
     if len(uncaptioned):
-        raise ValueError(f"Images {uncaptioned[:5].tolist()} (of {len(uncaptioned)}) have no caption, so they "
+        raise ConfigError(f"Images {uncaptioned[:5].tolist()} (of {len(uncaptioned)}) have no caption, so they "
                          "cannot be image->text queries; drop them or give them captions.")
     for name, z in (("zimg", zimg), ("ztxt", ztxt)):
         if not np.isfinite(z).all():
-            raise ValueError(f"{name} has non-finite values; check the model outputs before retrieval.")
+            raise ConfigError(f"{name} has non-finite values; check the model outputs before retrieval.")
 
 
 def retrieval_ranks(zimg, ztxt, img_of_txt, *, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from big_contrast.errors import ConfigError
 from big_contrast.evaluate import prompts
 from big_contrast.evaluate.base import Encoders, Evaluator, check_ks, l2_normalize
 from big_contrast.evaluate.embed import embed_dataset
@@ -39,7 +40,7 @@ def build_classifier(
     templates = prompts.resolve_templates(templates)
     class_names = prompts.resolve_class_names(class_names)
     if encoders.tokenize is None:
-        raise ValueError(f"{context}: zero-shot classification needs Encoders(tokenize=...) for the prompts.")
+        raise ConfigError(f"{context}: zero-shot classification needs Encoders(tokenize=...) for the prompts.")
     tokens = np.asarray(encoders.tokenize(prompts.build_prompts(class_names, templates)), np.int32)
     out = embed_dataset({"prompt": tokens}, {"ztxt": ("prompt", encoders.embed_texts)}, batch_size=batch_size,
                         mesh=encoders.mesh, batch_axes=encoders.batch_axes, context=context)
@@ -66,7 +67,7 @@ def class_ranks(zimg, classifier, labels, *, chunk: int = 4096) -> np.ndarray:
     if len(labels) != len(zimg):
         raise ValueError(f"Got {len(zimg)} image embeddings but {len(labels)} labels.")
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"Labels must lie in [0, {num_classes}) for {num_classes} class names; got min "
+        raise ConfigError(f"Labels must lie in [0, {num_classes}) for {num_classes} class names; got min "
                          f"{labels.min()}, max {labels.max()}. Check the class-name list matches the dataset.")
     ranks = []
     for start in range(0, len(zimg), chunk):
@@ -92,7 +93,7 @@ def topk_accuracy(zimg, classifier, labels, ks: Sequence[int] = (1, 5), *, chunk
     """
     ranks = class_ranks(zimg, classifier, labels, chunk=chunk)
     if not len(ranks):
-        raise ValueError("No images to classify; the evaluation set is empty.")
+        raise ConfigError("No images to classify; the evaluation set is empty.")
     return {f"top{k}": float(np.mean(ranks < k)) for k in effective_ks(ks, len(np.asarray(classifier)))}
 
 

@@ -6,6 +6,7 @@ import math
 import jax
 import numpy as np
 
+from big_contrast.errors import ConfigError
 from big_contrast.sharding import axis_names as batch_axes  # `axis` as a tuple of mesh axis names
 
 IMPLS = ("dense", "all_gather", "ring")
@@ -21,7 +22,7 @@ def ring_size(mesh, axis) -> int:
 def check_loss_inputs(zimg, ztxt, scale, bias, *, impl, mesh, axis, block) -> None:
     """Fails early, with a sentence that names the offending value, on any malformed call."""
     if impl not in IMPLS:
-        raise ValueError(f"Unknown loss impl {impl!r}; choose one of {', '.join(IMPLS)}.")
+        raise ConfigError(f"Unknown loss impl {impl!r}; choose one of {', '.join(IMPLS)}.")
     for name, z in (("zimg", zimg), ("ztxt", ztxt)):
         if np.ndim(z) != 2:
             raise ValueError(
@@ -40,20 +41,20 @@ def check_loss_inputs(zimg, ztxt, scale, bias, *, impl, mesh, axis, block) -> No
                 f"jnp.exp(log_scale).reshape(()) instead."
             )
     if block is not None and (not isinstance(block, (int, np.integer)) or block < 1):
-        raise ValueError(f"block must be a positive integer (tile size in rows), got {block!r}.")
+        raise ConfigError(f"block must be a positive integer (tile size in rows), got {block!r}.")
     if mesh is None:
         return
     names = batch_axes(axis)
     missing = [name for name in names if name not in mesh.axis_names]
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"Loss axis {missing[0]!r} is not an axis of the mesh, whose axes are "
             f"{tuple(mesh.axis_names)}; pass axis= one of those (or a tuple of them)."
         )
     n = ring_size(mesh, axis)
     batch = zimg.shape[0]
     if batch % n:
-        raise ValueError(
+        raise ConfigError(
             f"The global batch {batch} does not divide over the {n} devices of mesh axis "
             f"{axis!r}; use a batch that is a multiple of {n}."
         )

@@ -35,6 +35,7 @@ import ml_collections
 
 from big_contrast import losses
 from big_contrast.data import default_data_config
+from big_contrast.errors import ConfigError
 from big_contrast.models import default_model_config
 
 
@@ -70,26 +71,26 @@ def default_config() -> ml_collections.ConfigDict:
 def validate(config, num_batch_shards: int) -> None:
     """One-sentence errors naming the key, for mistakes that would otherwise fail deep in a run."""
     if config.model.loss not in ("softmax", "sigmoid"):
-        raise ValueError(f"config.model.loss={config.model.loss!r} is unknown; use 'softmax' or 'sigmoid'.")
+        raise ConfigError(f"config.model.loss={config.model.loss!r} is unknown; use 'softmax' or 'sigmoid'.")
     if config.loss_impl not in losses.IMPLS:
-        raise ValueError(f"config.loss_impl={config.loss_impl!r} is unknown; use one of {losses.IMPLS}.")
+        raise ConfigError(f"config.loss_impl={config.loss_impl!r} is unknown; use one of {losses.IMPLS}.")
     if config.batch_size <= 0 or config.batch_size % num_batch_shards:
-        raise ValueError(
+        raise ConfigError(
             f"config.batch_size={config.batch_size} does not divide over the {num_batch_shards} "
             f"data-parallel devices; use a multiple of {num_batch_shards}."
         )
     per_device = config.batch_size // num_batch_shards
     micro = config.microbatch_size
     if micro is not None and (micro <= 0 or per_device % micro):
-        raise ValueError(
+        raise ConfigError(
             f"config.microbatch_size={micro} does not divide the per-device batch {per_device} "
             f"(config.batch_size={config.batch_size} over {num_batch_shards} devices); pick a divisor of {per_device}."
         )
     for key in ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "prefetch_batches"):
         if config.get(key, 1) <= 0:
-            raise ValueError(f"config.{key}={config[key]} must be a positive integer.")
+            raise ConfigError(f"config.{key}={config[key]} must be a positive integer.")
     if config.get("loss_dtype") not in (None, "float32", "bfloat16"):
-        raise ValueError(f"config.loss_dtype={config.loss_dtype!r} is unknown; use None, 'float32' or 'bfloat16'.")
+        raise ConfigError(f"config.loss_dtype={config.loss_dtype!r} is unknown; use None, 'float32' or 'bfloat16'.")
     _validate_profile_steps(config.get("profile_steps"))
 
 
@@ -97,7 +98,7 @@ def _validate_profile_steps(steps) -> None:
     if not steps:
         return
     if len(steps) != 2 or not all(isinstance(s, int) for s in steps) or not 1 <= steps[0] <= steps[1]:
-        raise ValueError(f"config.profile_steps={steps!r} must be (N, M) with 1 <= N <= M, e.g. (10, 15).")
+        raise ConfigError(f"config.profile_steps={steps!r} must be (N, M) with 1 <= N <= M, e.g. (10, 15).")
 
 
 def microbatches(config, num_batch_shards: int) -> int:
@@ -135,7 +136,7 @@ def split_arg(arg, flags=()):
     for item in filter(None, (part.strip() for part in (arg or "").split(","))):
         if "=" not in item:
             if item not in flags:
-                raise ValueError(f"Unknown config argument {item!r}; use key=value pairs"
+                raise ConfigError(f"Unknown config argument {item!r}; use key=value pairs"
                                  + (f" or one of {sorted(flags)}" if flags else "") + ".")
             words.add(item)
             continue
@@ -163,6 +164,6 @@ def apply_arg(config, arg, *, flags=()):
         for name in parents:
             node = node[name]
         if leaf not in node:
-            raise ValueError(f"Config argument {key}={value!r}: the config has no field {key!r}.")
+            raise ConfigError(f"Config argument {key}={value!r}: the config has no field {key!r}.")
         node[leaf] = value
     return words

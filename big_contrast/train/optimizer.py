@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from big_contrast.errors import ConfigError
 from big_contrast.sharding import path_str
 
 SCHEDULES = ("cosine", "rsqrt", "linear", "constant")
@@ -33,7 +34,7 @@ def learning_rate_schedule(opt) -> optax.Schedule:
     warmup, total, lr = int(opt.warmup_steps), int(opt.total_steps), float(opt.lr)
     decay_steps = max(total - warmup, 1)
     if opt.schedule not in SCHEDULES:
-        raise ValueError(f"config.optimizer.schedule={opt.schedule!r} is unknown; use one of {SCHEDULES}.")
+        raise ConfigError(f"config.optimizer.schedule={opt.schedule!r} is unknown; use one of {SCHEDULES}.")
     if opt.schedule == "cosine":
         decay = optax.cosine_decay_schedule(lr, decay_steps, alpha=float(opt.get("min_lr_ratio", 0.0)))
     elif opt.schedule == "linear":
@@ -59,7 +60,7 @@ def lr_multipliers(params, rules, frozen_patterns=()) -> dict[str, float]:
     rules += [(pattern, 0.0) for pattern in frozen_patterns]
     for pattern, _ in rules:
         if not any(re.fullmatch(pattern, p) for p in paths):
-            raise ValueError(
+            raise ConfigError(
                 f"The parameter rule {pattern!r} (config.lr_mults / config.freeze) matches no "
                 f"parameter; paths look like {paths[0]!r}. Fix the regex or remove the rule."
             )
@@ -84,7 +85,7 @@ def make_optimizer(opt, params, *, lr_mults=(), frozen_patterns=()) -> optax.Gra
     `opt` is `config.optimizer`; `params` the parameter pytree (arrays or shapes).
     """
     if opt.name not in OPTIMIZERS:
-        raise ValueError(f"config.optimizer.name={opt.name!r} is unknown; use one of {OPTIMIZERS}.")
+        raise ConfigError(f"config.optimizer.name={opt.name!r} is unknown; use one of {OPTIMIZERS}.")
     schedule = learning_rate_schedule(opt)
     multipliers = lr_multipliers(params, lr_mults, frozen_patterns)
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)

@@ -19,6 +19,8 @@ import dataclasses
 import queue
 import threading
 
+from big_contrast.errors import ConfigError
+
 
 @dataclasses.dataclass
 class Prefetched:
@@ -32,7 +34,7 @@ class Prefetcher:
 
     def __init__(self, data, *, depth: int = 2, fields=None):
         if depth < 1:
-            raise ValueError(f"prefetch depth={depth} must be >= 1.")
+            raise ConfigError(f"prefetch depth={depth} must be >= 1.")
         self._data, self._fields = data, fields
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
