@@ -65,6 +65,7 @@ import numpy as np
 from PIL import Image
 
 from big_contrast.data.errors import SkipRecord
+from big_contrast.errors import ConfigError
 
 # Parallelism comes from the pipeline's threads and worker processes; OpenCV's own thread pool
 # would only oversubscribe the cores (and costs CPU time to wake for 224 px images).
@@ -86,7 +87,7 @@ _CV2_REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
 def _hw(size) -> tuple[int, int]:
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     if h <= 0 or w <= 0:
-        raise ValueError(f"image size must be positive, got {size!r}")
+        raise ConfigError(f"image size must be positive, got {size!r}")
     return int(h), int(w)
 
 
@@ -171,7 +172,7 @@ def _pixels(image, box=None, out_wh=None):
 def check_method(method) -> str:
     """`method` if the resize ops know it, else a ValueError that lists the ones they do."""
     if method not in METHODS:
-        raise ValueError(f"resize method {method!r} is unknown; use one of {', '.join(METHODS)}.")
+        raise ConfigError(f"resize method {method!r} is unknown; use one of {', '.join(METHODS)}.")
     return method
 
 
@@ -185,8 +186,8 @@ def _resize_box_pil(image, box, out_wh, method):
     """Pillow's resampling of the `box` region (cropped first, as torchvision's resized_crop)."""
     pixels, _ = _pixels(image)
     if pixels.dtype != np.uint8:
-        raise ValueError(f"resize method {method!r} resamples uint8 pixels; put value_range / "
-                         "normalize after the resize ops in the op string.")
+        raise ConfigError(f"resize method {method!r} resamples uint8 pixels; put value_range / "
+                          "normalize after the resize ops in the op string.")
     x0, y0, x1, y1 = _crop_box(box, pixels.shape[1], pixels.shape[0])
     region = Image.fromarray(np.ascontiguousarray(pixels[y0:y1, x0:x1]))
     return np.asarray(region.resize(out_wh, PIL_METHODS[method]))
@@ -245,7 +246,7 @@ def central_crop(image, rng, *, size):
     h, w = pixels.shape[:2]
     top, left = (h - out_h) // 2, (w - out_w) // 2
     if top < 0 or left < 0:
-        raise ValueError(f"central_crop({size}) is larger than the {h}x{w} image; resize first")
+        raise ConfigError(f"central_crop({size}) is larger than the {h}x{w} image; resize first")
     return pixels[top : top + out_h, left : left + out_w]
 
 
@@ -276,7 +277,7 @@ def sample_crop_box(width, height, rng, scale, ratio) -> tuple[int, int, int, in
 def random_resized_crop(image, rng, *, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                         method="bilinear"):
     if not 0 < scale[0] <= scale[1] <= 1 or not 0 < ratio[0] <= ratio[1]:
-        raise ValueError(f"random_resized_crop needs 0 < scale <= 1 and 0 < ratio, got {scale}, {ratio}")
+        raise ConfigError(f"random_resized_crop needs 0 < scale <= 1 and 0 < ratio, got {scale}, {ratio}")
     box = sample_crop_box(*_size(image), rng, scale, ratio)
     return _resize_box(image, box, _hw(size), method)
 
@@ -324,30 +325,30 @@ def _parse_op(text: str):
     try:
         node = ast.parse(text.strip(), mode="eval").body
     except SyntaxError:
-        raise ValueError(f"image op {text!r} is not of the form name or name(args)") from None
+        raise ConfigError(f"image op {text!r} is not of the form name or name(args)") from None
     name_node, args, keywords = (node.func, node.args, node.keywords) if isinstance(node, ast.Call) \
         else (node, [], [])
     if not isinstance(name_node, ast.Name) or name_node.id not in OPS:
-        raise ValueError(f"unknown image op {text!r}; available ops: {sorted(OPS)}")
+        raise ConfigError(f"unknown image op {text!r}; available ops: {sorted(OPS)}")
     name = name_node.id
     try:
         kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in keywords}
         positional = [ast.literal_eval(a) for a in args]
     except ValueError:
-        raise ValueError(f"image op {text!r}: arguments must be python literals") from None
+        raise ConfigError(f"image op {text!r}: arguments must be python literals") from None
     names = _POSITIONAL.get(name, ())
     if len(positional) > len(names):
-        raise ValueError(f"image op {text!r} takes at most {len(names)} positional arguments {names}")
+        raise ConfigError(f"image op {text!r} takes at most {len(names)} positional arguments {names}")
     kwargs.update(zip(names, positional))
     try:
         inspect.signature(OPS[name]).bind(None, None, **kwargs)
     except TypeError as e:
-        raise ValueError(f"image op {text!r}: {e}") from None
+        raise ConfigError(f"image op {text!r}: {e}") from None
     if "method" in kwargs:
         try:
             check_method(kwargs["method"])
         except ValueError as e:
-            raise ValueError(f"image op {text!r}: {e}") from None
+            raise ConfigError(f"image op {text!r}: {e}") from None
     return name, kwargs
 
 
@@ -358,7 +359,7 @@ class ImagePipeline:
         self.spec = spec
         parts = [p for p in spec.split("|") if p.strip()]
         if not parts or _parse_op(parts[0])[0] != "decode":
-            raise ValueError(f"image pp {spec!r} must start with 'decode'")
+            raise ConfigError(f"image pp {spec!r} must start with 'decode'")
         self.ops = [_parse_op(p) for p in parts]
 
     def __call__(self, data, rng: np.random.Generator) -> np.ndarray:

@@ -17,6 +17,7 @@ import numpy as np
 from big_contrast.data.errors import REASON_INDEX, SkipRecord
 from big_contrast.data.image_ops import parse_image_pp
 from big_contrast.data.tokenizer import encode_fixed
+from big_contrast.errors import ConfigError
 
 
 def _as_text(value) -> str:
@@ -71,7 +72,7 @@ def all_captions(captions, max_captions: int, tokenizer, max_len: int) -> dict:
     `'caption_mask'` bool [K], K = max_captions, real captions first."""
     usable = usable_captions(captions)
     if len(usable) > max_captions:
-        raise ValueError(
+        raise ConfigError(
             f"an image has {len(usable)} captions, more than data.max_captions={max_captions}; raise "
             "data.max_captions so that every caption is evaluated")
     texts = np.zeros((max_captions, max_len), np.int32)
@@ -94,7 +95,7 @@ class ProcessExample(grain.transforms.RandomMap):
     def __init__(self, image_pp: str, tokenizer, max_len: int, label_keys: Sequence[str] = (),
                  max_captions: int | None = None, captions_optional: bool = False):
         if max_len < 2:
-            raise ValueError(f"max_len={max_len} leaves no room for a token before EOS; use >= 2")
+            raise ConfigError(f"max_len={max_len} leaves no room for a token before EOS; use >= 2")
         self.image_pp = parse_image_pp(image_pp)
         self.tokenizer, self.max_len = tokenizer, max_len
         self.label_keys = tuple(label_keys)
@@ -119,7 +120,7 @@ class ProcessExample(grain.transforms.RandomMap):
         out = {"image": image, **text, "_source": source}
         for key in self.label_keys:
             if key not in raw:
-                raise ValueError(
+                raise ConfigError(
                     f"data.label_keys asks for {key!r}, which this source's examples lack "
                     f"(they have {sorted(k for k in raw if not k.startswith('_'))})")
             out[key] = np.int32(raw[key])

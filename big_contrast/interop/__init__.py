@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from etils import epath
 
+from big_contrast.errors import ConfigError, MissingFileError
+
 
 def read(source, arch: str | None = None, step: int | None = None):
     """The ``Imported`` record of ``source`` (see the module docstring)."""
@@ -23,8 +25,8 @@ def read(source, arch: str | None = None, step: int | None = None):
 
     path = epath.Path(source)
     if not path.exists():
-        raise FileNotFoundError(f"{source} does not exist; pass a Hugging Face model directory, "
-                                "an open_clip or big_vision weights file, or an imported workdir.")
+        raise MissingFileError(f"{source} does not exist; pass a Hugging Face model directory, "
+                               "an open_clip or big_vision weights file, or an imported workdir.")
     if imported.is_workdir(path):
         return imported.read_workdir(path, step)
     if path.is_dir():
@@ -42,8 +44,8 @@ def read(source, arch: str | None = None, step: int | None = None):
 
 def _need_arch(arch, path):
     if not arch:
-        raise ValueError(f"{path.name} carries no architecture; pass --arch (an open_clip model "
-                         "name such as ViT-B-16-SigLIP, or big_vision's such as 'B/16,B').")
+        raise ConfigError(f"{path.name} carries no architecture; pass --arch (an open_clip model "
+                          "name such as ViT-B-16-SigLIP, or big_vision's such as 'B/16,B').")
     return arch
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 from etils import epath
 
+from big_contrast.errors import ConfigError
 from big_contrast.interop import weights as w
 from big_contrast.interop.hf import check_exportable, size_fields
 from big_contrast.models import variants
@@ -37,14 +38,14 @@ def parse_arch(arch: str) -> dict:
     """``"B/16,B,vocab=32000,..."`` -> this project's model options for a big_vision SigLIP."""
     parts = [p.strip() for p in arch.split(",") if p.strip()]
     if len(parts) < 2 or "=" in parts[0] or "=" in parts[1]:
-        raise ValueError(f"--arch {arch!r}: start with the image and text variants, e.g. "
-                         "'B/16,B' or 'So400m/14,So400m,vocab=32000,size=224'.")
+        raise ConfigError(f"--arch {arch!r}: start with the image and text variants, e.g. "
+                          "'B/16,B' or 'So400m/14,So400m,vocab=32000,size=224'.")
     options = dict(ARCH_DEFAULTS)
     for part in parts[2:]:
         key, _, value = part.partition("=")
         if key not in ARCH_OPTIONS or not value.isdigit():
-            raise ValueError(f"--arch option {part!r} is unknown; use integer options among "
-                             f"{ARCH_OPTIONS}.")
+            raise ConfigError(f"--arch option {part!r} is unknown; use integer options among "
+                              f"{ARCH_OPTIONS}.")
         options[key] = int(value)
     isize, patch = variants.decode_image_variant(parts[0])
     tsize = variants.decode_text_variant(parts[1])
@@ -108,8 +109,8 @@ def read(path, arch: str):
 
 def export(record, cfg: dict, out) -> list[str]:
     if check_exportable(cfg) != "siglip":
-        raise ValueError("--to npz writes big_vision SigLIP checkpoints; this model uses the "
-                         "softmax loss (CLIP): export it with --to hf.")
+        raise ConfigError("--to npz writes big_vision SigLIP checkpoints; this model uses the "
+                          "softmax loss (CLIP): export it with --to hf.")
     state = {f"params/{k}": v for k, v in w.to_theirs(rules(cfg), record.params).items()}
     out = epath.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

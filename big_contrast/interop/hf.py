@@ -20,6 +20,7 @@ import math
 from etils import epath
 
 from big_contrast import models
+from big_contrast.errors import ConfigError, MissingFileError
 from big_contrast.interop import weights as w
 from big_contrast.models import variants
 
@@ -35,8 +36,8 @@ NAMES = dict(block=".encoder.layers.", norm1="layer_norm1", norm2="layer_norm2",
 def read_config(directory) -> dict:
     path = epath.Path(directory) / "config.json"
     if not path.exists():
-        raise FileNotFoundError(f"{directory} has no config.json; pass a Hugging Face model "
-                                "directory (save_pretrained output).")
+        raise MissingFileError(f"{directory} has no config.json; pass a Hugging Face model "
+                               "directory (save_pretrained output).")
     return json.loads(path.read_text())
 
 
@@ -46,16 +47,16 @@ def family_of(hf_config: dict) -> str:
         hint = (" (SigLIP 2 NaFlex checkpoints have variable resolution, which this project "
                 "does not build; use a fixed-resolution SigLIP 2 checkpoint)"
                 if model_type == "siglip2" else "")
-        raise ValueError(f"config.json model_type={model_type!r} has no counterpart here{hint}; "
-                         f"supported: {FAMILIES}.")
+        raise ConfigError(f"config.json model_type={model_type!r} has no counterpart here{hint}; "
+                          f"supported: {FAMILIES}.")
     return model_type
 
 
 def _act(tower_cfg: dict, where: str) -> str:
     act = tower_cfg["hidden_act"]
     if act not in ACTS:
-        raise ValueError(f"config.json {where}.hidden_act={act!r} has no counterpart here; "
-                         f"supported: {sorted(ACTS)}.")
+        raise ConfigError(f"config.json {where}.hidden_act={act!r} has no counterpart here; "
+                          f"supported: {sorted(ACTS)}.")
     return ACTS[act]
 
 
@@ -105,12 +106,12 @@ def model_config(hf_config: dict) -> dict:
                 pad_id=t["pad_token_id"])
     if family == "siglip":
         if not v.get("vision_use_head", True):
-            raise ValueError("config.json vision_config.vision_use_head=false: a SigLIP image "
-                             "tower without its MAP head has no pooled output to import.")
+            raise ConfigError("config.json vision_config.vision_use_head=false: a SigLIP image "
+                              "tower without its MAP head has no pooled output to import.")
         projection = t.get("projection_size", t["hidden_size"])
         if projection != v["hidden_size"]:
-            raise ValueError(f"text_config.projection_size={projection} differs from the image "
-                             f"width {v['hidden_size']}; SigLIP has no image projection.")
+            raise ConfigError(f"text_config.projection_size={projection} differs from the image "
+                              f"width {v['hidden_size']}; SigLIP has no image projection.")
         image.update(pool="map", head=False)
         text.update(causal=False, pool="last", eos_id=t["eos_token_id"], head=True,
                     head_bias=True)
@@ -187,7 +188,7 @@ def weights_file(directory) -> list[epath.Path]:
     directory = epath.Path(directory)
     files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
     if not files:
-        raise FileNotFoundError(f"{directory} holds no *.safetensors or pytorch_model.bin weights.")
+        raise MissingFileError(f"{directory} holds no *.safetensors or pytorch_model.bin weights.")
     return files
 
 
@@ -220,7 +221,7 @@ def check_exportable(cfg: dict) -> str:
         wrong.append("text.mask_padding=True with pad_id == eos_id")
     if wrong:
         name = "SiglipModel" if family == "siglip" else "CLIPModel"
-        raise ValueError(f"the model does not match transformers' {name}: {'; '.join(wrong)}.")
+        raise ConfigError(f"the model does not match transformers' {name}: {'; '.join(wrong)}.")
     return family
 
 
@@ -315,8 +316,8 @@ def tokenizer_of(directory, family: str, max_len: int) -> dict | None:
         eos = tok.token_to_id(_special(token_config, "eos_token",
                                        "<|endoftext|>" if family == "clip" else "<eos>"))
         if pad is None:
-            raise ValueError(f"{directory}/tokenizer.json has no padding token; set pad_token in "
-                             "tokenizer_config.json.")
+            raise ConfigError(f"{directory}/tokenizer.json has no padding token; set pad_token in "
+                              "tokenizer_config.json.")
         # SigLIP 2 was trained on lowercased text: transformers' Siglip2Tokenizer lowercases.
         side = token_config.get("padding_side") or (
             "left" if token_config.get("tokenizer_class") == "Siglip2Tokenizer" else "right")

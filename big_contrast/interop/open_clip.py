@@ -28,6 +28,7 @@ import re
 from etils import epath
 
 from big_contrast import models
+from big_contrast.errors import ConfigError
 from big_contrast.interop import weights as w
 from big_contrast.interop.hf import size_fields
 
@@ -63,23 +64,23 @@ def arch_config(arch: str) -> dict:
     if not arch.endswith(".json"):
         spec = importlib.util.find_spec("open_clip")  # locates the package, does not import it
         if spec is None or not spec.submodule_search_locations:
-            raise ValueError(f"--arch {arch!r}: open_clip is not installed, so its model configs "
-                             "cannot be read; pass the model-config JSON file instead.")
+            raise ConfigError(f"--arch {arch!r}: open_clip is not installed, so its model configs "
+                              "cannot be read; pass the model-config JSON file instead.")
         path = epath.Path(spec.submodule_search_locations[0]) / "model_configs" / f"{arch}.json"
     if not path.exists():
-        raise ValueError(f"--arch {arch!r}: no open_clip model config {path}; use a name from "
-                         "open_clip.list_models() or a JSON path.")
+        raise ConfigError(f"--arch {arch!r}: no open_clip model config {path}; use a name from "
+                          "open_clip.list_models() or a JSON path.")
     return json.loads(path.read_text())
 
 
 def _check_fields(where: str, given: dict, known: dict) -> None:
     for key, value in given.items():
         if key not in known:
-            raise ValueError(f"open_clip {where}.{key} has no counterpart in this project.")
+            raise ConfigError(f"open_clip {where}.{key} has no counterpart in this project.")
         allowed = known[key]
         if allowed is not _ANY and value not in allowed:
-            raise ValueError(f"open_clip {where}.{key}={value!r} has no counterpart here "
-                             f"(supported: {allowed}).")
+            raise ConfigError(f"open_clip {where}.{key}={value!r} has no counterpart here "
+                              f"(supported: {allowed}).")
 
 
 def _act(tower: dict, quick_gelu: bool) -> str:
@@ -117,8 +118,8 @@ def model_config(arch: dict) -> dict:
 
 def _clip_image(v: dict, quick: bool) -> dict:
     if not isinstance(v.get("layers", 12), int):
-        raise ValueError(f"open_clip vision_cfg.layers={v['layers']!r} is a ResNet tower, which "
-                         "has no counterpart in this project (ViT towers only).")
+        raise ConfigError(f"open_clip vision_cfg.layers={v['layers']!r} is a ResNet tower, which "
+                          "has no counterpart in this project (ViT towers only).")
     width = v.get("width", 768)
     return dict(size_fields(width, v.get("layers", 12), int(width * v.get("mlp_ratio", 4.0)),
                             width // v.get("head_width", 64), v.get("patch_size", 16)),
@@ -132,16 +133,16 @@ def _square(size) -> int:
         return size
     if len(size) == 2 and size[0] == size[1]:
         return int(size[0])
-    raise ValueError(f"open_clip vision_cfg.image_size={size!r} is not square; the imported "
-                     "config takes one image size.")
+    raise ConfigError(f"open_clip vision_cfg.image_size={size!r} is not square; the imported "
+                      "config takes one image size.")
 
 
 def _timm_image(v: dict) -> dict:
     name = v["timm_model_name"]
     match = re.fullmatch(r"vit_([a-z0-9]+)_patch(\d+)_siglip(_gap)?_(\d+)", name)
     if not match or match.group(1) not in TIMM_SIZES:
-        raise ValueError(f"open_clip vision_cfg.timm_model_name={name!r} has no counterpart "
-                         "here; timm towers of the form vit_<size>_patch<P>_siglip_<res> are built.")
+        raise ConfigError(f"open_clip vision_cfg.timm_model_name={name!r} has no counterpart "
+                          "here; timm towers of the form vit_<size>_patch<P>_siglip_<res> are built.")
     size, patch, gap, _ = match.groups()
     pool = "gap" if gap or v.get("timm_pool") == "avg" else "map"
     return dict(variant=f"{TIMM_SIZES[size]}/{patch}", image_size=_square(v.get("image_size", 224)),

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from big_contrast.data import image_ops
+from big_contrast.errors import ConfigError
 
 # settings["resample"] (transformers' names) -> the resize ops' Pillow `method`
 RESIZE_METHOD = {"bicubic": "bicubic", "bilinear": "pil_bilinear", "nearest": "nearest",
@@ -60,13 +61,13 @@ class Transform:
 
 def _check(settings: dict) -> None:
     if settings["resize"] not in ("exact", "shortest") or settings["resample"] not in RESIZE_METHOD:
-        raise ValueError(f"preprocessing {settings} is unknown: resize must be 'exact' or "
-                         f"'shortest' and resample one of {tuple(RESIZE_METHOD)}.")
+        raise ConfigError(f"preprocessing {settings} is unknown: resize must be 'exact' or "
+                          f"'shortest' and resample one of {tuple(RESIZE_METHOD)}.")
     crop, size = settings["crop"], settings["size"]
     smallest = (size, size) if settings["resize"] == "shortest" else tuple(size)  # the resized image
     if crop is not None and (crop[0] > smallest[0] or crop[1] > smallest[1]):
-        raise ValueError(f"preprocessing crops {crop} out of an image resized to {size}; use a crop "
-                         "no larger than the resize (a larger one would only add black borders).")
+        raise ConfigError(f"preprocessing crops {crop} out of an image resized to {size}; use a crop "
+                          "no larger than the resize (a larger one would only add black borders).")
 
 
 def from_hf_preprocessor(config: dict, family: str) -> dict:

@@ -30,6 +30,8 @@ import string
 import numpy as np
 from etils import epath
 
+from big_contrast.errors import ConfigError, MissingFileError
+
 SETTINGS = "settings.json"
 NORMALIZERS = ("none", "lower", "canonicalize", "punctuation", "clip")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -70,15 +72,15 @@ class PretrainedTokenizer:
         settings_path = directory / SETTINGS
         if settings is None:
             if not settings_path.exists():
-                raise FileNotFoundError(f"{directory} has no {SETTINGS}; point at a tokenizer "
-                                        "directory written by `big-contrast import`.")
+                raise MissingFileError(f"{directory} has no {SETTINGS}; point at a tokenizer "
+                                       "directory written by `big-contrast import`.")
             settings = json.loads(settings_path.read_text())
         self.settings = dict(settings)
         self.directory = directory
         self.lowercase = lowercase
         if self.settings["normalize"] not in NORMALIZERS:
-            raise ValueError(f"{settings_path}: normalize={self.settings['normalize']!r} is "
-                             f"unknown; use one of {NORMALIZERS}.")
+            raise ConfigError(f"{settings_path}: normalize={self.settings['normalize']!r} is "
+                              f"unknown; use one of {NORMALIZERS}.")
         self.max_len = int(self.settings["max_len"])
         self.pad_id, self.eos_id = int(self.settings["pad_id"]), self.settings.get("eos_id")
         self._load()
@@ -98,8 +100,8 @@ class PretrainedTokenizer:
             self._tok.no_truncation()
             self.vocab_size = self._tok.get_vocab_size()
         else:
-            raise ValueError(f"tokenizer kind {self.settings['kind']!r} is unknown; use "
-                             "'sentencepiece' or 'tokenizers'.")
+            raise ConfigError(f"tokenizer kind {self.settings['kind']!r} is unknown; use "
+                              "'sentencepiece' or 'tokenizers'.")
 
     def __getstate__(self):  # pickled into grain worker processes
         return {"directory": str(self.directory), "lowercase": self.lowercase,

@@ -18,6 +18,8 @@ import io
 import numpy as np
 from etils import epath
 
+from big_contrast.errors import ConfigError, MissingFileError
+
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
@@ -47,8 +49,8 @@ def read_weights(path) -> dict[str, np.ndarray]:
     """name -> float32 numpy array from a ``.safetensors``, ``.npz`` or torch ``.bin``/``.pt`` file."""
     path = epath.Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"weights file {path} does not exist; pass the checkpoint file "
-                                "or the model directory that holds it.")
+        raise MissingFileError(f"weights file {path} does not exist; pass the checkpoint file "
+                               "or the model directory that holds it.")
     data = path.read_bytes()
     if path.name.endswith(".safetensors"):
         from safetensors.numpy import load
@@ -61,14 +63,14 @@ def read_weights(path) -> dict[str, np.ndarray]:
         try:
             import torch  # only for pickled torch checkpoints
         except ImportError:
-            raise ValueError(f"{path.name} is a torch pickle and torch is not installed; install "
-                             "torch or convert the file to .safetensors.") from None
+            raise ConfigError(f"{path.name} is a torch pickle and torch is not installed; install "
+                              "torch or convert the file to .safetensors.") from None
 
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         state = state.get("state_dict", state)
         return {k.removeprefix("module."): v.float().numpy() for k, v in state.items()
                 if hasattr(v, "numpy")}
-    raise ValueError(f"{path.name}: unknown weights format; use .safetensors, .npz or .bin.")
+    raise ConfigError(f"{path.name}: unknown weights format; use .safetensors, .npz or .bin.")
 
 
 def write_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
@@ -128,8 +130,8 @@ def to_ours(rules: list[Rule], theirs: dict[str, np.ndarray], expected: dict[str
         raise AssertionError(f"no rule for {uncovered}")
     if problems:
         shown = "; ".join(problems[:12]) + ("; ..." if len(problems) > 12 else "")
-        raise ValueError(f"{source}: {len(problems)} weight(s) do not match the architecture "
-                         f"({shown}); check --arch or the checkpoint's config.")
+        raise ConfigError(f"{source}: {len(problems)} weight(s) do not match the architecture "
+                          f"({shown}); check --arch or the checkpoint's config.")
     return out
 
 

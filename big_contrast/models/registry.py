@@ -50,6 +50,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from big_contrast import sharding
+from big_contrast.errors import ConfigError
 from big_contrast.models import variants
 from big_contrast.models.text import TextConfig, TextTransformer
 from big_contrast.models.two_towers import TwoTowers
@@ -130,7 +131,7 @@ def resolve_config(config: Mapping | None) -> dict:
 def _update_checked(base: dict, update: Mapping, where: str) -> None:
     for key, value in update.items():
         if key not in base:
-            raise ValueError(f"{where}.{key} is not a model option; known options: {sorted(base)}.")
+            raise ConfigError(f"{where}.{key} is not a model option; known options: {sorted(base)}.")
         if isinstance(base[key], dict):
             _update_checked(base[key], dict(value), f"{where}.{key}")
         else:
@@ -139,7 +140,7 @@ def _update_checked(base: dict, update: Mapping, where: str) -> None:
 
 def _dtype(name: str):
     if name not in DTYPES:
-        raise ValueError(f"dtype {name!r} is unknown; use one of {tuple(DTYPES)}.")
+        raise ConfigError(f"dtype {name!r} is unknown; use one of {tuple(DTYPES)}.")
     return DTYPES[name]
 
 
@@ -186,7 +187,7 @@ def create_text_tower(cfg: Mapping | None, rngs: nnx.Rngs) -> TextTransformer:
 def family(loss: str) -> str:
     """The released-model family a loss belongs to: 'siglip' (sigmoid) or 'clip' (softmax)."""
     if loss not in FAMILIES:
-        raise ValueError(f"loss={loss!r} is unknown; use one of {tuple(FAMILIES)}.")
+        raise ConfigError(f"loss={loss!r} is unknown; use one of {tuple(FAMILIES)}.")
     return FAMILIES[loss]
 
 
@@ -195,7 +196,7 @@ def create(config: Mapping | None = None,
     """Builds a ``TwoTowers`` model (eagerly, unsharded) from a model config."""
     cfg = resolve_config(config)
     if cfg["loss"] not in LOSSES:
-        raise ValueError(f"config.loss={cfg['loss']!r} is unknown; use one of {LOSSES}.")
+        raise ConfigError(f"config.loss={cfg['loss']!r} is unknown; use one of {LOSSES}.")
     rngs = nnx.Rngs(rngs) if isinstance(rngs, int) else rngs
     loss_defaults = LOSS_DEFAULTS[cfg["loss"]]
     scalars = {k: loss_defaults[k] if cfg[k] is None else cfg[k] for k in loss_defaults}
@@ -269,7 +270,7 @@ def load_tower_params(model: TwoTowers, tower_name: str, params_tree: Any) -> No
     parameter dtype and placed with the current parameter's sharding.
     """
     if tower_name not in TOWERS:
-        raise ValueError(f"tower_name={tower_name!r} is unknown; use one of {TOWERS}.")
+        raise ConfigError(f"tower_name={tower_name!r} is unknown; use one of {TOWERS}.")
     tower = getattr(model, tower_name)
     flat_state = list(nnx.to_flat_state(nnx.state(tower, nnx.Param)))
     current = {sharding.path_str(path): variable.get_value() for path, variable in flat_state}
@@ -305,6 +306,6 @@ def _check_same_params(tower_name: str, current: dict, given: dict) -> None:
                  for k in current if k in given and tuple(jnp.shape(given[k])) != tuple(current[k].shape)]
     if problems:
         shown = "; ".join(problems[:8]) + ("; ..." if len(problems) > 8 else "")
-        raise ValueError(f"cannot load the {tower_name} tower: {len(problems)} parameter(s) do not "
-                         f"match ({shown}). Build the model with the config the weights were "
-                         "trained with (same variant, image size, pool, scan_layers).")
+        raise ConfigError(f"cannot load the {tower_name} tower: {len(problems)} parameter(s) do not "
+                          f"match ({shown}). Build the model with the config the weights were "
+                          "trained with (same variant, image size, pool, scan_layers).")

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from big_contrast.errors import ConfigError
 from big_contrast.models import transformer as tfm
 from big_contrast.sharding import constrain
 
@@ -73,8 +74,8 @@ class TextConfig:
         tfm.check_choice("remat", self.remat, tfm.REMAT_POLICIES)
         tfm.check_heads(self.width, self.num_heads)
         if self.vocab_size < 1 or self.max_len < 1:
-            raise ValueError(f"text vocab_size={self.vocab_size} and max_len={self.max_len} "
-                             "must be positive.")
+            raise ConfigError(f"text vocab_size={self.vocab_size} and max_len={self.max_len} "
+                              "must be positive.")
 
 
 class TextTransformer(nnx.Module):
@@ -141,9 +142,9 @@ class TextTransformer(nnx.Module):
     def _check_tokens(self, tokens_bl) -> None:
         if (tokens_bl.ndim != 2 or tokens_bl.shape[1] > self.max_len
                 or not jnp.issubdtype(tokens_bl.dtype, jnp.integer)):
-            raise ValueError(f"text tokens of shape {tuple(tokens_bl.shape)} and dtype "
-                             f"{tokens_bl.dtype} must be integer ids [B, L] with L <= max_len "
-                             f"{self.max_len}; truncate them or raise config.text.max_len.")
+            raise ConfigError(f"text tokens of shape {tuple(tokens_bl.shape)} and dtype "
+                              f"{tokens_bl.dtype} must be integer ids [B, L] with L <= max_len "
+                              f"{self.max_len}; truncate them or raise config.text.max_len.")
 
 
 def _last_valid(valid_bl) -> jax.Array:

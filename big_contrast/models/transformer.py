@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from big_contrast.errors import ConfigError
 from big_contrast.sharding import constrain
 
 Dtype = Any
@@ -57,13 +58,13 @@ def logical(*axes: str | None) -> dict:
 
 def check_choice(what: str, value: Any, allowed) -> None:
     if value not in allowed:
-        raise ValueError(f"{what}={value!r} is unknown; use one of {tuple(allowed)}.")
+        raise ConfigError(f"{what}={value!r} is unknown; use one of {tuple(allowed)}.")
 
 
 def check_heads(width: int, num_heads: int) -> None:
     if num_heads < 1 or width % num_heads:
-        raise ValueError(f"width {width} is not divisible by num_heads {num_heads}; "
-                         "pick a number of heads that divides the width.")
+        raise ConfigError(f"width {width} is not divisible by num_heads {num_heads}; "
+                          "pick a number of heads that divides the width.")
 
 
 def layer_norm(width: int, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs,
@@ -216,7 +217,7 @@ class Encoder(nnx.Module):
         check_choice("remat", remat, REMAT_POLICIES)
         check_heads(width, num_heads)
         if depth < 1:
-            raise ValueError(f"depth {depth} must be at least 1.")
+            raise ConfigError(f"depth {depth} must be at least 1.")
 
         def make_block(rngs):
             return Block(width, mlp_dim, num_heads, dtype=dtype, param_dtype=param_dtype,
@@ -284,7 +285,7 @@ class MAPHead(nnx.Module):
 def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
     """Fixed 2-D sin-cos position embedding [h*w, width] (MoCo v3 / big_vision)."""
     if width % 4:
-        raise ValueError(f"posemb='sincos2d' needs a width divisible by 4, got {width}.")
+        raise ConfigError(f"posemb='sincos2d' needs a width divisible by 4, got {width}.")
     y, x = np.mgrid[:h, :w]
     omega = np.arange(width // 4) / max(width // 4 - 1, 1)
     omega = 1.0 / (temperature ** omega)

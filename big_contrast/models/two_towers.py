@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from big_contrast.errors import ConfigError
 from big_contrast.models import transformer as tfm
 from big_contrast.models.text import TextTransformer
 from big_contrast.models.vit import ViT
@@ -72,8 +73,8 @@ class TwoTowers(nnx.Module):
         widths = (embed_dim if self.image_head is not None else icfg.width,
                   embed_dim if self.text_head is not None else tcfg.width)
         if widths[0] != widths[1]:
-            raise ValueError(f"image embeddings of width {widths[0]} and text embeddings of width "
-                             f"{widths[1]} differ; set config.embed_dim to project both.")
+            raise ConfigError(f"image embeddings of width {widths[0]} and text embeddings of width "
+                              f"{widths[1]} differ; set config.embed_dim to project both.")
         self.embed_dim = widths[0]
         self.log_scale = nnx.Param(jnp.asarray(log_scale_init, jnp.float32))
         self.bias = (nnx.Param(jnp.asarray(bias_init, jnp.float32)) if bias_init is not None

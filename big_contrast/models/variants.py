@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from big_contrast.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class Size:
@@ -33,8 +35,8 @@ SIZES = {
 
 def _size(name: str, variant: str) -> Size:
     if name not in SIZES:
-        raise ValueError(f"model variant {variant!r}: size {name!r} is unknown; "
-                         f"use one of {tuple(SIZES)} (e.g. 'B/16' for images, 'B' for text).")
+        raise ConfigError(f"model variant {variant!r}: size {name!r} is unknown; "
+                          f"use one of {tuple(SIZES)} (e.g. 'B/16' for images, 'B' for text).")
     return SIZES[name]
 
 
@@ -43,16 +45,16 @@ def decode_image_variant(variant: str) -> tuple[Size, int]:
     name, slash, patch = variant.partition("/")
     size = _size(name, variant)
     if not slash or not patch.isdigit() or int(patch) < 1:
-        raise ValueError(f"image variant {variant!r} needs a positive patch size after the size, "
-                         "like 'B/16' or 'So400m/14'.")
+        raise ConfigError(f"image variant {variant!r} needs a positive patch size after the size, "
+                          "like 'B/16' or 'So400m/14'.")
     return size, int(patch)
 
 
 def decode_text_variant(variant: str) -> Size:
     """'B' -> Size of B; text towers have no patch size."""
     if "/" in variant:
-        raise ValueError(f"text variant {variant!r} has a patch size; text towers take a bare "
-                         f"size such as 'B' (one of {tuple(SIZES)}).")
+        raise ConfigError(f"text variant {variant!r} has a patch size; text towers take a bare "
+                          f"size such as 'B' (one of {tuple(SIZES)}).")
     return _size(variant, variant)
 
 

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from big_contrast.errors import ConfigError
 from big_contrast.models import transformer as tfm
 from big_contrast.sharding import constrain
 
@@ -46,7 +47,7 @@ POSEMBS = ("learn", "sincos2d")
 def _pair(value, what: str) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
-        raise ValueError(f"{what}={value!r} must be a positive int or a pair of them.")
+        raise ConfigError(f"{what}={value!r} must be a positive int or a pair of them.")
     return pair
 
 
@@ -82,12 +83,12 @@ class ViTConfig:
         tfm.check_heads(self.width, self.num_heads)
         patch, size = _pair(self.patch_size, "patch_size"), _pair(self.image_size, "image_size")
         if size[0] % patch[0] or size[1] % patch[1]:
-            raise ValueError(f"patch size {self.patch_size} does not divide image size "
-                             f"{self.image_size}; pick an image size that is a multiple of the "
-                             "patch size.")
+            raise ConfigError(f"patch size {self.patch_size} does not divide image size "
+                              f"{self.image_size}; pick an image size that is a multiple of the "
+                              "patch size.")
         if not 0.0 <= self.patch_dropout < 1.0:
-            raise ValueError(f"patch_dropout={self.patch_dropout} must be in [0, 1): it is the "
-                             "fraction of patch tokens dropped in training.")
+            raise ConfigError(f"patch_dropout={self.patch_dropout} must be in [0, 1): it is the "
+                              "fraction of patch tokens dropped in training.")
         object.__setattr__(self, "patch_size", patch)  # frozen: normalised once, here
         object.__setattr__(self, "image_size", size)
         object.__setattr__(self, "patch_dropout", float(self.patch_dropout))
@@ -169,9 +170,9 @@ class ViT(nnx.Module):
     def _check_images(self, images) -> None:
         expected = (*self.image_size, self.channels)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"images of shape {tuple(images.shape)} do not match the model's "
-                             f"[B, {expected[0]}, {expected[1]}, {expected[2]}]; resize them or "
-                             "set config.image.image_size.")
+            raise ConfigError(f"images of shape {tuple(images.shape)} do not match the model's "
+                              f"[B, {expected[0]}, {expected[1]}, {expected[2]}]; resize them or "
+                              "set config.image.image_size.")
 
 
 def _keep_patches(x_bnd: jax.Array, keys_b: jax.Array, keep: int) -> jax.Array:
