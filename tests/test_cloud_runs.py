@@ -99,7 +99,8 @@ def test_training_reads_array_record_shards_and_a_manifest_from_the_bucket(gcs_e
     import ml_collections
 
     from big_contrast.data import array_record
-    from big_contrast.train import report, train
+    from big_contrast.commands import report
+    from big_contrast.train import train
     from test_data_pipeline import jpeg, write_array_record
     from test_train import tiny_config
 

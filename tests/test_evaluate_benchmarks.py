@@ -97,7 +97,7 @@ def test_benchmarks_flag_replaces_the_evals(tmp_path, monkeypatch, capsys):
         seen["source"] = config.evals.coco.data.sources.coco.to_dict()
         return {"coco/t2i_recall@1": 0.5, "cifar100/top1": 0.25}, 7
 
-    monkeypatch.setattr("big_contrast.train.standalone.evaluate_checkpoint", fake_evaluate_checkpoint)
+    monkeypatch.setattr("big_contrast.commands.eval.evaluate_checkpoint", fake_evaluate_checkpoint)
     assert cli.main(["big-contrast", "eval", "--config", str(REPO / "configs/demo.py"), "--workdir", str(tmp_path),
                      "--benchmarks", "imagenet,cifar100,coco", "--data_dir", str(tmp_path)]) == 0
     assert sorted(seen["evals"]) == ["cifar100", "coco", "imagenet2012"]

@@ -136,7 +136,7 @@ def test_without_a_recorded_config_the_stored_shapes_are_checked_before_restorin
 
 
 def test_structural_keys_are_those_that_change_the_train_state():
-    from big_contrast.train.record import is_structural
+    from big_contrast.workdir import is_structural
 
     assert is_structural("model.text.max_len", 16, 32)
     assert is_structural("optimizer.name", "adamw", "sgd")

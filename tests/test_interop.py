@@ -434,7 +434,7 @@ def test_import_eval_export_round_trip(hf_siglip, siglip_workdir, tmp_path, caps
 def test_a_workdir_that_was_not_imported_exports_with_its_config(hf_siglip, siglip_workdir, tmp_path):
     import shutil
 
-    from big_contrast.interop.commands import run_export
+    from big_contrast.commands.export import run_export
 
     _, reference, _ = hf_siglip
     plain = tmp_path / "plain"  # checkpoints only, as a run of this project leaves them
@@ -449,7 +449,7 @@ def test_a_workdir_that_was_not_imported_exports_with_its_config(hf_siglip, sigl
 
 
 def test_npz_import_takes_the_tokenizer_of_an_hf_directory(hf_siglip, tmp_path):
-    from big_contrast.interop.commands import run_import
+    from big_contrast.commands.import_ import run_import
 
     directory, reference, tokenizer = hf_siglip
     path = tmp_path / "siglip.npz"
@@ -464,9 +464,9 @@ def test_npz_import_takes_the_tokenizer_of_an_hf_directory(hf_siglip, tmp_path):
 
 
 def test_clip_exports_to_transformers_and_refuses_npz(hf_clip, tmp_path):
-    from big_contrast.interop.commands import run_export
+    from big_contrast.commands.export import run_export
     from big_contrast.interop.imported import write_workdir
-    from big_contrast.train.initial import save_initial_checkpoint
+    from big_contrast.commands.import_ import save_initial_checkpoint
 
     directory, reference, _ = hf_clip
     workdir = write_workdir(tmp_path / "W", interop.read(directory), save_initial_checkpoint)
