@@ -27,11 +27,13 @@ daemon thread of the running process rewrites every `HEARTBEAT_S` seconds (a thr
 training loop, so a 10-minute compile or eval does not look like a dead run). A lock is stale,
 and is taken over, when
 
-* it was written on this host, the workdir is local and its pid is no longer alive (a SIGKILLed
-  run resumes at once; a reused pid is caught by the heartbeat rule), or
+* it was written on this machine (same hostname and boot id) and its pid is no longer alive: a
+  SIGKILLed run resumes at once, on local disk or on a bucket (a reused pid is caught by the
+  heartbeat rule), or
 * its heartbeat is older than `STALE_AFTER_S` (4 missed heartbeats), judged on the wall clocks of
-  the two hosts: NTP keeps them within a second, far below the two-minute margin. This is the
-  only rule that works on a bucket, where no pid can be checked.
+  the two machines: NTP keeps them within a second, far below the two-minute margin. This is the
+  only rule for a run on another machine, whose pid cannot be checked (a preempted VM's
+  replacement waits at most two minutes).
 
 A fresh lock is created atomically on local disk (`O_EXCL`). An object store has no such
 primitive through epath, so on a bucket the lock is written, then read back: of two runs
@@ -243,7 +245,8 @@ class RunLock:
         self.release()
 
     def _record(self) -> dict:
-        return {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token, "heartbeat": time.time()}
+        return {"host": socket.gethostname(), "machine": _machine_id(), "pid": os.getpid(), "token": self.token,
+                "heartbeat": time.time()}
 
     def acquire(self) -> None:
         """Takes the lock, or raises `WorkdirLocked` naming the live run that holds it."""
@@ -251,7 +254,7 @@ class RunLock:
             return
         target = self.workdir.lock_file
         held = read_lock(target)
-        if held is not None and not is_stale(held, remote=self.workdir.remote):
+        if held is not None and not is_stale(held):
             raise WorkdirLocked(_refusal(self.workdir, held))
         if not self._create(target, replace=held is not None):
             raise WorkdirLocked(_refusal(self.workdir, read_lock(target) or {}))
@@ -324,16 +327,25 @@ def read_lock(path) -> dict | None:
         return {}  # a half-written lock of a killed run
 
 
-def is_stale(held: dict, *, remote: bool, now: float | None = None) -> bool:
+def is_stale(held: dict, *, now: float | None = None) -> bool:
     """Whether the run named by a lock record is gone (see the module docstring)."""
     heartbeat = held.get("heartbeat")
     if not isinstance(heartbeat, (int, float)):
         return True
     if (time.time() if now is None else now) - heartbeat > STALE_AFTER_S:
         return True
-    if not remote and held.get("host") == socket.gethostname():
+    if held.get("host") == socket.gethostname() and held.get("machine") == _machine_id():
         return not _pid_alive(held.get("pid"))
     return False
+
+
+def _machine_id() -> str:
+    """This boot of this machine (Linux's boot id): two machines that share a hostname differ in it."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def _pid_alive(pid) -> bool:

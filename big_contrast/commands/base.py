@@ -78,10 +78,23 @@ def parse(fv, argv: list[str], *, known_only: bool = False) -> list[str]:
         if not _raised_by_config_override(error):
             raise
         raise UsageError(_override_sentence(error, argv)) from error
+    except absl_flags.UnrecognizedFlagError as error:
+        _refuse_dashed(fv, [f"--{error.flagname}"])
+        raise
+    if known_only:
+        _refuse_dashed(fv, rest[1:])
     # grain's worker processes read absl's global flags: mark them parsed.
     if not absl_flags.FLAGS.is_parsed():
         absl_flags.FLAGS.mark_as_parsed()
     return rest[1:]
+
+
+def _refuse_dashed(fv, args) -> None:
+    """`--data-dir` where the flag is `--data_dir`: say so (flags are spelt with underscores)."""
+    for arg in args:
+        name = arg.lstrip("-").split("=", 1)[0]
+        if arg.startswith("--") and "-" in name and name.replace("-", "_") in fv:
+            raise UsageError(f"--{name} is spelt --{name.replace('-', '_')} (flags use underscores).")
 
 
 def _raised_by_config_override(error: BaseException) -> bool:
@@ -90,14 +103,15 @@ def _raised_by_config_override(error: BaseException) -> bool:
 
 
 def _override_sentence(error: BaseException, argv: list[str]) -> str:
-    text = str(error.args[0]) if error.args else str(error)
-    first, _, rest = text.strip().strip("'\"").partition("\n")
-    field = first.strip().strip("'\"")
-    suggestion = re.search(r'[Dd]id you mean "([^"]+)"', rest)
+    """ml_collections says `'batch_sise'` and `Did you mean "batch_size" instead of "batch_sise"?`."""
+    text = str(error)
+    named = re.search(r'instead of \\?"([^"\\]+)', text) or re.search(r"'([^'\\]+)", text)
+    field = named.group(1) if named else text.strip("'\"")
+    suggestion = re.search(r'[Dd]id you mean \\?"([^"\\]+)', text)
     given = next((a for a in argv if a.startswith("--config.") and field in a.split("=")[0].split(".")),
                  f"--config.{field}")
-    hint = f'; did you mean "{suggestion.group(1)}"?' if suggestion else "; check the key against the config file."
-    return f"{given}: the config has no field {field!r}{hint}"
+    hint = f' (did you mean "{suggestion.group(1)}"?)' if suggestion else ""
+    return f"{given}: the config has no field {field!r}{hint}; check the key against the config file."
 
 
 def help_text(name: str, module, fv) -> str:
