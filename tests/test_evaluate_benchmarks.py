@@ -14,6 +14,7 @@ from big_contrast import cli, evaluate
 from big_contrast.checkpoint import Checkpointer
 from big_contrast.evaluate import benchmarks
 from big_contrast.train import build
+from big_contrast.workdir import CHECKPOINTS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -64,7 +65,7 @@ def test_eval_command_runs_labelled_sources_fewshot_and_skips_a_missing_benchmar
         import bench
     finally:
         sys.path.remove(str(tmp_path))
-    ckpt = Checkpointer(tmp_path / "work" / "checkpoints", async_save=False)
+    ckpt = Checkpointer(tmp_path / "work" / CHECKPOINTS, async_save=False)
     ckpt.save(3, build(bench.get_config()).state, {"step": 3})
     ckpt.close()
 

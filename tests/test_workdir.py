@@ -17,7 +17,7 @@ import pytest
 from big_contrast import cli, paths, workdir as workdir_module
 from big_contrast.checkpoint import Checkpointer
 from big_contrast.train.metrics import read_metrics
-from big_contrast.workdir import Workdir, WorkdirLocked, is_stale
+from big_contrast.workdir import CHECKPOINTS, Workdir, WorkdirLocked, is_stale
 from test_failures import messages
 from test_train import REPO, env, wait_for
 from test_train import cli as train_command
@@ -30,7 +30,7 @@ def in_process(argv):
 
 def test_the_layout_is_named_once_and_the_url_parsed_once(tmp_path):
     local = Workdir(tmp_path / "w")
-    assert local.checkpoints == tmp_path / "w" / "checkpoints" and not local.remote
+    assert local.checkpoints == tmp_path / "w" / CHECKPOINTS and not local.remote
     assert local.config_record.name == "config.json" and local.metrics.name == "metrics.jsonl"
     assert os.fspath(Workdir("gs://b/run").checkpoints) == "gs://b/run/checkpoints"
     assert Workdir.of(local) is local
@@ -60,7 +60,7 @@ def test_a_second_train_on_a_live_run_is_refused_and_a_killed_runs_lock_does_not
     live = subprocess.Popen(train_command(workdir, "--config.total_steps=100000", "--config.checkpoint_every=2"),
                             env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_for(lambda: (workdir / "checkpoints" / "2").is_dir(), live)
+        wait_for(lambda: (workdir / CHECKPOINTS / "2").is_dir(), live)
         held = json.loads((workdir / "lock.json").read_text())
         assert held["pid"] == live.pid
         before = sorted(p.name for p in workdir.iterdir())
@@ -73,7 +73,7 @@ def test_a_second_train_on_a_live_run_is_refused_and_a_killed_runs_lock_does_not
         live.send_signal(signal.SIGKILL)
         live.wait()
     assert (workdir / "lock.json").exists()  # left behind by the killed run
-    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
+    ckpt = Checkpointer(workdir / CHECKPOINTS, async_save=False)
     saved = max(ckpt.all_steps())
     ckpt.close()
     assert cli.main(in_process(train_command(workdir, f"--config.total_steps={saved + 1}"))) == 0
