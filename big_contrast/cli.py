@@ -38,6 +38,11 @@ def main(argv=None) -> int:
         print(USAGE)
         return 0
     name, rest = _command(args)
+    if name == "data":
+        asked = bool(rest) and rest[0] in ("-h", "--help")
+        print("big-contrast data: give a sub-command, convert or train-tokenizer "
+              "(e.g. big-contrast data convert --help).", file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     if name not in COMMANDS:
         print(f"big-contrast: unknown command {name!r}; use one of {', '.join(COMMANDS)}.\n{USAGE}", file=sys.stderr)
         return 2
