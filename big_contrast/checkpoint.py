@@ -33,6 +33,7 @@ from big_contrast import paths
 from big_contrast.errors import CheckpointSaveFailed, ConfigMismatch, DamagedCheckpoint, MissingFileError, short_reason
 from big_contrast.logs import orbax_records_held_on_failure, silence_closed_event_loop
 from big_contrast.sharding import path_str
+from big_contrast.workdir import check_checkpoint_location
 
 
 @dataclasses.dataclass
@@ -47,26 +48,13 @@ class _KeepSteps:
         return [info.step in self.steps for info in checkpoints]
 
 
-ORBAX_SCHEMES = (None, "gs")  # local folders and gs://; orbax 0.12.8 turns s3://b/x into ./s3:/b/x
-
-
-def check_location(directory) -> None:
-    """Raises `paths.StorageError` (one sentence) for a URL orbax cannot write checkpoints to."""
-    kind = paths.scheme(paths.validate(directory))
-    if kind not in ORBAX_SCHEMES:
-        raise paths.StorageError(
-            f"checkpoints cannot be written to {paths.validate(directory)!r}: the pinned orbax-checkpoint "
-            f"handles local folders and gs:// only (with {kind}:// it writes a local folder '{kind}:'); "
-            "use a gs:// or local --workdir")
-
-
 class Checkpointer:
     """A thin wrapper over `ocp.CheckpointManager` for the train state + JSON metadata."""
 
     def __init__(self, directory, *, keep: int = 3, async_save: bool = True):
         # A local folder is made absolute (orbax wants that); a gs:// / s3:// URL stays the URL
         # every process passes, so all hosts of a run write one checkpoint through orbax.
-        check_location(directory)
+        check_checkpoint_location(directory)
         self.directory = paths.parse(directory)
         if not paths.is_remote(directory):
             self.directory = self.directory.absolute()

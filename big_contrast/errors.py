@@ -58,16 +58,6 @@ class UsageError(BigContrastError):
 USER_ERRORS = (BigContrastError,)
 
 
-def __getattr__(name):
-    # Temporary: cli.py still imports the log filters from here; they moved to
-    # big_contrast.logs. Remove once cli.py imports `quiet_library_tracebacks` from there.
-    if name in ("quiet_library_tracebacks", "silence_closed_event_loop"):
-        from big_contrast import logs
-
-        return getattr(logs, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def short_reason(error: BaseException, limit: int = 240) -> str:
     """The first line of `error`, cut to `limit` characters from its end (where tensorstore
     and orbax put the specific cause, after the chain of drivers that reported it)."""

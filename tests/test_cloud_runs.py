@@ -12,6 +12,7 @@ import pytest
 
 from big_contrast import cli, paths
 from big_contrast.train.metrics import read_metrics
+from big_contrast.workdir import CHECKPOINTS
 from cloud_fixtures import free_port
 from test_failures import SMALL_EVALS, messages
 from test_train import cli as train_command
@@ -34,7 +35,7 @@ def test_a_bucket_workdir_trains_resumes_after_kill_9_and_evaluates(gcs_emulator
     cwd.mkdir()
     killed = subprocess.Popen(train_command(workdir, *STEPS), env=env(), cwd=cwd, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
-    wait_for(lambda: paths.join(workdir, "checkpoints", "3", "commit_success.txt").exists(), killed)
+    wait_for(lambda: paths.join(workdir, CHECKPOINTS, "3", "commit_success.txt").exists(), killed)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert killed.returncode == -signal.SIGKILL
@@ -99,7 +100,8 @@ def test_training_reads_array_record_shards_and_a_manifest_from_the_bucket(gcs_e
     import ml_collections
 
     from big_contrast.data import array_record
-    from big_contrast.train import report, train
+    from big_contrast.commands import report
+    from big_contrast.train import train
     from test_data_pipeline import jpeg, write_array_record
     from test_train import tiny_config
 

@@ -1,7 +1,6 @@
 """`big-contrast data convert` / `train-tokenizer`: tar shards and manifests -> ArrayRecord, the
-skip summary, the sentencepiece training command and the argparse hook."""
+skip summary, the sentencepiece training command and the `data` command line."""
 
-import argparse
 import io
 import json
 import os
@@ -14,8 +13,7 @@ from PIL import Image
 
 from big_contrast.data import default_data_config, make_pipeline
 from big_contrast.data.array_record import ArrayRecordSource
-from big_contrast.data.commands import (add_data_subcommands, convert, parse_data_args,
-                                        source_config_from_spec, train_tokenizer)
+from big_contrast.data.commands import convert, source_config_from_spec, train_tokenizer
 from big_contrast.data.tarshards import iter_tar_samples
 from big_contrast.data.tokenizer import make_tokenizer
 
@@ -154,17 +152,16 @@ def test_source_specs():
         source_config_from_spec("shard-000.tar")
 
 
-def test_argparse_hook_runs_both_commands(tmp_path, shards):
-    parser = argparse.ArgumentParser(prog="big-contrast")
-    add_data_subcommands(parser.add_subparsers(dest="command", required=True))
-    args = parse_data_args(parser, ["data", "convert", *shards[0], str(tmp_path / "out"),
-                                    "--examples-per-shard", "100", "--runner", "serial"])
-    assert args.func(args) == 0
+def test_cli_runs_both_data_commands(tmp_path, shards, capsys):
+    from big_contrast.cli import main
+
+    assert main(["big-contrast", "data", "convert", *shards[0], str(tmp_path / "out"),
+                 "--examples_per_shard", "100", "--runner", "serial"]) == 0
     assert len(ArrayRecordSource(str(tmp_path / "out"))) == 11
-    args = parser.parse_args(["data", "train-tokenizer", str(tmp_path / "out"), "--vocab-size", "30",
-                              "--output", str(tmp_path / "tok" / "t.model")])
-    assert args.func(args) == 0
+    assert main(["big-contrast", "data", "train-tokenizer", str(tmp_path / "out"), "--vocab_size", "30",
+                 "--output", str(tmp_path / "tok" / "t.model")]) == 0
     tok = make_tokenizer(str(tmp_path / "tok" / "t.model"))
     assert np.all(np.asarray(tok.encode("caption 7")) > 2)
-    with pytest.raises(SystemExit):
-        parser.parse_args(["data", "train-tokenizer", "demo"])  # --vocab-size is required
+    capsys.readouterr()
+    assert main(["big-contrast", "data", "train-tokenizer", "demo"]) == 2
+    assert capsys.readouterr().err.strip() == "big-contrast data train-tokenizer: --vocab_size is required."

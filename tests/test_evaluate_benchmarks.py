@@ -14,6 +14,7 @@ from big_contrast import cli, evaluate
 from big_contrast.checkpoint import Checkpointer
 from big_contrast.evaluate import benchmarks
 from big_contrast.train import build
+from big_contrast.workdir import CHECKPOINTS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -64,7 +65,7 @@ def test_eval_command_runs_labelled_sources_fewshot_and_skips_a_missing_benchmar
         import bench
     finally:
         sys.path.remove(str(tmp_path))
-    ckpt = Checkpointer(tmp_path / "work" / "checkpoints", async_save=False)
+    ckpt = Checkpointer(tmp_path / "work" / CHECKPOINTS, async_save=False)
     ckpt.save(3, build(bench.get_config()).state, {"step": 3})
     ckpt.close()
 
@@ -97,7 +98,7 @@ def test_benchmarks_flag_replaces_the_evals(tmp_path, monkeypatch, capsys):
         seen["source"] = config.evals.coco.data.sources.coco.to_dict()
         return {"coco/t2i_recall@1": 0.5, "cifar100/top1": 0.25}, 7
 
-    monkeypatch.setattr("big_contrast.train.standalone.evaluate_checkpoint", fake_evaluate_checkpoint)
+    monkeypatch.setattr("big_contrast.commands.eval.evaluate_checkpoint", fake_evaluate_checkpoint)
     assert cli.main(["big-contrast", "eval", "--config", str(REPO / "configs/demo.py"), "--workdir", str(tmp_path),
                      "--benchmarks", "imagenet,cifar100,coco", "--data_dir", str(tmp_path)]) == 0
     assert sorted(seen["evals"]) == ["cifar100", "coco", "imagenet2012"]

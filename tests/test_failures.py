@@ -19,6 +19,7 @@ import pytest
 from big_contrast import cli
 from big_contrast.checkpoint import Checkpointer
 from big_contrast.train.metrics import read_metrics
+from big_contrast.workdir import CHECKPOINTS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMALL_EVALS = [f"--config.evals.{name}.data.sources.demo.size=48" for name in ("shape", "colour", "retrieval")]
@@ -56,7 +57,7 @@ def trained(tmp_path_factory):
     """A workdir trained for 4 steps with checkpoints at steps 2 and 4."""
     workdir = tmp_path_factory.mktemp("trained")
     assert cli.main(train_argv(workdir)) == 0
-    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
+    ckpt = Checkpointer(workdir / CHECKPOINTS, async_save=False)
     assert ckpt.all_steps() == [2, 4]
     ckpt.close()
     return workdir
@@ -100,8 +101,8 @@ def bad_data_state(step_dir):
 def test_a_damaged_latest_checkpoint_is_skipped_and_the_run_resumes_from_the_previous_one(
         trained, tmp_path, capfd, damage):
     workdir = copy_of(trained, tmp_path)
-    damage(workdir / "checkpoints" / "4")
-    damaged = snapshot(workdir / "checkpoints" / "4")
+    damage(workdir / CHECKPOINTS / "4")
+    damaged = snapshot(workdir / CHECKPOINTS / "4")
     code, out, err = run_cli(train_argv(workdir), capfd)
     assert code == 0, err
     assert len(messages(err)) == 1, err
@@ -112,7 +113,7 @@ def test_a_damaged_latest_checkpoint_is_skipped_and_the_run_resumes_from_the_pre
     assert losses(workdir) == pytest.approx(losses(trained), rel=1e-5)
     assert [r["step"] for r in read_metrics(workdir) if "loss" in r][-2:] == [3, 4]
     # The damaged checkpoint is left as it was, for inspection.
-    assert snapshot(workdir / "checkpoints" / "4") == damaged
+    assert snapshot(workdir / CHECKPOINTS / "4") == damaged
     assert "not saving step 4" in out
 
 
@@ -159,7 +160,7 @@ def test_without_a_recorded_config_the_stored_shapes_are_checked_before_restorin
 
 
 def test_structural_keys_are_those_that_change_the_train_state():
-    from big_contrast.train.record import is_structural
+    from big_contrast.workdir import is_structural
 
     assert is_structural("model.text.max_len", 16, 32)
     assert is_structural("optimizer.name", "adamw", "sgd")
@@ -193,7 +194,7 @@ def test_a_failed_save_stops_with_a_sentence_and_keeps_the_previous_checkpoint(t
     config fit, the checkpoint's array files do not. Nothing of orbax's background threads'
     tracebacks reaches stderr."""
     workdir = copy_of(trained, tmp_path)
-    shutil.rmtree(workdir / "checkpoints" / "4")  # resume from step 2; the save at step 4 fails
+    shutil.rmtree(workdir / CHECKPOINTS / "4")  # resume from step 2; the save at step 4 fails
 
     def limit_file_size():
         resource.setrlimit(resource.RLIMIT_FSIZE, (48 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
@@ -206,10 +207,10 @@ def test_a_failed_save_stops_with_a_sentence_and_keeps_the_previous_checkpoint(t
     assert result.returncode == 2, result.stderr[-3000:]
     lines = messages(result.stderr)
     assert len(lines) == 1 and "Traceback" not in result.stderr + result.stdout, result.stderr[-3000:]
-    assert lines[0].startswith(f"big-contrast train: Saving the checkpoint of step 4 in {workdir / 'checkpoints'} "
+    assert lines[0].startswith(f"big-contrast train: Saving the checkpoint of step 4 in {workdir / CHECKPOINTS} "
                                "failed (") and "File too large" in lines[0], lines[0]
     assert "the checkpoint of step 2 is intact" in lines[0]
-    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
+    ckpt = Checkpointer(workdir / CHECKPOINTS, async_save=False)
     assert ckpt.all_steps() == [2]
     _, step = ckpt.restore_arrays()
     ckpt.close()
@@ -220,7 +221,7 @@ def test_no_readable_checkpoint_exits_2_with_short_stderr(trained, tmp_path):
     """In a subprocess: the exit status and everything printed up to interpreter exit."""
     workdir = copy_of(trained, tmp_path)
     for step in ("2", "4"):
-        truncate_arrays(workdir / "checkpoints" / step)
+        truncate_arrays(workdir / CHECKPOINTS / step)
     result = subprocess.run([sys.executable, "-m", "big_contrast.cli", *train_argv(workdir)[1:]],
                             capture_output=True, text=True)
     assert result.returncode == 2, result.stderr[-3000:]

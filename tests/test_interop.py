@@ -21,6 +21,7 @@ from big_contrast.cli import main as cli_main  # noqa: E402
 from big_contrast.interop import hf  # noqa: E402
 from big_contrast.interop.preprocess import Transform  # noqa: E402
 from big_contrast.interop.tokenizers import PretrainedTokenizer  # noqa: E402
+from big_contrast.workdir import CHECKPOINTS  # noqa: E402
 
 TRICKY = ["A photo of a CAT.", "  many   spaces\tand\nnew lines ", "", "naïve café — Ünïcödé 東京",
           "word " * 90, "punctuation!!! (yes) [no] {maybe} 'quoted' \"double\"", "UPPER lower MiXeD"]
@@ -412,7 +413,7 @@ def siglip_workdir(hf_siglip, tmp_path_factory):
 def test_import_eval_export_round_trip(hf_siglip, siglip_workdir, tmp_path, capsys):
     directory, reference, tokenizer = hf_siglip
     workdir = siglip_workdir
-    assert {"config.py", "interop.json", "tokenizer", "checkpoints"} <= {p.name for p in workdir.iterdir()}
+    assert {"config.py", "interop.json", "tokenizer", CHECKPOINTS} <= {p.name for p in workdir.iterdir()}
     assert cli_main(["big-contrast", "eval", "--config", str(workdir / "config.py"),
                      "--workdir", str(workdir)]) == 0
     assert "shape" in capsys.readouterr().out
@@ -434,11 +435,11 @@ def test_import_eval_export_round_trip(hf_siglip, siglip_workdir, tmp_path, caps
 def test_a_workdir_that_was_not_imported_exports_with_its_config(hf_siglip, siglip_workdir, tmp_path):
     import shutil
 
-    from big_contrast.interop.commands import run_export
+    from big_contrast.commands.export import run_export
 
     _, reference, _ = hf_siglip
     plain = tmp_path / "plain"  # checkpoints only, as a run of this project leaves them
-    shutil.copytree(siglip_workdir / "checkpoints", plain / "checkpoints")
+    shutil.copytree(siglip_workdir / CHECKPOINTS, plain / CHECKPOINTS)
     with pytest.raises(ValueError, match="pass --config"):
         run_export(plain, "hf", tmp_path / "x")
     run_export(plain, "hf", tmp_path / "hf", config=str(siglip_workdir / "config.py"))
@@ -449,7 +450,7 @@ def test_a_workdir_that_was_not_imported_exports_with_its_config(hf_siglip, sigl
 
 
 def test_npz_import_takes_the_tokenizer_of_an_hf_directory(hf_siglip, tmp_path):
-    from big_contrast.interop.commands import run_import
+    from big_contrast.commands.import_ import run_import
 
     directory, reference, tokenizer = hf_siglip
     path = tmp_path / "siglip.npz"
@@ -464,9 +465,9 @@ def test_npz_import_takes_the_tokenizer_of_an_hf_directory(hf_siglip, tmp_path):
 
 
 def test_clip_exports_to_transformers_and_refuses_npz(hf_clip, tmp_path):
-    from big_contrast.interop.commands import run_export
+    from big_contrast.commands.export import run_export
     from big_contrast.interop.imported import write_workdir
-    from big_contrast.train.initial import save_initial_checkpoint
+    from big_contrast.commands.import_ import save_initial_checkpoint
 
     directory, reference, _ = hf_clip
     workdir = write_workdir(tmp_path / "W", interop.read(directory), save_initial_checkpoint)
@@ -501,10 +502,10 @@ def test_an_imported_model_trains_a_step_with_the_image_tower_frozen(siglip_work
     if how == "lit":
         config.init_towers = {"image": str(siglip_workdir)}
     else:
-        shutil.copytree(siglip_workdir / "checkpoints", workdir / "checkpoints")
+        shutil.copytree(siglip_workdir / CHECKPOINTS, workdir / CHECKPOINTS)
     one_device = sharding.make_mesh([("data", 1)], devices=jax.devices()[:1])  # a faster save
     train(config, workdir, mesh=one_device, progress=False)
-    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
+    ckpt = Checkpointer(workdir / CHECKPOINTS, async_save=False)
     state, step = ckpt.restore_arrays()
     ckpt.close()
     imported, trained = interop.read(siglip_workdir).params, flatten(state["params"])
@@ -549,7 +550,7 @@ def test_checkpoint_arrays_restore_on_fewer_devices_than_wrote_them(tmp_path):
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
     w = jax.device_put(np.arange(16, dtype=np.float32).reshape(8, 2),
                        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
-    ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    ckpt = Checkpointer(tmp_path / CHECKPOINTS, async_save=False)
     ckpt.save(0, {"params": {"w": w}}, {"step": 0}, wait=True)
     ckpt.close()
     code = ("import sys, numpy as np, jax; from big_contrast.checkpoint import Checkpointer; "
@@ -557,4 +558,4 @@ def test_checkpoint_arrays_restore_on_fewer_devices_than_wrote_them(tmp_path):
             "state, _ = c.restore_arrays(); c.close(); "
             "assert np.array_equal(state['params']['w'], np.arange(16).reshape(8, 2))")
     env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
-    subprocess.run([sys.executable, "-c", code, str(tmp_path / "checkpoints")], check=True, env=env)
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / CHECKPOINTS)], check=True, env=env)

@@ -22,6 +22,7 @@ from big_contrast import sharding
 from big_contrast.train import NonFiniteLoss, build, train
 from big_contrast.train.loop import make_step_fn
 from big_contrast.train.metrics import read_metrics
+from big_contrast.workdir import CHECKPOINTS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))
@@ -112,7 +113,7 @@ def wait_for(predicate, proc, timeout=240):
 
 
 def final_params(workdir):
-    ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False)
+    ckpt = Checkpointer(pathlib.Path(workdir) / CHECKPOINTS, async_save=False)
     state, step = ckpt.restore_arrays()
     ckpt.close()
     return step, state["params"]
@@ -126,7 +127,7 @@ def test_kill_9_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(tmp_
     killed = tmp_path / "killed"
     proc = subprocess.Popen(cli(killed, *steps), env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    wait_for(lambda: (killed / "checkpoints" / "3").is_dir(), proc)
+    wait_for(lambda: (killed / CHECKPOINTS / "3").is_dir(), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
@@ -154,7 +155,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-3000:]
     assert "SIGTERM" in out and "checkpoint saved" in out
-    steps = Checkpointer(tmp_path / "checkpoints", async_save=False).all_steps()
+    steps = Checkpointer(tmp_path / CHECKPOINTS, async_save=False).all_steps()
     assert len(steps) == 1 and 2 <= steps[0] < 100000
 
 
@@ -167,7 +168,7 @@ def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(tm
     with pytest.raises(NonFiniteLoss, match=r"at step (\d+)") as error:
         train(config, tmp_path, progress=False)
     bad_step = int(error.value.args[0].split("at step ")[1].split(";")[0])
-    ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    ckpt = Checkpointer(tmp_path / CHECKPOINTS, async_save=False)
     assert ckpt.latest_step() == bad_step - 1
     _, params = final_params(tmp_path)
     assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))
@@ -240,7 +241,7 @@ def test_lit_loads_a_tower_from_a_workdir_and_freezes_it(tmp_path):
     """config.init_towers copies the image tower of another run's latest checkpoint; with
     lock_image the optimizer gives it zero updates."""
     source = build(tiny_config(seed=1))  # another initialisation stands in for a trained run
-    ckpt = Checkpointer(tmp_path / "image_run" / "checkpoints", async_save=False)
+    ckpt = Checkpointer(tmp_path / "image_run" / CHECKPOINTS, async_save=False)
     ckpt.save(5, source.state, {"step": 5})
     ckpt.close()
     _, saved = final_params(tmp_path / "image_run")

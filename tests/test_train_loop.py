@@ -14,6 +14,7 @@ from big_contrast.train import loop as train_loop
 from big_contrast.train.metrics import read_metrics
 from big_contrast.train.prefetch import Prefetcher
 from big_contrast.train.step import TrainState
+from big_contrast.workdir import CHECKPOINTS
 
 from test_train import final_params, tiny_config  # noqa: E402  (tests/ is on sys.path)
 
@@ -40,7 +41,7 @@ def test_resume_with_prefetched_batches_sees_the_batches_of_an_uninterrupted_run
     after batch 2, so the resumed steps 3..6 have the uninterrupted run's losses."""
     config = tiny_config(total_steps=6, checkpoint_every=100, prefetch_batches=3)
     train(config, tmp_path, progress=False, stop_after_steps=2)
-    assert Checkpointer(tmp_path / "checkpoints", async_save=False).all_steps() == [2]
+    assert Checkpointer(tmp_path / CHECKPOINTS, async_save=False).all_steps() == [2]
     train(config, tmp_path, progress=False)
     expected, resumed = rows_by_step(straight), rows_by_step(tmp_path)
     assert sorted(resumed) == list(range(1, 7))
@@ -69,7 +70,7 @@ def test_a_nan_loss_between_logs_stops_the_run_naming_its_step(tmp_path, monkeyp
     poisoning_step(monkeypatch, after_step=4)
     with pytest.raises(NonFiniteLoss, match=r"The loss is nan at step 5; .*\(step 3\)"):
         train(tiny_config(total_steps=8, log_every=10, checkpoint_every=3), tmp_path, progress=False)
-    assert Checkpointer(tmp_path / "checkpoints", async_save=False).all_steps() == [3]
+    assert Checkpointer(tmp_path / CHECKPOINTS, async_save=False).all_steps() == [3]
     assert not rows_by_step(tmp_path)  # nothing logged: the first log was due at step 8
 
 
@@ -79,7 +80,7 @@ def test_a_non_finite_state_with_a_finite_loss_is_never_checkpointed(tmp_path, m
     poisoning_step(monkeypatch, after_step=4)
     with pytest.raises(NonFiniteLoss, match=r"after step 4 hold NaN or Inf.*\(step 2\)"):
         train(tiny_config(total_steps=8, log_every=10, checkpoint_every=2), tmp_path, progress=False)
-    assert Checkpointer(tmp_path / "checkpoints", async_save=False).all_steps() == [2]
+    assert Checkpointer(tmp_path / CHECKPOINTS, async_save=False).all_steps() == [2]
     _, params = final_params(tmp_path)
     assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))
 

@@ -7,7 +7,7 @@
 
 ``read(source, arch=None)`` returns the ``Imported`` record (model options, weights,
 tokenizer, preprocessing) that ``big-contrast import`` writes into a workdir; the command
-line lives in ``commands.py``. Sources: an HF model directory (``config.json``), an
+line lives in ``big_contrast/commands/`` (import_.py, export.py). Sources: an HF model directory (``config.json``), an
 open_clip ``.safetensors`` / ``.bin`` file with ``arch`` (its model-config name or JSON
 path), a big_vision ``.npz`` with ``arch`` (e.g. ``"B/16,B,vocab=32000,size=224"``), or a
 workdir written by the import.

@@ -6,7 +6,9 @@ workdir of this project:
     W/config.py        trainer config (``big-contrast eval|train --config W/config.py``)
     W/interop.json     family, source, model options, preprocessing settings
     W/tokenizer/       the family's tokenizer file + settings.json (``interop/tokenizers.py``)
-    W/checkpoints/0    a step-0 checkpoint (written by the trainer's helper, see cli.py)
+    W/checkpoints/0    a step-0 checkpoint (written by ``commands/import_.py``'s helper)
+
+(the names are ``big_contrast.workdir``'s layout)
 
 ``read_workdir(W)`` and ``Imported.model()`` give back the ``TwoTowers`` model.
 """
@@ -22,10 +24,10 @@ from etils import epath
 from flax import nnx
 
 from big_contrast import models, sharding
+from big_contrast.errors import ConfigError, MissingFileError
 from big_contrast.interop import preprocess
 from big_contrast.interop.tokenizers import PretrainedTokenizer, write_tokenizer_dir
-
-INTEROP_JSON = "interop.json"
+from big_contrast.workdir import Workdir
 
 
 @dataclasses.dataclass
@@ -140,30 +142,30 @@ def get_config(arg=None):
 '''
 
 
-def write_workdir(workdir, imported: Imported, save_checkpoint) -> epath.Path:
+def write_workdir(workdir, imported: Imported, save_checkpoint) -> Workdir:
     """Writes ``W/config.py``, ``W/interop.json``, ``W/tokenizer/`` and (through
     ``save_checkpoint(config, workdir, params_tree)``) the step-0 checkpoint."""
-    workdir = epath.Path(workdir).absolute() if "://" not in str(workdir) else epath.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir()):
-        raise ValueError(f"{workdir}/checkpoints is not empty; import into a new --workdir.")
+    workdir = Workdir.of(workdir).absolute()  # config.py names it: a local path must be absolute
+    workdir.path.mkdir(parents=True, exist_ok=True)
+    if workdir.checkpoints.exists() and any(workdir.checkpoints.iterdir()):
+        raise ConfigError(f"{workdir.checkpoints} is not empty; import into a new --workdir.")
     tokenizer = "None"
     if imported.tokenizer is not None:
         settings = imported.tokenizer["settings"]
         source_dir = epath.Path(imported.tokenizer["directory"])
-        write_tokenizer_dir(workdir / "tokenizer", source_file=source_dir / settings["file"],
+        write_tokenizer_dir(workdir.tokenizer, source_file=source_dir / settings["file"],
                             extra_files=[source_dir / f for f in imported.tokenizer.get("extra_files", ())],
                             **{k: v for k, v in settings.items() if k != "file"})
-        tokenizer = 'str(HERE / "tokenizer")'
+        tokenizer = f'str(HERE / "{workdir.tokenizer.name}")'
     else:
         tokenizer = '"bytes"  # the source has no tokenizer: set yours'
     info = dict(family=imported.family, source=imported.source, model=imported.model_config,
                 preprocess=imported.preprocess)
-    (workdir / INTEROP_JSON).write_text(json.dumps(info, indent=1))
-    (workdir / "config.py").write_text(_CONFIG_TEMPLATE.format(
-        workdir=workdir, source=imported.source, family=imported.family, interop_json=INTEROP_JSON,
+    workdir.interop.write_text(json.dumps(info, indent=1))
+    workdir.imported_config.write_text(_CONFIG_TEMPLATE.format(
+        workdir=workdir, source=imported.source, family=imported.family, interop_json=workdir.interop.name,
         tokenizer=tokenizer, pp_eval=preprocess.pp_string(imported.preprocess)))
-    config = load_config(workdir / "config.py")
+    config = load_config(workdir.imported_config)
     save_checkpoint(config, workdir, nest(imported.params))
     return workdir
 
@@ -178,7 +180,7 @@ def load_config(path):
 
 
 def is_workdir(path) -> bool:
-    return (epath.Path(path) / INTEROP_JSON).exists()
+    return Workdir.of(path).interop.exists()
 
 
 def read_workdir(workdir, step: int | None = None) -> Imported:
@@ -186,18 +188,18 @@ def read_workdir(workdir, step: int | None = None) -> Imported:
     workdir written by ``write_workdir`` (or fine-tuned from one)."""
     from big_contrast.checkpoint import Checkpointer
 
-    workdir = epath.Path(workdir)
-    info = json.loads((workdir / INTEROP_JSON).read_text())
-    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
+    workdir = Workdir.of(workdir)
+    info = json.loads(workdir.interop.read_text())
+    if not workdir.has_checkpoints():  # before a Checkpointer, which would create the folder
+        raise MissingFileError(f"{workdir} has no checkpoint; import again.")
+    ckpt = Checkpointer(workdir.checkpoints, async_save=False)
     try:
-        if ckpt.latest_step() is None:
-            raise FileNotFoundError(f"{workdir} has no checkpoint; import again.")
         state, _ = ckpt.restore_arrays(step)
     finally:
         ckpt.close()
     tokenizer = None
-    if (workdir / "tokenizer").exists():
-        settings = json.loads((workdir / "tokenizer" / "settings.json").read_text())
-        tokenizer = dict(directory=str(workdir / "tokenizer"), settings=settings)
+    if workdir.tokenizer.exists():
+        settings = json.loads((workdir.tokenizer / "settings.json").read_text())
+        tokenizer = dict(directory=str(workdir.tokenizer), settings=settings)
     return Imported(info["family"], info["source"], info["model"], flatten(state["params"]),
                     tokenizer, info["preprocess"])

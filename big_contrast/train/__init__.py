@@ -1,6 +1,8 @@
-"""Training: config defaults and validation, optimizer, train step (with gradient caching), loop.
+"""Training: config defaults and validation, optimizer, train step (with gradient caching), loop,
+and the memory model of a step (`plan.py`).
 
-Only `big_contrast.cli` imports this package (data flows one way: see DESIGN.md). The names
+Only the commands layer (`big_contrast.commands`) imports this package: data flows one way, from
+sources through the trainer, so no library module depends on training. The names
 below are imported on first use, so `big_contrast.train.step` loads with jax, flax and optax
 alone (no data pipeline, no ml_collections): what `experiments/step_throughput` runs on an
 accelerator image that lacks them."""

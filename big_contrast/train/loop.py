@@ -2,7 +2,7 @@
 
     result = train(config, workdir)
 
-Resumes from the latest checkpoint in `workdir/checkpoints` when there is one (parameters,
+Resumes from the latest checkpoint in the workdir (`big_contrast.workdir`) when there is one (parameters,
 optimizer state, step and the data iterator's position), so a restarted run continues with
 exactly the batches an uninterrupted run would have seen. SIGTERM (a preemption notice) and
 SIGINT finish the current step, save a checkpoint and return. A NaN or Inf loss stops the
@@ -13,10 +13,11 @@ The host and the devices overlap: a background thread (`prefetch.py`) keeps the 
 on the devices, the state is donated to the step, and the host reads a step's loss only after
 dispatching the next one, waiting for the newest step only every `log_every` steps (and to
 evaluate or checkpoint). `config.profile_steps = (N, M)` traces steps N..M into
-`workdir/profile`.
+the workdir's `profile/`. A second run started on a workdir that a live run trains in is
+refused in one sentence (the workdir's lock); a lock left by a killed run does not block a resume.
 
 When things are wrong it says so before doing harm: a config whose model or optimizer differs
-from the one recorded in `workdir/config.json` stops before restoring; a damaged checkpoint is
+from the one the workdir recorded stops before restoring; a damaged checkpoint is
 skipped (with a warning naming its step) for the newest readable one; a failed save stops the
 run naming the directory, the previous checkpoint intact. The checkpointer, the prefetching
 thread with the data iterator, and the metric writer are closed in that order on every exit
@@ -37,18 +38,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from big_contrast import models, paths, sharding
-from big_contrast.checkpoint import Checkpointer, abstract_like, check_location
+from big_contrast import models, sharding
+from big_contrast.checkpoint import Checkpointer, abstract_like
 from big_contrast.data import make_pipeline
 from big_contrast.data.device_ops import device_normalization
-from big_contrast.errors import BigContrastError, ConfigMismatch, DamagedCheckpoint, short_reason
+from big_contrast.errors import BigContrastError, ConfigMismatch, DamagedCheckpoint, MissingFileError, short_reason
 from big_contrast.train import config as train_config
 from big_contrast.train import evals as train_evals
-from big_contrast.train import record
 from big_contrast.train.metrics import MetricWriter, StepProfile, Throughput
 from big_contrast.train.prefetch import Prefetcher
 from big_contrast.train.optimizer import learning_rate_schedule, make_optimizer
 from big_contrast.train.step import LossSpec, StepConfig, TrainState, train_step
+from big_contrast.workdir import Workdir, holds_checkpoints
 
 BATCH_FIELDS = ("image", "text")
 
@@ -125,17 +126,23 @@ def _on_mesh(tree, replicated):
 
 def _tower_params_from_checkpoint(directory, tower):
     """The `tower` parameters of the latest checkpoint under `directory` (a workdir or its checkpoints/)."""
-    path = paths.parse(directory)
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
+    workdir = Workdir(directory)
+    path = workdir.checkpoints if workdir.checkpoints.is_dir() else workdir.path
+    if not holds_checkpoints(path):  # before a Checkpointer, which would create the folder
+        raise MissingFileError(f"config.init_towers.{tower}: no checkpoint under {directory}.")
     ckpt = Checkpointer(path, async_save=False)
     try:
-        if ckpt.latest_step() is None:
-            raise FileNotFoundError(f"config.init_towers.{tower}: no checkpoint under {directory}.")
         state, _ = ckpt.restore_arrays()
     finally:
         ckpt.close()
     return state["params"][tower]
+
+
+def train_pipeline(config, batch_sharding, *, start_batch: int = 0):
+    """The training input pipeline of `config`: global batches of `config.batch_size` placed with
+    `batch_sharding`, from global batch `start_batch` of the example order."""
+    return make_pipeline(config.data, batch_sharding, train=True, global_batch_size=config.batch_size,
+                         start_batch=start_batch)
 
 
 def loss_spec(config) -> LossSpec:
@@ -182,18 +189,19 @@ def train(config, workdir, *, mesh=None, progress=True, stop_after_steps=None) -
     `stop_after_steps` stops (with a checkpoint, like a preemption) after that many steps of
     this call; tests use it to interrupt a run.
     """
-    workdir = paths.parse(workdir)  # a local folder or a gs:// / s3:// URL, never `./gs:/...`
-    ckpt = data = batches = writer = None
+    workdir = Workdir.of(workdir)  # a local folder or a gs:// / s3:// URL, never `./gs:/...`
+    ckpt = data = batches = writer = lock = None
     try:
-        check_location(workdir)  # orbax's schemes: local, gs://
-        paths.check_writable(workdir)  # seconds and one sentence, before anything is compiled
+        workdir.check_writable()  # seconds and one sentence, before anything is compiled
+        lock = workdir.lock(enabled=jax.process_index() == 0)
+        lock.acquire()  # a live run here: refused, before anything is built or written
         # Config: checked against the workdir's record before anything is built or written.
-        changes = record.check_resumable(config, workdir) if _has_checkpoints(workdir) else []
+        changes = workdir.check_resumable(config) if workdir.has_checkpoints() else []
         run = build(config, mesh=mesh)
         batch_sharding = sharding.batch_sharding(run.mesh)
         evaluators = train_evals.build(config)
         # Load checkpoint: the newest readable one, with the data iterator where it left off.
-        ckpt = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
+        ckpt = Checkpointer(workdir.checkpoints, keep=config.keep_checkpoints)
         state, data = _restore_or_start(ckpt, run, batch_sharding)
         _record_config(config, workdir, changes)
         writer = MetricWriter(workdir, total_steps=config.total_steps, initial_step=int(state.step),
@@ -203,29 +211,23 @@ def train(config, workdir, *, mesh=None, progress=True, stop_after_steps=None) -
         return _loop(run, state, batches, ckpt, writer, evaluators,
                      make_step_fn(run, batch_sharding), stop_after_steps, workdir)
     finally:
-        _close_in_order(ckpt, batches or data, writer)
+        _close_in_order(ckpt, batches or data, writer, lock)
 
 
 def _loop(run, state, batches, ckpt, writer, evaluators, step_fn, stop_after_steps, workdir) -> dict:
     """The steps from the state's step to `config.total_steps`, as a list of named actions.
 
     The host never waits for the step it has just dispatched: the loss of step k is read after
-    step k+1 is queued (`checked`), so the devices always have the next step, and the batches
+    step k+1 is queued (`PendingLossCheck`), so the devices always have the next step, and the batches
     come from the prefetching thread. The host waits for the newest step only to log (every
     `log_every` steps), evaluate or checkpoint, and each of those checks that step's loss first:
     no unchecked state is ever saved."""
     config = run.config
     first_step = step = int(state.step)
     throughput = Throughput(config.batch_size, config.peak_flops_per_device)
-    profile = StepProfile(config.get("profile_steps"), workdir / "profile")
-    compiled, last, consumed, unchecked = None, {}, None, None
-
-    def checked():
-        """Raises NonFiniteLoss if the newest unchecked step's loss is NaN / Inf."""
-        nonlocal unchecked
-        if unchecked is not None:
-            _check_finite(unchecked[1], unchecked[0], ckpt)
-            unchecked = None
+    profile = StepProfile(config.get("profile_steps"), workdir.profile)
+    compiled, last, consumed = None, {}, None
+    pending = PendingLossCheck(ckpt)
 
     def log(step, metrics) -> dict:
         out = {k: float(np.asarray(v)) for k, v in metrics.items()}
@@ -238,7 +240,7 @@ def _loop(run, state, batches, ckpt, writer, evaluators, step_fn, stop_after_ste
         results = {}
         for evaluator in evaluators:
             if evaluator.should_run(step) or (is_last and evaluator.every_steps == 0):
-                checked()
+                pending.check()
                 one = train_evals.run_one(evaluator, run, state, config)
                 writer.write(step, one)
                 results.update(one)
@@ -265,26 +267,44 @@ def _loop(run, state, batches, ckpt, writer, evaluators, step_fn, stop_after_ste
             state, metrics = compiled(state, consumed.arrays)
             consumed.arrays = None  # the batch's buffers go once the step is done with them
             step += 1
-            checked()  # the previous step's loss, while this one runs
-            unchecked = (step, metrics)
+            pending.check()  # the previous step's loss, while this one runs
+            pending.defer(step, metrics)
             profile.after(step, metrics)
             writer.advance()
             throughput.step()
             is_last = step == config.total_steps
             if step % config.log_every == 0 or is_last:
-                checked()
+                pending.check()
                 last = log(step, metrics)
             last.update(evaluate(step, state, is_last))
             stop = preempted["set"] or (stop_after_steps is not None and step - first_step >= stop_after_steps)
             if step % config.checkpoint_every == 0 or is_last or stop:
-                checked()
+                pending.check()
                 _check_state_finite(state, step, ckpt)
                 checkpoint(step, state, wait=stop)
             if stop:
                 writer.print(f"Stopped at step {step} ({preempted['signal'] or 'requested'}); checkpoint saved.")
                 break
-        checked()
+        pending.check()
     return last
+
+
+class PendingLossCheck:
+    """The newest step whose loss the host has not read yet. Reading a loss waits for its step,
+    so step k's is read after step k+1 is dispatched, and before anything that must not see a
+    NaN: a log line, an evaluation, a checkpoint."""
+
+    def __init__(self, ckpt):
+        self.ckpt, self.step, self.metrics = ckpt, None, None
+
+    def defer(self, step: int, metrics) -> None:
+        self.step, self.metrics = step, metrics
+
+    def check(self) -> None:
+        """Raises NonFiniteLoss if the pending step's loss is NaN / Inf."""
+        if self.step is not None:
+            _check_finite(self.metrics, self.step, self.ckpt)
+            self.step = self.metrics = None
 
 
 def _compile(step_fn, state, batch):
@@ -320,18 +340,13 @@ def _check_state_finite(state, step, ckpt) -> None:
         )
 
 
-def _has_checkpoints(workdir) -> bool:
-    directory = workdir / "checkpoints"
-    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
-
-
 def _record_config(config, workdir, changes) -> None:
-    """Writes workdir/config.json (process 0) and lists the safe changes a resume brings."""
+    """Writes the workdir's config record (process 0) and lists the safe changes a resume brings."""
     if jax.process_index() != 0:
         return
     if changes:
         print("Resuming with config changes: " + "; ".join(changes) + ".", flush=True)
-    record.write(config, workdir)
+    workdir.write_config(config)
 
 
 def _warn(text: str) -> None:
@@ -353,10 +368,10 @@ def _restore_or_start(ckpt, run, batch_sharding):
 
     if ckpt.all_steps() == [0]:  # an imported model (training never saves step 0)
         state = _with_initial_params(ckpt, run)
-        return state, make_pipeline(config.data, batch_sharding, train=True, global_batch_size=config.batch_size)
+        return state, train_pipeline(config, batch_sharding)
     restored = ckpt.restore_newest(abstract_like(run.state, run.state_shardings), accept=resumed_data, warn=_warn)
     if restored is None:
-        return run.state, make_pipeline(config.data, batch_sharding, train=True, global_batch_size=config.batch_size)
+        return run.state, train_pipeline(config, batch_sharding)
     state, _, _, data = restored
     return state, data
 
@@ -383,8 +398,9 @@ def _with_initial_params(ckpt, run) -> TrainState:
 
 
 def _close_in_order(*resources) -> None:
-    """Closes the checkpointer (waiting for its last save), the data iterator and the writer,
-    each even when an earlier one fails; then raises the first failure (a failed async save)."""
+    """Closes the checkpointer (waiting for its last save), the data iterator, the writer and the
+    workdir lock, each even when an earlier one fails; then raises the first failure (a failed
+    async save)."""
     error = None
     for resource in resources:
         try:
@@ -401,15 +417,14 @@ def _resumed_pipeline(config, batch_sharding, meta, step):
     belongs to one process layout; on another number of processes the pipeline starts at
     global batch `step` of the same example order instead (exact on data without skips)."""
     if meta.get("process_count", 1) == jax.process_count():
-        data = make_pipeline(config.data, batch_sharding, train=True, global_batch_size=config.batch_size)
+        data = train_pipeline(config, batch_sharding)
         try:
             data.set_state(meta["data"])
         except BaseException:
             data.close()
             raise
         return data
-    return make_pipeline(config.data, batch_sharding, train=True, global_batch_size=config.batch_size,
-                         start_batch=step)
+    return train_pipeline(config, batch_sharding, start_batch=step)
 
 
 def _flops(compiled) -> float | None:

@@ -1,4 +1,4 @@
-"""Where training metrics go: workdir/metrics.jsonl, TensorBoard event files, a progress bar.
+"""Where training metrics go: the workdir's metrics.jsonl, TensorBoard event files, a progress bar.
 
 Only process 0 writes; every other process gets a writer that drops everything.
 
@@ -24,6 +24,7 @@ import time
 import jax
 
 from big_contrast import paths
+from big_contrast.workdir import Workdir
 
 REMOTE_FLUSH_S = 30.0
 
@@ -35,9 +36,10 @@ class MetricWriter:
         self._jsonl = self._tb = self._bar = None
         if not self.enabled:
             return
-        self._jsonl = _JsonLines(paths.join(workdir, "metrics.jsonl"))
-        self._tb = _TensorBoard(os.fspath(paths.join(workdir, "tensorboard")))
-        self._remote, self._flushed_at = paths.is_remote(workdir), time.monotonic()
+        workdir = Workdir.of(workdir)
+        self._jsonl = _JsonLines(workdir.metrics)
+        self._tb = _TensorBoard(os.fspath(workdir.tensorboard))
+        self._remote, self._flushed_at = workdir.remote, time.monotonic()
         if progress:
             from tqdm import tqdm
 
@@ -158,7 +160,7 @@ class _TensorBoard:
 
 
 def read_metrics(workdir) -> list[dict]:
-    path = paths.join(workdir, "metrics.jsonl")
+    path = Workdir.of(workdir).metrics
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

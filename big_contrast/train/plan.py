@@ -1,4 +1,5 @@
-"""`big-contrast plan`: sizes and per-device memory of a config, without running it.
+"""The memory model of a train step: sizes and per-device memory of a config, without running it
+(what `big-contrast plan` prints; `commands/plan.py`).
 
 * parameters per tower (exact, from the abstract model);
 * per-device bytes of parameters, gradients and AdamW moments, from the sharding rules applied
@@ -27,7 +28,8 @@ from big_contrast.losses import ring
 GIB = 2**30
 
 
-def _mesh_shape(config, num_devices) -> dict[str, int]:
+def mesh_shape(config, num_devices) -> dict[str, int]:
+    """`config.mesh` with its -1 entry resolved against `num_devices`."""
     pairs = [(name, int(size)) for name, size in config.mesh]
     known = math.prod(size for _, size in pairs if size != -1)
     return {name: (num_devices // known if size == -1 else size) for name, size in pairs}
@@ -78,11 +80,11 @@ def _gathered_param_bytes(abstract, mesh_shape, param_bytes) -> int:
 
 def plan(config, *, device_memory_bytes: int, num_devices: int | None = None) -> dict:
     num_devices = num_devices or jax.device_count()
-    mesh_shape = _mesh_shape(config, num_devices)
-    n_shards = math.prod(mesh_shape.get(a, 1) for a in sharding.BATCH_AXES)
+    shape = mesh_shape(config, num_devices)
+    n_shards = math.prod(shape.get(a, 1) for a in sharding.BATCH_AXES)
     abstract = models.abstract_model(config.model)
     counts = models.count_params(abstract)
-    param_bytes = _per_device_bytes(nnx.state(abstract, nnx.Param), mesh_shape)
+    param_bytes = _per_device_bytes(nnx.state(abstract, nnx.Param), shape)
     per_device_batch = config.batch_size // n_shards
     dim = abstract.embed_dim
     if config.loss_impl == "ring":
@@ -92,12 +94,12 @@ def plan(config, *, device_memory_bytes: int, num_devices: int | None = None) ->
         loss_bytes = 3 * per_device_batch * config.batch_size * 4
     per_example = _activation_bytes_per_example(config, abstract)
     micro = config.microbatch_size or per_device_batch
-    gathered = _gathered_param_bytes(abstract, mesh_shape, param_bytes) if micro < per_device_batch else 0
+    gathered = _gathered_param_bytes(abstract, shape, param_bytes) if micro < per_device_batch else 0
     fixed = 4 * param_bytes + 2 * gathered + loss_bytes + 4 * per_device_batch * dim * 4  # params, grads, 2 moments
     room = device_memory_bytes - fixed
     fitting = [d for d in range(1, per_device_batch + 1) if per_device_batch % d == 0 and d * per_example <= room]
     return dict(
-        mesh=mesh_shape, devices=num_devices, params=counts, batch=config.batch_size,
+        mesh=shape, devices=num_devices, params=counts, batch=config.batch_size,
         per_device_batch=per_device_batch, embed_dim=dim, param_bytes=param_bytes, grad_bytes=param_bytes,
         optimizer_bytes=2 * param_bytes, gathered_param_bytes=gathered, activation_bytes_per_example=per_example,
         activation_bytes_per_microbatch=micro * per_example, microbatch=micro, loss_impl=config.loss_impl,

@@ -48,6 +48,7 @@ from big_contrast.data import make_pipeline  # noqa: E402
 from big_contrast.train import loop as train_loop  # noqa: E402
 from big_contrast.train.metrics import MetricWriter, read_metrics  # noqa: E402
 from big_contrast.train.prefetch import Prefetcher  # noqa: E402
+from big_contrast.workdir import Workdir  # noqa: E402
 
 HERE = pathlib.Path(__file__).parent
 WINDOW = 50
@@ -102,8 +103,8 @@ def loop_before(run, state, data, step_fn, steps):
 def loop_overlapped(run, state, data, step_fn, steps):
     """The trainer's loop; its logged step_time_s per 50-step window gives the figure."""
     with tempfile.TemporaryDirectory() as workdir:
-        workdir = pathlib.Path(workdir)
-        ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
+        workdir = Workdir(workdir)
+        ckpt = Checkpointer(workdir.checkpoints, async_save=False)
         writer = MetricWriter(workdir, total_steps=steps, progress=False)
         batches = Prefetcher(data, fields=train_loop.BATCH_FIELDS)
         try:

@@ -1,4 +1,4 @@
-"""What a finished run shows a person: a results table and a loss / accuracy plot."""
+"""What a finished run or an eval shows a person: a results table and a loss / accuracy plot."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from etils import epath
 
 from big_contrast import paths
 from big_contrast.train.metrics import read_metrics
+from big_contrast.workdir import Workdir
 
 TRAIN_KEYS = ("loss", "scale", "bias", "learning_rate", "grad_norm", "examples_per_s", "mfu")
 
@@ -25,7 +26,8 @@ def format_results(results: dict) -> str:
 
 
 def plot_run(workdir) -> epath.Path | None:
-    """workdir/plot.png: training loss and every evaluation metric against the step."""
+    """The workdir's plot.png: training loss and every evaluation metric against the step."""
+    workdir = Workdir.of(workdir)
     rows = read_metrics(workdir)
     if not rows:
         return None
@@ -50,7 +52,7 @@ def plot_run(workdir) -> epath.Path | None:
     for ax in (ax_loss, ax_eval):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path, image = paths.join(workdir, "plot.png"), io.BytesIO()
+    path, image = workdir.plot, io.BytesIO()
     fig.savefig(image, format="png", dpi=110)  # bytes first: a bucket takes an object whole
     plt.close(fig)
     paths.write_bytes(path, image.getvalue())
