@@ -12,10 +12,10 @@ import pytest
 
 from big_contrast import cli, paths
 from big_contrast.train.metrics import read_metrics
-from cloud_fixtures import free_port
+from conftest import free_port, rel_err
 from test_failures import SMALL_EVALS, messages
 from test_train import cli as train_command
-from test_train import env, rel_err, wait_for
+from test_train import env, wait_for
 
 STEPS = ["--config.total_steps=6", "--config.checkpoint_every=3"]
 

@@ -4,7 +4,6 @@ failure when the coordinator cannot be reached."""
 
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import time
@@ -12,17 +11,12 @@ import time
 import pytest
 
 from big_contrast.train.metrics import read_metrics
+from conftest import free_port
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SETTINGS = ["--config.batch_size=32", "--config.log_every=1", "--config.checkpoint_every=2",
             "--config.data.sources.demo.size=500", "--config.evals.shape.every_steps=2",
             "--config.evals.shape.data.sources.demo.size=96", "--config.evals.shape.batch_size=32", "--noplot"]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env(devices):

@@ -78,7 +78,7 @@ def test_missing_bucket_and_object_are_named(gcs_emulator):
 
 
 def test_unreachable_endpoint_fails_within_seconds(monkeypatch):
-    from cloud_fixtures import free_port
+    from conftest import free_port
 
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")  # nothing listens
     _fails_fast(paths.check_writable, "gs://bucket/run", "cannot reach", "STORAGE_EMULATOR_HOST")

@@ -22,6 +22,7 @@ from big_contrast import sharding
 from big_contrast.train import NonFiniteLoss, build, train
 from big_contrast.train.loop import make_step_fn
 from big_contrast.train.metrics import read_metrics
+from conftest import rel_err
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))
@@ -38,11 +39,6 @@ def tiny_config(loss="sigmoid", **overrides):
     config.data.sources.demo.size = 500
     config.update(overrides)
     return config
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
 @pytest.mark.parametrize("loss", ["softmax", "sigmoid"])

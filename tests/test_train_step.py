@@ -12,7 +12,7 @@ from flax import nnx
 
 from big_contrast import models, sharding
 from big_contrast.train.step import LossSpec, loss_and_grads
-from conftest import all_reduce_elements, random_model
+from conftest import all_reduce_elements, random_model, rel_err
 
 B = 16  # 2 rows per device on 8 devices: 2 micro-batches of 1
 FAST = dict(xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True)
@@ -24,11 +24,6 @@ def tiny_config(loss="sigmoid", **image):
     cfg.text.update(variant="mu", vocab_size=50, max_len=8, causal=loss == "softmax")
     cfg.update(embed_dim=16, loss=loss)
     return cfg
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
 def setup(mesh_shape, axis_types="auto", loss="sigmoid", **image):
