@@ -1,7 +1,9 @@
 """The train step on its own: gradient caching reduces the parameter gradients once per step
 (counted in the compiled HLO) on Auto and Explicit data x fsdp meshes; patch
-dropout through both passes. Tiny towers with numpy weights, 8 simulated devices."""
+dropout through both passes. Tiny towers with numpy weights, 8 simulated devices. Last, the
+trainer's compiled step with gradient caching against one pass, on the demo towers."""
 
+import dataclasses
 import functools
 
 import jax
@@ -11,8 +13,12 @@ import pytest
 from flax import nnx
 
 from big_contrast import models, sharding
+from big_contrast.data import make_pipeline
+from big_contrast.train import build
+from big_contrast.train.loop import make_step_fn
 from big_contrast.train.step import LossSpec, loss_and_grads
 from conftest import all_reduce_elements, random_model, rel_err
+from test_train import tiny_config as train_config  # the demo run's config (tiny_config here is a model's)
 
 B = 16  # 2 rows per device on 8 devices: 2 micro-batches of 1
 FAST = dict(xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True)
@@ -107,3 +113,47 @@ def test_step_benchmark_imports_without_the_data_stack():
     data_modules = {m for m in loaded if m.startswith("big_contrast.data.")}
     assert data_modules <= {"big_contrast.data.device_ops"}, data_modules  # the step's uint8 op only
     assert "big_contrast.train.loop" not in loaded
+
+
+# ----------------------------------------------------------------------------- through the trainer
+
+
+@pytest.mark.parametrize("loss", ["softmax", "sigmoid"])
+def test_gradient_caching_step_equals_the_one_pass_step(loss):
+    """One step with 4 micro-batches of 1 row per device vs one pass: same parameters after."""
+    config = train_config(loss)
+    # Plain SGD at a constant rate: the parameters after the step are a linear function of the
+    # gradient. (One Adam step moves every parameter by +-lr whatever the gradient's size, so
+    # round-off on a gradient that is ~0 would flip whole steps.)
+    config.optimizer.update(name="sgd", momentum=None, lr=0.1, warmup_steps=0, schedule="constant",
+                            grad_clip_norm=0.0)
+    run = build(config)
+    batch_sharding = sharding.batch_sharding(run.mesh)
+    with make_pipeline(config.data, batch_sharding, train=True, global_batch_size=config.batch_size) as data:
+        batch = {k: v for k, v in next(data).items() if k in ("image", "text")}
+    initial = jax.device_get(run.state.params)
+    results = {}
+    for micro in (None, 1):
+        cfg = config.copy_and_resolve_references()
+        cfg.microbatch_size = micro
+        state = jax.tree.map(jnp.copy, run.state)  # the step donates its input state
+        state, metrics = make_step_fn(dataclasses.replace(run, config=cfg), batch_sharding)(state, batch)
+        results[micro] = jax.device_get(state.params), float(metrics["loss"])
+    (full_params, full_loss), (cached_params, cached_loss) = results[None], results[1]
+    assert rel_err(cached_loss, full_loss) <= 1e-5
+    leaves = lambda tree: [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]  # noqa: E731
+    full, cached, start = leaves(full_params), leaves(cached_params), leaves(initial)
+    assert rel_err(np.concatenate([x.ravel() for x in cached]), np.concatenate([x.ravel() for x in full])) <= 1e-5
+    update_norm = np.sqrt(sum(np.sum((f - i) ** 2) for f, i in zip(full, start)))
+    for f, c, i in zip(full, cached, start):
+        step = np.linalg.norm(f - i)
+        if step > 1e-6 * update_norm:
+            assert rel_err(c, f) <= 1e-5
+        else:
+            # A parameter with no gradient (attention key biases: softmax is shift-invariant)
+            # moves by round-off only, in both runs.
+            assert np.linalg.norm(c - i) <= 1e-6 * update_norm
+    # The step moved both towers (so the comparison is not between two untouched copies).
+    for tower in ("image", "text"):
+        moved = [np.linalg.norm(f - i) for f, i in zip(leaves(full_params[tower]), leaves(initial[tower]))]
+        assert max(moved) > 1e-3, tower
