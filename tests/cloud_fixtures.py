@@ -24,6 +24,9 @@ _START_TIMEOUT_S = 20.0
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (at the time of the call). Defined here,
+    not in conftest, because experiments start these servers without pytest; the tests import
+    it from conftest."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -111,7 +114,8 @@ _bucket_counter = itertools.count()
 @pytest.fixture(scope="session")
 def gcs_server():
     """One emulator for the whole session (start-up ~1 s), stopped at its end."""
-    pytest.importorskip("gcp_storage_emulator", reason="the GCS emulator is in the test extra")
+    import gcp_storage_emulator  # noqa: F401  (in the test extra: missing is a broken install, an error)
+
     with gcs_emulator_process("test-bucket") as host:
         yield host
 
@@ -137,7 +141,8 @@ def gcs_emulator(gcs_server, monkeypatch):
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server for the whole session, stopped at its end."""
-    pytest.importorskip("moto.server", reason="moto[server] is in the test extra")
+    import moto.server  # noqa: F401  (in the test extra: missing is a broken install, an error)
+
     port = free_port()
     command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
     with _server(command, port) as host:

@@ -19,8 +19,38 @@ import jax  # noqa: E402  (must come after XLA_FLAGS)
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+
+# ----------------------------------------------------------------------------- small helpers
+# Imported by the test modules as `from conftest import rel_err` (tests/ is on sys.path).
+
+
+def rel_err(a, b):
+    """||a - b|| / ||b|| in float64 (0 when both are zero)."""
+    import numpy as np
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def max_rel_err(a, b):
+    """max |a - b| / max |b|: the worst element against the largest one."""
+    import numpy as np
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def unit(x):
+    """Rows scaled to unit L2 norm along the last axis, in float64."""
+    import numpy as np
+
+    x = np.asarray(x, np.float64)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
 # Object-store emulators on loopback (GCS, S3; started once per session, always stopped).
-from cloud_fixtures import gcs_emulator, gcs_server, s3_emulator, s3_server  # noqa: E402,F401
+# `free_port` is re-exported for the tests (`from conftest import free_port`).
+from cloud_fixtures import free_port, gcs_emulator, gcs_server, s3_emulator, s3_server  # noqa: E402,F401
 
 
 def random_model(config, seed=0):

@@ -6,10 +6,7 @@ import pytest
 
 from big_contrast.evaluate.diagnostics import (
     alignment, embedding_diagnostics, mean_pair_scores, modality_gap, uniformity)
-
-
-def unit(x):
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+from conftest import unit
 
 
 def brute_force_uniformity(z, t=2.0):

@@ -14,6 +14,7 @@ import pytest
 from big_contrast import evaluate
 from big_contrast.evaluate import Encoders, embed_dataset, recall_at_k
 from big_contrast.evaluate.diagnostics import embedding_diagnostics
+from conftest import unit
 
 VOCAB, LENGTH, DIM = 32, 6, 8
 _rng = np.random.default_rng(1234)
@@ -37,11 +38,6 @@ def tokenize(texts):
         ids = [1 + zlib.crc32(word.encode()) % (VOCAB - 1) for word in text.split()][:LENGTH]
         tokens[row, :len(ids)] = ids
     return tokens
-
-
-def unit(x):
-    x = np.asarray(x, np.float64)
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
 MESHES = {

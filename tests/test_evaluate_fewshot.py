@@ -5,6 +5,7 @@ import pytest
 
 from big_contrast import evaluate
 from big_contrast.evaluate.fewshot import DEFAULT_L2_REGS, draw_shots, fewshot_accuracy
+from conftest import unit
 
 C, D = 5, 16
 
@@ -15,10 +16,6 @@ def separable(n_per_class, seed):
     labels = np.repeat(np.arange(C), n_per_class)
     features = 3.0 * np.eye(D)[labels] + 0.3 * rng.normal(size=(len(labels), D))
     return features, labels
-
-
-def unit(z):
-    return z / np.linalg.norm(z, axis=-1, keepdims=True)
 
 
 def reference_accuracy(x_train, y_train, x_test, y_test, rows, l2):

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from conftest import encoded_image
+from conftest import encoded_image, unit
 from PIL import Image
 
 from big_contrast import evaluate
@@ -86,8 +86,6 @@ def zero_shot(source, class_names=CLASSES, **extra):
 
 def reference_topk(examples, ks=(1, 2)):
     """Brute force: normalised mean of normalised prompt embeddings, stable argsort per image."""
-    def unit(z):
-        return z / np.linalg.norm(z, axis=-1, keepdims=True)
     prompts = unit(embed_texts(tokenize([t.replace("{}", c) for c in CLASSES for t in TEMPLATES])))
     classifier = unit(prompts.reshape(len(CLASSES), len(TEMPLATES), -1).mean(1))
     zimg = unit(np.stack([decoded_embedding(data) for _, _, data in examples]))
@@ -212,8 +210,6 @@ def test_retrieval_embeds_every_caption_through_the_pipeline(tmp_path):
     assert len(zimg) == len(examples) and len(ztxt) == sum(len(c) for _, c in examples) == 16
     got = evaluator.evaluate(EvalData(eval_data_config(config, evaluator), 4), ENCODERS)
 
-    def unit(z):
-        return z / np.linalg.norm(z, axis=-1, keepdims=True)
     ref_img = unit(np.stack([decoded_embedding(d) for d, _ in examples]))
     ref_txt = unit(embed_texts(tokenize([c for _, caps in examples for c in caps])))
     ref_img_of_txt = np.concatenate([[i] * len(caps) for i, (_, caps) in enumerate(examples)])

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from big_contrast.evaluate.retrieval import recall_at_k, retrieval_ranks
+from conftest import unit
 
 
 def brute_force_recall(zimg, ztxt, img_of_txt, ks):
@@ -34,10 +35,6 @@ def shuffled_captions(rng, n_img, max_captions):
     """Every image gets 1..max_captions captions, stored in a random order (positives spread over tiles)."""
     counts = rng.integers(1, max_captions + 1, size=n_img)
     return rng.permutation(np.repeat(np.arange(n_img), counts))
-
-
-def unit(x):
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 # Tests share tile shapes (chunk 7, D 8) so the tile function compiles once.

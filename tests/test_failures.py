@@ -121,7 +121,7 @@ def test_largest_files_cut_to_100_bytes_fall_back_with_one_warning_line(trained,
     """In a subprocess (pytest takes over the hook that reports what the garbage collector
     finds): the reads the failed restore abandoned must not reach stderr."""
     workdir = copy_of(trained, tmp_path)
-    truncate_largest_files(workdir / "checkpoints" / "4")
+    truncate_largest_files(workdir / CHECKPOINTS / "4")
     result = subprocess.run([sys.executable, "-m", "big_contrast.cli", *train_argv(workdir)[1:]],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -6,22 +6,24 @@ from registered tiny configs (one CLIP ViT, one timm SigLIP ViT), and a big_visi
 tree written from the SigLIP reference by an explicit converter in this file.
 """
 import json
+import math
 
 import numpy as np
 import pytest
+# The references are in the test extra that `make test` installs: a broken install fails here,
+# never skips (open_clip is imported by the tests that use it, to keep collection fast).
+import tokenizers
+import torch
+import transformers
 from flax import nnx
 from PIL import Image
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
-
-from big_contrast import interop  # noqa: E402
-from big_contrast.cli import main as cli_main  # noqa: E402
-from big_contrast.interop import hf  # noqa: E402
-from big_contrast.interop.preprocess import Transform  # noqa: E402
-from big_contrast.interop.tokenizers import PretrainedTokenizer  # noqa: E402
-from big_contrast.workdir import CHECKPOINTS  # noqa: E402
+from big_contrast import interop
+from big_contrast.cli import main as cli_main
+from big_contrast.interop import hf
+from big_contrast.interop.preprocess import Transform
+from big_contrast.interop.tokenizers import PretrainedTokenizer
+from big_contrast.workdir import CHECKPOINTS
 
 TRICKY = ["A photo of a CAT.", "  many   spaces\tand\nnew lines ", "", "naïve café — Ünïcödé 東京",
           "word " * 90, "punctuation!!! (yes) [no] {maybe} 'quoted' \"double\"", "UPPER lower MiXeD"]
@@ -29,6 +31,11 @@ CORPUS = [f"a photo of a {c} {s}, on the left!" for c in ("red", "green", "blue"
           for s in ("cat", "dog", "square", "circle", "café", "naïve", "tokyo")] * 4
 TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 VISION = dict(TOWER, image_size=32, patch_size=8)
+# Logit scales and biases the references get, none of them this project's defaults (softmax:
+# log(1/0.07), clamped at log 100; sigmoid: log 10 and -10), so a fallback to a default fails.
+# The CLIP scale lies above log 100: the import must lift the clamp too.
+CLIP_LOG_SCALE = 5.0
+SIGLIP_LOG_SCALE, SIGLIP_BIAS = math.log(7.0), -3.0
 
 
 def cosine_gap(a, b):
@@ -90,7 +97,8 @@ def hf_siglip(tmp_path_factory):
         vision_config=VISION)
     model = transformers.SiglipModel(config).eval()
     with torch.no_grad():
-        model.logit_bias.fill_(-3.0)
+        model.logit_scale.fill_(SIGLIP_LOG_SCALE)
+        model.logit_bias.fill_(SIGLIP_BIAS)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     transformers.SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(directory)
@@ -131,6 +139,8 @@ def hf_clip(tmp_path_factory):
                          bos_token_id=0, pad_token_id=eos, hidden_act="quick_gelu"),
         vision_config=dict(VISION, hidden_act="quick_gelu"), projection_dim=24)
     model = transformers.CLIPModel(config).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(CLIP_LOG_SCALE)
     model.save_pretrained(directory)
     tokenizer.model_max_length = 77
     tokenizer.save_pretrained(directory)
@@ -211,7 +221,7 @@ def _register_tiny_timm_siglip():
 
 @pytest.mark.parametrize("name", sorted(OPEN_CLIP_ARCHS))
 def test_open_clip_import_gives_the_reference_embeddings(name, tmp_path):
-    open_clip = pytest.importorskip("open_clip")
+    import open_clip
     from safetensors.torch import save_file
 
     _register_tiny_timm_siglip()
@@ -220,6 +230,10 @@ def test_open_clip_import_gives_the_reference_embeddings(name, tmp_path):
     open_clip.add_model_config(str(arch_path))
     torch.manual_seed(2)
     reference = open_clip.create_model(name, pretrained=None).eval()
+    with torch.no_grad():  # both archs' defaults are this project's: move them off
+        reference.logit_scale.fill_(CLIP_LOG_SCALE if name == "bc-tiny-clip" else SIGLIP_LOG_SCALE)
+        if reference.logit_bias is not None:
+            reference.logit_bias.fill_(SIGLIP_BIAS)
     weights = tmp_path / f"{name}.safetensors"
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(weights))
     model, _, _ = interop.load(weights, arch=str(arch_path))
@@ -230,13 +244,17 @@ def test_open_clip_import_gives_the_reference_embeddings(name, tmp_path):
         pickled, safe = read_weights(tmp_path / "model.bin"), read_weights(weights)
         assert pickled.keys() == safe.keys() and all(np.array_equal(pickled[k], safe[k]) for k in safe)
     pixels, ids = random_inputs(64, 16)
+    images, texts = torch.tensor(pixels.transpose(0, 3, 1, 2)), torch.tensor(ids)
     with torch.no_grad():
-        ref_img = reference.encode_image(torch.tensor(pixels.transpose(0, 3, 1, 2)), normalize=True)
-        ref_txt = reference.encode_text(torch.tensor(ids), normalize=True)
+        ref_img, ref_txt = reference.encode_image(images, normalize=True), reference.encode_text(texts, normalize=True)
+        _, ref_logits = reference.get_logits(images, texts)  # exp(logit_scale) * cosines + logit_bias
+    assert_same_outputs(model, pixels, ids, (ref_img.numpy(), ref_txt.numpy(), ref_logits.numpy()))
     out = forward(model, pixels, ids)
-    assert cosine_gap(out.zimg, ref_img.numpy()) <= 1e-5
-    assert cosine_gap(out.ztxt, ref_txt.numpy()) <= 1e-5
-    np.testing.assert_allclose(float(out.scale), float(reference.logit_scale.detach().exp()), rtol=1e-6)
+    np.testing.assert_allclose(float(out.scale), float(reference.logit_scale.exp()), rtol=1e-6)
+    if reference.logit_bias is None:
+        assert out.bias is None
+    else:
+        np.testing.assert_allclose(float(out.bias), float(reference.logit_bias), rtol=1e-6)
 
 
 def big_vision_tree(hf_state: dict, depth: int) -> dict:
@@ -370,7 +388,7 @@ def test_gemma_ids_equal_transformers_siglip2_tokenizer(gemma_dir):
 
 
 def test_open_clip_clip_tokenizer_ids_equal_open_clip(tmp_path):
-    open_clip = pytest.importorskip("open_clip")
+    import open_clip
     from big_contrast.interop.open_clip import clip_tokenizer
 
     record = clip_tokenizer(tmp_path, 77)

@@ -13,6 +13,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from big_contrast.losses import sigmoid_loss, softmax_loss
+from conftest import rel_err
 
 RTOL = 1e-5
 
@@ -43,11 +44,6 @@ def loss_and_grads(loss, zimg, ztxt, scale, bias, **kw):
     """Value and gradients w.r.t. (zimg, ztxt, scale[, bias]) of one loss."""
     args = (zimg, ztxt, jnp.float32(scale)) + ((jnp.float32(bias),) if loss == "sigmoid" else ())
     return jitted_value_and_grad(loss, **kw)(*args)
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
 def logsumexp(a, axis):

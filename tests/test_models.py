@@ -16,7 +16,7 @@ from flax import nnx
 
 from big_contrast import models, sharding
 from big_contrast.models import transformer
-from conftest import random_model
+from conftest import max_rel_err, random_model
 
 B = 8  # global test batch: divides every test mesh's batch shards
 # XLA:CPU compiles ~3x faster without its expensive LLVM passes; tests only need the numbers.
@@ -42,10 +42,6 @@ def batch(seed=0, length=8, vocab=50):
     images = rng.normal(size=(B, 16, 16, 3)).astype(np.float32)
     tokens = rng.integers(2, vocab, size=(B, length)).astype(np.int32)  # no pad (0) / eos (1)
     return jnp.asarray(images), jnp.asarray(tokens)
-
-
-def rel_err(a, b):
-    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
 
 
 forward = jax.jit(lambda graphdef, state, images, tokens: nnx.merge(graphdef, state)(images, tokens),
@@ -146,7 +142,7 @@ def test_sharded_forward_matches_unsharded(reference, shape, axis_types):
     assert fc1.get_value().sharding.spec == jax.P("fsdp", "tensor")  # size-1 axes kept: harmless
     assert out.zimg.sharding.is_equivalent_to(sharding.batch_sharding(mesh), 2)
     for name in ("zimg", "ztxt", "scale", "bias"):
-        assert rel_err(getattr(out, name), getattr(expected, name)) <= 1e-5, name
+        assert max_rel_err(getattr(out, name), getattr(expected, name)) <= 1e-5, name
 
 
 def test_create_sharded_initialises_into_shardings():
@@ -264,10 +260,10 @@ def test_fused_attention_equals_einsum_reference_with_masks_and_gradients(dtype,
     ref = attention_and_grads("einsum", *attention_inputs(dtype))
     for name in fused:
         for what, a, b in zip(("out", "dq", "dk", "dv"), fused[name], ref[name]):
-            assert rel_err(a, b) < tol, (name, what, rel_err(a, b))
+            assert max_rel_err(a, b) < tol, (name, what, max_rel_err(a, b))
     # The check can fail: the masks change the numbers.
-    assert rel_err(fused["padding"][0], ref["none"][0]) > 1e-2
-    assert rel_err(fused["causal"][0], ref["padding"][0]) > 1e-2
+    assert max_rel_err(fused["padding"][0], ref["none"][0]) > 1e-2
+    assert max_rel_err(fused["causal"][0], ref["padding"][0]) > 1e-2
 
 
 def test_towers_give_the_same_embeddings_with_fused_and_einsum_attention():
@@ -351,7 +347,7 @@ def test_scan_and_remat_match_plain_layers():
         return jax.jit(jax.value_and_grad(loss), compiler_options=FAST)(state)
 
     (loss_plain, grads_plain), (loss_scan, grads_scan) = map(loss_and_grads, (plain, scanned))
-    assert rel_err(loss_scan, loss_plain) <= 1e-5
+    assert max_rel_err(loss_scan, loss_plain) <= 1e-5
     expected = dict(nnx.to_flat_state(stack_blocks(dict(nnx.to_flat_state(grads_plain)),
                                                    nnx.state(scanned))))
     for path, grad in nnx.to_flat_state(grads_scan):  # some biases have exactly-zero gradients
@@ -368,7 +364,7 @@ def test_bfloat16_compute_keeps_float32_params(reference):
     out = forward(*nnx.split(model), images, tokens)
     assert out.zimg.dtype == out.ztxt.dtype == jnp.float32
     for name in ("zimg", "ztxt"):  # bf16 round-off, not float32 exactness
-        assert 0 < rel_err(getattr(out, name), getattr(expected, name)) < 5e-2
+        assert 0 < max_rel_err(getattr(out, name), getattr(expected, name)) < 5e-2
     np.testing.assert_allclose(jnp.linalg.norm(out.ztxt, axis=-1), 1.0, rtol=1e-5)
 
 

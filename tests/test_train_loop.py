@@ -1,5 +1,5 @@
-"""The overlapped loop: NaN checks one step behind and before every save, prefetched batches with
-exact resume, a clean close of the prefetching thread, profiles."""
+"""The overlapped loop: NaN checks one step behind and before every save (and a real divergence),
+prefetched batches with exact resume, a clean close of the prefetching thread, profiles."""
 
 import threading
 
@@ -43,8 +43,10 @@ def test_resume_with_prefetched_batches_sees_the_batches_of_an_uninterrupted_run
     train(config, tmp_path, progress=False, stop_after_steps=2)
     assert Checkpointer(tmp_path / CHECKPOINTS, async_save=False).all_steps() == [2]
     train(config, tmp_path, progress=False)
+    # Resumed at step 2, not restarted: each step is logged once (a restart from step 0 would
+    # log steps 1 and 2 again, with the same losses, since the run is deterministic).
+    assert [r["step"] for r in read_metrics(tmp_path) if "loss" in r] == list(range(1, 7))
     expected, resumed = rows_by_step(straight), rows_by_step(tmp_path)
-    assert sorted(resumed) == list(range(1, 7))
     for step in range(3, 7):
         np.testing.assert_allclose(resumed[step]["loss"], expected[step]["loss"], rtol=1e-5, err_msg=str(step))
     assert not any(t.name == "batch-prefetch" for t in threading.enumerate())  # joined on both exits
@@ -81,6 +83,18 @@ def test_a_non_finite_state_with_a_finite_loss_is_never_checkpointed(tmp_path, m
     with pytest.raises(NonFiniteLoss, match=r"after step 4 hold NaN or Inf.*\(step 2\)"):
         train(tiny_config(total_steps=8, log_every=10, checkpoint_every=2), tmp_path, progress=False)
     assert Checkpointer(tmp_path / CHECKPOINTS, async_save=False).all_steps() == [2]
+    _, params = final_params(tmp_path)
+    assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))
+
+
+def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    config = tiny_config(total_steps=50, checkpoint_every=1)
+    config.optimizer.update(lr=1e12, warmup_steps=0, grad_clip_norm=0.0, schedule="constant")
+    with pytest.raises(NonFiniteLoss, match=r"at step (\d+)") as error:
+        train(config, tmp_path, progress=False)
+    bad_step = int(error.value.args[0].split("at step ")[1].split(";")[0])
+    ckpt = Checkpointer(tmp_path / CHECKPOINTS, async_save=False)
+    assert ckpt.latest_step() == bad_step - 1
     _, params = final_params(tmp_path)
     assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))
 
