@@ -46,6 +46,7 @@ def run(flags, args) -> int:
 
 
 def _record(workdir, step, config):
+    from big_contrast import models
     from big_contrast.checkpoint import Checkpointer
     from big_contrast.errors import CheckpointError
     from big_contrast.interop import imported, preprocess
