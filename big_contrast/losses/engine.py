@@ -56,14 +56,15 @@ def _dot(a, b):
     return jnp.dot(a, b, preferred_element_type=F32)
 
 
-def _fields_of(objective, stats):
+def _fields_of(stats):
+    """The field keys the statistics read, each once."""
     keys = dict.fromkeys(f for stat in stats for f in stat.fields)
     return tuple(keys)
 
 
 def _reduce_stats(stats, view, cos, scale, bias):
     """{stat key: value} of full-row (or full-column) reductions over one view."""
-    fields = obj.eval_fields(_fields_of(None, stats), view, cos, scale, bias)
+    fields = obj.eval_fields(_fields_of(stats), view, cos, scale, bias)
     axis = {"row": 1, "col": 0}
     return {s.key: KINDS[s.kind].reduce([fields[f] for f in s.fields], axis[s.direction]) for s in stats}
 
@@ -125,7 +126,7 @@ class _RingTiles:
         self.x = self.tiling.to_tiles(zimg)
         self.rows = {k: self.tiling.to_tiles(v) for k, v in teacher.items()}
         self.travelling = (self.tiling.to_tiles(ztxt), dict(self.rows))
-        self.fields = _fields_of(objective, objective.stats)
+        self.fields = _fields_of(objective.stats)
         self.row_stats, self.col_stats = _split(objective.stats, "row"), _split(objective.stats, "col")
 
     def view(self, i, j, cols, src, teacher_scale):
@@ -186,9 +187,8 @@ def ring_stats_shard(zimg, ztxt, teacher, scale, bias, teacher_scale, *, objecti
     row_state, col_state = ring.visit_all_blocks(
         compute, rt.empty(rt.row_stats), rt.travelling, rt.empty(rt.col_stats), _merge_states(rt.col_stats))
     col_state = ring.shift(col_state)  # home, next to the text rows they belong to
-    final = {s.key: rt.to_rows(KINDS[s.kind].finalize(state))
-             for s, state in zip(rt.row_stats + rt.col_stats, [row_state[s.key] for s in rt.row_stats]
-                                 + [col_state[s.key] for s in rt.col_stats])}
+    states = {**row_state, **col_state}
+    final = {s.key: rt.to_rows(KINDS[s.kind].finalize(states[s.key])) for s in objective.stats}
     values = _values(objective, _stat_values(objective, final), _local(zimg, ztxt, scale, bias, batch), ring.psum)
     return (values, final) if residuals else values
 
