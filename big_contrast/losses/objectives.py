@@ -251,7 +251,8 @@ class AlignUniform(_Term):
         return jnp.stack([jnp.sum(alignment), jnp.sum(jnp.exp(stats[self.stats()[0].key]))])
 
     def combine(self, totals, batch):
-        return totals[0] / batch + self.uniformity_weight * jnp.log(totals[1] / batch**2)
+        # log(total / B^2), with B^2 kept out of int32 (B = 65,536 squares to 2^32)
+        return totals[0] / batch + self.uniformity_weight * (jnp.log(totals[1]) - 2.0 * math.log(batch))
 
 
 TERMS = {"softmax": Softmax, "sigmoid": Sigmoid, "dcl": DCL, "hard_negatives": HardNegatives,

@@ -107,6 +107,7 @@ def main():
                 timed = batch <= (args.time_max_batch if impl == "ring" else args.dense_time_max_batch)
                 results.append(measure(objective, impl, mesh, batch, args.dim, args.block, inputs, timed))
         del inputs
+        (args.out / "results.json").write_text(json.dumps(dict(rows=results), indent=1) + "\n")  # so far
     summary = dense_limit(results, host_memory_bytes())
     (args.out / "results.json").write_text(json.dumps(dict(rows=results, dense_limit=summary), indent=1) + "\n")
     (args.out / "results.md").write_text(markdown_table(results, summary))
