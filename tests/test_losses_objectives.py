@@ -319,3 +319,11 @@ def test_a_missing_or_misshapen_teacher_fails_early():
         combined_loss("distill", z, z, 1.0, impl="dense")
     with pytest.raises(ValueError, match=r"teacher's text embeddings must be \[8, D_teacher\].*\(4, 4\)"):
         combined_loss("cwcl(tower=text)", z, z, 1.0, teacher={"text": z[:4]}, impl="dense")
+
+
+def test_large_batches_trace_without_integer_overflow():
+    """B^2 of B = 65,536 overflows int32; every term must trace at 2^16 and 2^20 (no compile)."""
+    for batch in (2**16, 2**20):
+        z = jax.ShapeDtypeStruct((batch, 2), jnp.float32)
+        out = jax.eval_shape(lambda x: objective_values(ALL, x, x, 10.0, teacher=(x, x), impl="dense"), z)
+        assert out.shape == (len(NAMES[ALL]),)
