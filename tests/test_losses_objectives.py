@@ -327,3 +327,20 @@ def test_large_batches_trace_without_integer_overflow():
         z = jax.ShapeDtypeStruct((batch, 2), jnp.float32)
         out = jax.eval_shape(lambda x: objective_values(ALL, x, x, 10.0, teacher=(x, x), impl="dense"), z)
         assert out.shape == (len(NAMES[ALL]),)
+
+
+def test_explicit_axes_mesh_ring():
+    """jax.make_mesh's Explicit (sharding-in-types) axes, inputs and teacher arriving sharded."""
+    from jax.sharding import NamedSharding
+
+    mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    x, y, u, v, scale, bias, ts = (jnp.asarray(a, jnp.float32) if np.ndim(a) else a for a in random_inputs(8, batch=32))
+    grad = lambda impl, **kw: jax.jit(jax.value_and_grad(lambda x, y, u, v: combined_loss(  # noqa: E731
+        SUBSET, x, y, scale, bias, teacher=(u, v), teacher_scale=ts, impl=impl, block=3, **kw), argnums=(0, 1)))
+    ref_value, ref_grads = grad("dense")(x, y, u, v)
+    rows = NamedSharding(mesh, P(("data", "fsdp"), None))
+    with jax.set_mesh(mesh):
+        value, grads = grad("ring", mesh=mesh, axis=("data", "fsdp"))(*(jax.device_put(a, rows) for a in (x, y, u, v)))
+    assert objective_err(value, ref_value, 1e-3) < 2e-5
+    for g, ref in zip(grads, ref_grads):
+        assert objective_err(g, ref, 1e-3) < 2e-5
