@@ -223,6 +223,22 @@ def _finish_cotangents(objective, final, zimg, ztxt, scale, bias, ct, ring, batc
     return pullback(ring.per_device(ct_totals))
 
 
+def _tile_cotangents(rt, fields, row_res, col_res, i, j):
+    """dloss/dF_ij of every field of tile (i, j), summed over the statistics that read it;
+    zero on padding (where a padded row's residuals are not statistics)."""
+    cot = {f: jnp.zeros_like(v) for f, v in fields.items()}
+    for stats, res, axis, at in ((rt.row_stats, row_res, 1, i), (rt.col_stats, col_res, 0, j)):
+        for s in stats:
+            residual, ct_stat = jax.tree.map(lambda a: a[at], res[s.key])
+            parts = KINDS[s.kind].field_cotangents(residual, ct_stat, [fields[f] for f in s.fields], axis)
+            for f, part in zip(s.fields, parts):
+                cot[f] = cot[f] + part
+    valid = rt.tiling.valid_tt(i, j)
+    if valid is not None:
+        cot = {f: jnp.where(valid, v, 0.0) for f, v in cot.items()}
+    return cot
+
+
 def ring_grad_shard(zimg, ztxt, teacher, scale, bias, teacher_scale, final, ct, *, objective, axis, n, block, batch):
     """Per-device backward ring: (dzimg, dztxt, dscale, dbias)."""
     ring = Ring(axis, n)
@@ -244,17 +260,7 @@ def ring_grad_shard(zimg, ztxt, teacher, scale, bias, teacher_scale, final, ct, 
             x_td, y_td = rt.x[i], y_ntd[j]
             field_fn = lambda cos, s, bb: obj.eval_fields(rt.fields, view, cos, s, bb)  # noqa: E731
             fields, pullback = jax.vjp(field_fn, _dot(x_td, y_td.T), scale_var, bias_var)
-            cot = {f: jnp.zeros_like(v) for f, v in fields.items()}
-            for stats, res, axis, at in ((rt.row_stats, row_res, 1, i), (rt.col_stats, col_res, 0, j)):
-                for s in stats:
-                    residual, ct_stat = jax.tree.map(lambda a: a[at], res[s.key])
-                    parts = KINDS[s.kind].field_cotangents(residual, ct_stat, [fields[f] for f in s.fields], axis)
-                    for f, part in zip(s.fields, parts):
-                        cot[f] = cot[f] + part
-            valid = rt.tiling.valid_tt(i, j)
-            if valid is not None:
-                cot = {f: jnp.where(valid, v, 0.0) for f, v in cot.items()}
-            g_tt, ds, db = pullback(cot)
+            g_tt, ds, db = pullback(_tile_cotangents(rt, fields, row_res, col_res, i, j))
             g_lo = g_tt.astype(dtype)
             local = dict(dx=local["dx"].at[i].add(_dot(g_lo, y_td)), dscale=local["dscale"] + ds, dbias=local["dbias"] + db)
             return local, dy_ntd.at[j].add(_dot(g_lo.T, x_td))
