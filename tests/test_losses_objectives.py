@@ -307,6 +307,7 @@ def test_objective_strings_lists_and_weights():
     ("align_uniform(alpha=inf)", r"align_uniform alpha must be a finite number > 0"),
     ("align_uniform(uniformity_weight=-1)", r"uniformity_weight must be a finite number >= 0"),
     ("sigmoid +", r"Cannot read objective term ''"),
+    ("hard_negatives(beta=hard)", r"option beta must be a number, got 'hard'"),
 ])
 def test_bad_objectives_fail_with_one_sentence(spec, message):
     with pytest.raises(ValueError, match=message):

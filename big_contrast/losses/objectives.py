@@ -315,6 +315,9 @@ def make_term(name, **options):
     unknown = sorted(set(options) - allowed)
     _check(not unknown, f"Objective term {name!r} has no option {unknown[0] if unknown else ''!r}; "
                         f"its options are {sorted(allowed) or 'none'}.")
+    for key, value in options.items():
+        _check(key == "tower" or isinstance(value, (int, float)),
+               f"Objective term {name!r} option {key} must be a number, got {value!r}.")
     term = cls(**{k: (v if k == "tower" else float(v)) for k, v in options.items()})
     _check_options(name, term)
     return term
