@@ -18,6 +18,15 @@ All are differentiable in every argument with plain `jax.grad` and return a floa
 The compute dtype follows the inputs: bfloat16 embeddings run bfloat16 matmuls with float32
 accumulation and statistics (half the bytes on the wire of the ring), and their gradients
 come back in bfloat16; cast `zimg`, `ztxt` to choose (the train step's `LossSpec.dtype`).
+
+Beyond the two: any weighted sum of contrastive objectives (DCL, DiHT hard negatives, CWCL
+soft targets, teacher / momentum distillation, alignment + uniformity, and the two above),
+with the same three impls and a teacher whose embeddings travel in the ring (engine.py,
+objectives.py):
+
+    combined_loss("sigmoid + 0.5 * distill", zimg, ztxt, scale, bias, teacher={"image": u, "text": v},
+                  teacher_scale=None, impl="ring", mesh=None, axis="data", block=None, with_terms=False)
+    objective_values(objective, zimg, ztxt, scale, bias, ...)  # the vector of unweighted term values
 """
 
 from __future__ import annotations
@@ -29,8 +38,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from big_contrast.losses import checks, ring
 from big_contrast.losses.all_gather import sigmoid_all_gather_shard, softmax_all_gather_shard
 from big_contrast.losses.dense import sigmoid_loss_dense, softmax_loss_dense
+from big_contrast.losses.engine import combined_loss, objective_values
+from big_contrast.losses.objectives import TERMS, Objective, parse_objective
 
-__all__ = ["softmax_loss", "sigmoid_loss", "IMPLS"]
+__all__ = ["softmax_loss", "sigmoid_loss", "IMPLS", "combined_loss", "objective_values", "parse_objective",
+           "Objective", "TERMS"]
 
 IMPLS = checks.IMPLS
 
