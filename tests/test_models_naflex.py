@@ -147,3 +147,21 @@ def test_a_sincos_vit_and_wrong_patches_are_refused_in_one_sentence():
     sincos = models.abstract_model(dict(config(), image=dict(config()["image"], posemb="sincos2d"))).image
     with pytest.raises(NotImplementedError, match="NaFlex needs a learned position table"):
         naflex.naflex_features(sincos, jnp.zeros((1, 8, 48)), jnp.ones((1, 8), bool), jnp.ones((1, 2), jnp.int32))
+
+
+def test_padding_gets_no_gradient_and_the_table_gets_a_finite_one():
+    vit = random_model(config()).image
+    batch = naflex_data.naflex_batch(images(), patch_size=PATCH, max_num_patches=BUDGET)
+    graphdef, params = nnx.split(vit)
+
+    def loss(params, patches):
+        pooled = naflex.naflex_features(nnx.merge(graphdef, params), patches, jnp.asarray(batch["patch_mask"]),
+                                        jnp.asarray(batch["spatial_shapes"]))
+        return jnp.sum(pooled ** 2)
+
+    grad_params, grad_patches = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, jnp.asarray(batch["patches"]))
+    grad_patches = np.asarray(grad_patches)
+    assert not grad_patches[~batch["patch_mask"]].any()  # exactly zero on every padding row
+    assert np.abs(grad_patches[batch["patch_mask"]]).sum(-1).min() > 0
+    table_grad = np.asarray(grad_params["posemb"].get_value())
+    assert np.isfinite(table_grad).all() and np.abs(table_grad).sum(-1).min() > 0

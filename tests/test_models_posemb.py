@@ -117,6 +117,8 @@ def test_text_table_extends_with_fresh_rows_after_the_old_ones():
     assert abs(new_rows.mean()) < 0.1 * models.text.POSEMB_STD
     np.testing.assert_array_equal(posemb.resize_text_posemb(table, 200, seed=1)[:, :8], table)
     assert not np.array_equal(posemb.resize_text_posemb(table, 200, seed=1), got)
+    zeros = posemb.resize_text_posemb(table, 12, extend="zeros")  # for optimizer moments
+    np.testing.assert_array_equal(zeros, np.concatenate([table, np.zeros((1, 4, 32), np.float32)], 1))
 
 
 @pytest.mark.parametrize("new_len", [13, 16, 5])

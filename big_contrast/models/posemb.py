@@ -23,8 +23,10 @@ Rules (``adapt_params`` applies them to a whole parameter tree):
 * A text table is truncated to the first ``max_len`` rows (exact: positions are absolute,
   so a text that fits embeds as before), or extended: the old rows are kept and the new
   rows drawn like a fresh tower's (normal, std ``text.POSEMB_STD``; big_vision re-uses the
-  model's initialisation for anything the checkpoint lacks, ``common.merge_params``), or
-  with ``text_extend='interpolate'`` the whole table is linearly resampled to the new length
+  model's initialisation for anything the checkpoint lacks, ``common.merge_params``);
+  ``text_extend='zeros'`` fills them with zeros instead (for optimizer moments, which
+  ``adapt_params`` maps the same way as the parameters they belong to); with
+  ``text_extend='interpolate'`` the whole table is linearly resampled to the new length
   (open_clip's ``resize_text_pos_embed``: ``F.interpolate(mode='linear',
   align_corners=False)``, which moves the old rows too).
 * Any other change of shape (width, depth, vocabulary, MLP size, scan layout, a learned
@@ -47,7 +49,7 @@ from big_contrast.models.transformer import posemb_sincos_2d
 from big_contrast.sharding import path_str
 
 IMAGE_POSEMB, TEXT_POSEMB = "image/posemb", "text/posemb"
-TEXT_EXTENDS = ("init", "interpolate")
+TEXT_EXTENDS = ("init", "zeros", "interpolate")
 
 
 def aligned_linear_weights(n_in: int, n_out: int) -> np.ndarray:
@@ -96,7 +98,7 @@ def sincos_posemb(grid: tuple[int, int], width: int, class_token: bool) -> np.nd
 def resize_text_posemb(posemb_1ld, new_len: int, *, extend: str = "init",
                        seed: int = 0) -> np.ndarray:
     """A text table [1, L, D] for ``new_len`` positions: truncated, or extended (see the
-    module docstring for ``extend`` = 'init' | 'interpolate')."""
+    module docstring for ``extend`` = 'init' | 'zeros' | 'interpolate')."""
     if extend not in TEXT_EXTENDS:
         raise ValueError(f"text_extend={extend!r} is unknown; use one of {TEXT_EXTENDS}.")
     table = np.asarray(posemb_1ld)[0]
@@ -106,6 +108,8 @@ def resize_text_posemb(posemb_1ld, new_len: int, *, extend: str = "init",
     if extend == "interpolate":
         return (_half_pixel_linear_weights(old_len, new_len) @ table.astype(np.float64)
                 ).astype(table.dtype)[None]
+    if extend == "zeros":
+        return np.concatenate([table, np.zeros((new_len - old_len, width), table.dtype)])[None]
     fresh = jax.random.normal(jax.random.key(seed), (new_len - old_len, width)) * POSEMB_STD
     return np.concatenate([table, np.asarray(fresh, table.dtype)])[None]
 
