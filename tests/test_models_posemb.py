@@ -153,3 +153,27 @@ def test_a_vocabulary_change_fails_with_the_callers_sentence():
 def test_an_unknown_text_extension_is_refused_in_one_sentence():
     with pytest.raises(ValueError, match="text_extend='nearest' is unknown; use one of"):
         posemb.resize_text_posemb(np.zeros((1, 4, 2)), 8, extend="nearest")
+
+
+def test_optimizer_moments_of_the_tables_follow_their_parameters():
+    import ml_collections
+
+    from big_contrast.train.optimizer import make_optimizer
+
+    opt = ml_collections.ConfigDict(dict(name="adamw", lr=1e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-4,
+                                         grad_clip_norm=1.0, warmup_steps=1, schedule="constant", total_steps=10))
+    old, new = config(image_size=56, max_len=8), config(image_size=112, max_len=12)
+    old_params = params_of(random_model(old))
+    tx = make_optimizer(opt, old_params)
+    state = tx.init(old_params)
+    state = jax.tree.map(lambda x: x + 1.0 if jnp.issubdtype(x.dtype, jnp.floating) else x, state)  # non-zero moments
+    adapted = posemb.adapt_optimizer_state(state, old, new)
+    new_params, _ = posemb.adapt_params(old_params, old, new)
+    want = jax.tree.map(lambda x: (x.shape, x.dtype), make_optimizer(opt, new_params).init(new_params))
+    assert jax.tree.map(lambda x: (np.shape(x), x.dtype), adapted) == want
+    flat = {posemb.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(adapted)[0]}
+    mu_text = next(x for name, x in flat.items() if name.endswith("mu/text/posemb"))
+    np.testing.assert_array_equal(mu_text[:, :8], 1.0)
+    np.testing.assert_array_equal(mu_text[:, 8:], 0.0)  # new positions start without momentum
+    mu_image = next(x for name, x in flat.items() if name.endswith("mu/image/posemb"))
+    np.testing.assert_allclose(mu_image, 1.0, rtol=1e-6)  # a constant table resamples to itself

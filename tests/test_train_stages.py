@@ -42,6 +42,8 @@ def test_stage_at_names_the_stage_that_runs_the_next_step():
     resolved = stages.resolve_stages(base_config(stages=clipa_like()), SHARDS)
     assert [stages.stage_at(resolved, s).index for s in (0, 1, 59, 60, 61, 99, 100)] == [0, 0, 0, 1, 1, 1, 1]
     assert stages.boundaries(resolved) == (60,)
+    # A checkpoint at the boundary holds the first stage's shapes; resuming runs the second.
+    assert [stages.stage_that_saved(resolved, s).index for s in (0, 1, 60, 61, 100)] == [0, 0, 0, 1, 1]
     assert [s.num_steps for s in resolved] == [60, 40]
 
 

@@ -173,18 +173,49 @@ def adapt_params(params: Any, old_config: Mapping | None, new_config: Mapping | 
         name, shape = path_str(path), tuple(np.shape(leaf))
         if shape == wanted[name]:
             return leaf
-        if name == IMAGE_POSEMB and _image_rule_applies(shape, wanted[name], old, new):
-            changes.append(f"{name}: {_grid_str(old.grid)} -> {_grid_str(new.grid)} patch grid, "
-                           "resampled bilinearly (aligned corners, as big_vision's resample_posemb)"
-                           + ("; class token row kept" if new.class_token else ""))
-            return resample_image_posemb(leaf, old.grid, new.grid, new.class_token)
-        if name == TEXT_POSEMB and shape[::2] == wanted[name][::2] and shape[1] == old.text_len:
-            how = "truncated" if new.text_len < old.text_len else f"extended ({text_extend})"
-            changes.append(f"{name}: {old.text_len} -> {new.text_len} positions, {how}")
-            return resize_text_posemb(leaf, new.text_len, extend=text_extend, seed=seed)
-        raise ConfigMismatch(on_mismatch(name, shape, wanted[name]))
+        resized = _resized_table(name, leaf, wanted[name], old, new, text_extend, seed, changes)
+        if resized is None:
+            raise ConfigMismatch(on_mismatch(name, shape, wanted[name]))
+        return resized
 
     return jax.tree_util.tree_map_with_path(adapt, params), changes
+
+
+def adapt_optimizer_state(opt_state: Any, old_config: Mapping | None,
+                          new_config: Mapping | None) -> Any:
+    """``opt_state`` (any optax state) with every leaf that belongs to a position table (its
+    path ends in ``image/posemb`` or ``text/posemb``, e.g. Adam's ``mu`` and ``nu``) mapped by
+    the same rule as the parameter, new text rows zero; every other leaf as it is (the
+    caller's restore checks their shapes)."""
+    old, new = geometry(old_config), geometry(new_config)
+    wanted = _param_shapes(new_config)
+
+    def adapt(path, leaf):
+        name = path_str(path)
+        table = next((t for t in (IMAGE_POSEMB, TEXT_POSEMB) if name == t or name.endswith("/" + t)), None)
+        if table is None or table not in wanted or tuple(np.shape(leaf)) == wanted[table]:
+            return leaf
+        resized = _resized_table(table, leaf, wanted[table], old, new, "zeros", 0, [])
+        return leaf if resized is None else resized
+
+    return jax.tree_util.tree_map_with_path(adapt, opt_state)
+
+
+def _resized_table(name: str, leaf, wanted, old: Geometry, new: Geometry, text_extend: str,
+                   seed: int, changes: list[str]):
+    """``leaf`` (the table at param path ``name``) in the ``wanted`` shape by its rule, with a
+    line appended to ``changes``; None where no rule applies."""
+    shape = tuple(np.shape(leaf))
+    if name == IMAGE_POSEMB and _image_rule_applies(shape, wanted, old, new):
+        changes.append(f"{name}: {_grid_str(old.grid)} -> {_grid_str(new.grid)} patch grid, "
+                       "resampled bilinearly (aligned corners, as big_vision's resample_posemb)"
+                       + ("; class token row kept" if new.class_token else ""))
+        return resample_image_posemb(leaf, old.grid, new.grid, new.class_token)
+    if name == TEXT_POSEMB and shape[::2] == wanted[::2] and shape[1] == old.text_len:
+        how = "truncated" if new.text_len < old.text_len else f"extended ({text_extend})"
+        changes.append(f"{name}: {old.text_len} -> {new.text_len} positions, {how}")
+        return resize_text_posemb(leaf, new.text_len, extend=text_extend, seed=seed)
+    return None
 
 
 def _image_rule_applies(shape, wanted, old: Geometry, new: Geometry) -> bool:

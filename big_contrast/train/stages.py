@@ -84,6 +84,12 @@ def stage_at(stages: tuple[Stage, ...], step: int) -> Stage:
     return next((s for s in stages if step < s.until_step), stages[-1])
 
 
+def stage_that_saved(stages: tuple[Stage, ...], step: int) -> Stage:
+    """The stage whose shapes a checkpoint of ``step`` steps holds: the one that ran its last
+    step (a checkpoint at a boundary was written before the next stage began)."""
+    return stage_at(stages, max(step - 1, 0))
+
+
 def boundaries(stages: tuple[Stage, ...]) -> tuple[int, ...]:
     """The steps done at which a new stage begins (its step compiles, its data starts)."""
     return tuple(s.until_step for s in stages[:-1])
