@@ -49,13 +49,25 @@ def test_resize_weights_equal_torch_antialiased_bilinear(new_hw):
     np.testing.assert_array_equal(got[n:], np.broadcast_to(got[0], (30 - n, 6)))  # padding: position (0, 0)
 
 
-def test_a_square_image_at_the_tables_grid_embeds_as_the_fixed_resolution_vit():
-    vit = random_model(config()).image
+@pytest.mark.parametrize("pool", ["map", "gap", "tok"])
+def test_a_square_image_at_the_tables_grid_embeds_as_the_fixed_resolution_vit(pool):
+    vit = random_model(config(pool)).image
     pixels = np.random.default_rng(1).normal(size=(2, 16, 16, 3)).astype(np.float32)
     batch = dict(patches=np.stack([naflex_data.patchify(p, PATCH) for p in pixels]),
                  patch_mask=np.ones((2, GRID * GRID), bool), spatial_shapes=np.full((2, 2), GRID, np.int32))
     fixed = np.asarray(nnx.jit(lambda m, x: m(x))(vit, jnp.asarray(pixels)))
     np.testing.assert_allclose(features(vit, batch), fixed, rtol=1e-5, atol=1e-5)
+
+
+def test_two_tower_embeddings_of_naflex_inputs_equal_the_fixed_resolution_ones():
+    model = random_model(config())
+    pixels = np.random.default_rng(3).normal(size=(2, 16, 16, 3)).astype(np.float32)
+    zimg = nnx.jit(naflex.naflex_embed_images)(
+        model, jnp.asarray(np.stack([naflex_data.patchify(p, PATCH) for p in pixels])),
+        jnp.ones((2, GRID * GRID), bool), jnp.full((2, 2), GRID, jnp.int32))
+    fixed = nnx.jit(lambda m, x: m.embed_images(x))(model, jnp.asarray(pixels))
+    assert zimg.shape == (2, 16) and zimg.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(zimg), np.asarray(fixed), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("pool", ["map", "gap", "tok"])

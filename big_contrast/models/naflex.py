@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from big_contrast.models import transformer as tfm
-from big_contrast.sharding import constrain
+from big_contrast.models.two_towers import EMBEDDINGS_LOGICAL, l2_normalize
+from big_contrast.sharding import call_with_auto_axes, constrain
 
 
 def resize_weights(spatial_shapes_b2: jax.Array, grid: tuple[int, int], length: int) -> jax.Array:
@@ -96,6 +97,23 @@ def naflex_features(vit, patches_bnp: jax.Array, patch_mask_bn: jax.Array,
         weights = valid_bn.astype(x_bnd.dtype)[..., None]
         return (x_bnd * weights).sum(1) / jnp.maximum(weights.sum(1), 1)
     return vit.map_head(x_bnd, valid_bn)
+
+
+def naflex_embed_images(model, patches_bnp: jax.Array, patch_mask_bn: jax.Array,
+                        spatial_shapes_b2: jax.Array) -> jax.Array:
+    """``TwoTowers.embed_images`` for NaFlex inputs: the image tower's NaFlex features, its
+    projection head, L2-normalised [B, embed_dim] float32 (LiT's lock stops the gradient)."""
+    def embed(tower_and_head, patches, mask, shapes):
+        vit, head = tower_and_head
+        features_bd = naflex_features(vit, patches, mask, shapes)
+        if model.lock_image:
+            features_bd = jax.lax.stop_gradient(features_bd)
+        z_bd = features_bd if head is None else head(features_bd)
+        return constrain(l2_normalize(z_bd), EMBEDDINGS_LOGICAL)
+
+    return call_with_auto_axes(embed, (model.image, model.image_head),
+                               (patches_bnp, patch_mask_bn, spatial_shapes_b2), EMBEDDINGS_LOGICAL,
+                               (patches_bnp.shape[0], model.embed_dim))
 
 
 def _check_inputs(vit, patches_bnp, spatial_shapes_b2) -> None:
