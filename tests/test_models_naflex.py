@@ -177,3 +177,23 @@ def test_padding_gets_no_gradient_and_the_table_gets_a_finite_one():
     assert np.abs(grad_patches[batch["patch_mask"]]).sum(-1).min() > 0
     table_grad = np.asarray(grad_params["posemb"].get_value())
     assert np.isfinite(table_grad).all() and np.abs(table_grad).sum(-1).min() > 0
+
+
+_embed = jax.jit(lambda graphdef, state, *inputs: naflex.naflex_embed_images(nnx.merge(graphdef, state), *inputs),
+                 static_argnums=0, compiler_options=dict(xla_backend_optimization_level=0))
+
+
+@pytest.mark.parametrize("axis_types", ["auto", "explicit"])
+def test_sharded_naflex_embeddings_equal_unsharded(axis_types):
+    from big_contrast import sharding
+
+    graphdef, state = nnx.split(random_model(config()))
+    batch = naflex_data.naflex_batch(images() + images(1), patch_size=PATCH, max_num_patches=BUDGET)
+    inputs = tuple(jnp.asarray(batch[k]) for k in ("patches", "patch_mask", "spatial_shapes"))
+    expected = np.asarray(_embed(graphdef, state, *inputs))
+    mesh = sharding.make_mesh((("data", 2), ("fsdp", 2), ("tensor", 2)), axis_types=axis_types)
+    sharded = jax.device_put(inputs, sharding.batch_sharding(mesh))
+    with jax.set_mesh(mesh):
+        zimg = _embed(graphdef, sharding.shard_state(state, mesh), *sharded)
+    assert zimg.sharding.is_equivalent_to(sharding.batch_sharding(mesh), 2)
+    np.testing.assert_allclose(np.asarray(zimg), expected, rtol=1e-5, atol=1e-6)
