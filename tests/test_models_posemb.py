@@ -177,3 +177,13 @@ def test_optimizer_moments_of_the_tables_follow_their_parameters():
     np.testing.assert_array_equal(mu_text[:, 8:], 0.0)  # new positions start without momentum
     mu_image = next(x for name, x in flat.items() if name.endswith("mu/image/posemb"))
     np.testing.assert_allclose(mu_image, 1.0, rtol=1e-6)  # a constant table resamples to itself
+
+
+def test_the_sentence_names_the_checkpoint_directory_like_the_loop_does():
+    import functools
+
+    old, new = config(), config(vocab_size=60)
+    sentence = functools.partial(posemb.mismatch_sentence, directory="/w/checkpoints")
+    with pytest.raises(ConfigMismatch, match=r"^The step-0 checkpoint in /w/checkpoints holds parameter "
+                                             r"text/embedding/embedding with shape \(50, 32\), this config \(60, 32\): "):
+        posemb.adapt_params(params_of(random_model(old)), old, new, on_mismatch=sentence)

@@ -56,13 +56,24 @@ def aligned_linear_weights(n_in: int, n_out: int) -> np.ndarray:
     """[n_out, n_in] weights of 1-D linear interpolation with aligned corners (scipy's
     ``zoom(order=1)``): output ``i`` samples ``i * (n_in - 1) / (n_out - 1)``."""
     step = (n_in - 1) / (n_out - 1) if n_out > 1 else 1.0  # scipy's zoom for a 1-row output
-    source = np.arange(n_out) * step
-    low = np.clip(np.floor(source).astype(int), 0, n_in - 1)
+    return _linear_weights(np.arange(n_out) * step, n_in)
+
+
+def _half_pixel_linear_weights(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] weights of torch's ``interpolate(mode='linear', align_corners=False)``:
+    output ``i`` samples ``(i + 0.5) * n_in / n_out - 0.5``, clamped at the ends."""
+    return _linear_weights((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, n_in)
+
+
+def _linear_weights(source: np.ndarray, n_in: int) -> np.ndarray:
+    """Rows of linear-interpolation weights over ``n_in`` samples at positions ``source``
+    (clamped to the ends)."""
+    source = np.clip(source, 0, n_in - 1)
+    low = np.floor(source).astype(int)
     high = np.minimum(low + 1, n_in - 1)
-    frac = source - low
-    weights = np.zeros((n_out, n_in))
-    np.add.at(weights, (np.arange(n_out), low), 1.0 - frac)
-    np.add.at(weights, (np.arange(n_out), high), frac)
+    weights = np.zeros((len(source), n_in))
+    np.add.at(weights, (np.arange(len(source)), low), 1.0 - (source - low))
+    np.add.at(weights, (np.arange(len(source)), high), source - low)
     return weights
 
 
@@ -114,18 +125,6 @@ def resize_text_posemb(posemb_1ld, new_len: int, *, extend: str = "init",
     return np.concatenate([table, np.asarray(fresh, table.dtype)])[None]
 
 
-def _half_pixel_linear_weights(n_in: int, n_out: int) -> np.ndarray:
-    """[n_out, n_in] weights of torch's ``interpolate(mode='linear', align_corners=False)``:
-    output ``i`` samples ``(i + 0.5) * n_in / n_out - 0.5``, clamped at the ends."""
-    source = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
-    low = np.floor(source).astype(int)
-    high = np.minimum(low + 1, n_in - 1)
-    weights = np.zeros((n_out, n_in))
-    np.add.at(weights, (np.arange(n_out), low), 1.0 - (source - low))
-    np.add.at(weights, (np.arange(n_out), high), source - low)
-    return weights
-
-
 @dataclasses.dataclass(frozen=True)
 class Geometry:
     """What decides the position tables' shapes in a model config."""
@@ -146,10 +145,12 @@ def geometry(config: Mapping | None) -> Geometry:
                     image_posemb=image["posemb"], text_len=cfg["text"]["max_len"])
 
 
-def mismatch_sentence(path: str, stored, wanted) -> str:
+def mismatch_sentence(path: str, stored, wanted, directory=None) -> str:
     """Today's sentence for a parameter whose shape has no rule (``train/loop.py``,
-    ``_with_initial_params``), with the workdir left to the caller's context."""
-    return (f"The step-0 checkpoint holds parameter {path} with shape {stored}, this config "
+    ``_with_initial_params``); ``functools.partial(mismatch_sentence, directory=...)`` names
+    the checkpoint directory as it does."""
+    where = "" if directory is None else f" in {directory}"
+    return (f"The step-0 checkpoint{where} holds parameter {path} with shape {stored}, this config "
             f"{wanted}: use the model config it was imported with (its config.py).")
 
 
