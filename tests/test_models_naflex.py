@@ -46,6 +46,11 @@ def test_resize_weights_equal_torch_antialiased_bilinear(new_hw):
     want = want[0].permute(1, 2, 0).reshape(-1, 6).numpy()
     n = new_hw[0] * new_hw[1]
     np.testing.assert_allclose(got[:n], want, rtol=1e-5, atol=1e-6)
+    # big_vision's naflex_vit resizes with jax.image.scale_and_translate: the same weights.
+    big_vision = jax.image.scale_and_translate(
+        jnp.asarray(table), (*new_hw, 6), (0, 1), jnp.asarray(new_hw, jnp.float32) / GRID,
+        jnp.zeros(2), method="linear", antialias=True)
+    np.testing.assert_allclose(got[:n], np.asarray(big_vision).reshape(-1, 6), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(got[n:], np.broadcast_to(got[0], (30 - n, 6)))  # padding: position (0, 0)
 
 

@@ -15,7 +15,9 @@ Per-image position embeddings: the learned [gh, gw] table is resized to the imag
 ``(h, w)`` patch grid as transformers' ``Siglip2VisionEmbeddings.resize_positional_embeddings``
 does, i.e. ``F.interpolate(mode='bilinear', align_corners=False, antialias=True)`` (a
 triangle filter widened by the scale when shrinking, half-pixel centres, normalised weights),
-written here as one [N, gh*gw] interpolation matrix per image built from the grid sizes
+the same weights as big_vision's ``naflex_vit`` (``jax.image.scale_and_translate``,
+'linear', antialiased; both checked in the tests), written here as one [N, gh*gw]
+interpolation matrix per image built from the grid sizes
 (data, not shapes: nothing recompiles per aspect ratio). Padding positions take the image's
 position (0, 0), as in transformers; they are masked anyway.
 
