@@ -76,7 +76,7 @@ def naflex_image(image, *, patch_size: int = 16, max_num_patches: int = 256,
     (True for the real patches, which come first), ``spatial_shape`` int32 [2] (grid rows,
     columns)."""
     pil = image if isinstance(image, Image.Image) else Image.fromarray(_uint8_rgb(image))
-    pil = pil.convert("RGB")
+    pil = pil if pil.mode == "RGB" else pil.convert("RGB")  # convert copies even an RGB image
     height, width = naflex_size(pil.height, pil.width, patch_size, max_num_patches)
     pixels = np.asarray(pil.resize((width, height), Image.Resampling.BILINEAR))
     pixels = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
