@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
 
 from big_contrast import models
 from big_contrast.data import naflex as naflex_data
@@ -144,7 +145,7 @@ def _nested(flat):
 def test_pooled_features_match_transformers_siglip2_vision_model():
     hf_model = hf_vision_model()
     vit = our_vit_with(hf_model)
-    pil_images = [__import__("PIL.Image").Image.fromarray(x) for x in images(2)]
+    pil_images = [Image.fromarray(x) for x in images(2)]
     inputs = transformers.Siglip2ImageProcessorPil(patch_size=PATCH, max_num_patches=BUDGET)(
         images=pil_images, return_tensors="pt")
     with torch.no_grad():
