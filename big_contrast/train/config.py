@@ -13,6 +13,10 @@ A config file (configs/*.py) returns `default_config()` updated with its own cho
     config.batch_size            global batch (also config.data.batch_size)
     config.microbatch_size       per-device micro-batch for gradient caching (None: off)
     config.total_steps, config.log_every, config.checkpoint_every, config.keep_checkpoints
+    config.stages                (dict(until_step=..., image_size=..., max_len=..., ...), ...):
+                                 progressive resolution / text length / batch (train/stages.py);
+                                 empty: one stage, the config itself
+    config.stage_lr_schedule     "run" (one schedule over all stages) | "per_stage" (restarted)
     config.optimizer             name, lr, b1, b2, eps, weight_decay, grad_clip_norm,
                                  warmup_steps, schedule ("cosine" | "rsqrt" | "linear" |
                                  "constant"), min_lr_ratio, rsqrt_timescale
@@ -50,6 +54,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.batch_size = 64
     config.microbatch_size = ml_collections.FieldReference(None, field_type=int)
     config.total_steps = 100
+    config.stages = ()
+    config.stage_lr_schedule = "run"
     config.log_every = 10
     config.checkpoint_every = 100
     config.keep_checkpoints = 3
