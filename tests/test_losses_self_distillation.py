@@ -94,3 +94,20 @@ def test_patch_masks_hold_the_ratio_exactly_and_depend_on_the_key_alone():
 def test_bad_options_fail_with_a_sentence(call, words):
     with pytest.raises(ValueError, match=words):
         call()
+
+
+def test_the_distill_head_scores_are_cosines_with_the_prototypes():
+    from flax import nnx
+
+    from big_contrast.models.distill_head import DistillHead, DistillHeadConfig
+
+    head = DistillHead(DistillHeadConfig(input_width=6, hidden=12, bottleneck=5, prototypes=9), rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 3, 6)), jnp.float32)
+    scores = np.asarray(head(x))
+    assert scores.shape == (2, 3, 9)
+    assert np.abs(scores).max() <= 1.0 + 1e-5
+    # Scaling a prototype does not change its scores (weight normalisation).
+    head.prototypes.set_value(head.prototypes.get_value() * jnp.arange(1.0, 10.0)[None])
+    np.testing.assert_allclose(head(x), scores, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="prototypes=0 must be a positive integer"):
+        DistillHeadConfig(input_width=6, prototypes=0)
