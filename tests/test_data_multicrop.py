@@ -109,6 +109,7 @@ def test_config_defaults_are_silcs_local_views_and_none_means_no_crops():
     multicrop = multicrop_from_config(GLOBAL_PP, {"size": 32})
     assert (multicrop.count, multicrop.size, multicrop.scale) == (8, (32, 32), (0.05, 0.4))
     assert multicrop.crop_pp.spec == "decode|value_range(-1, 1)"  # the global string's final value op
+    assert multicrop_from_config(GLOBAL_PP, {"pp": "flip_lr|value_range(-1,1)"}).crop_pp.ops[-1][0] == "value_range"
     assert multicrop_from_config(GLOBAL_PP, None) is None and multicrop_from_config(GLOBAL_PP, {}) is None
 
 
@@ -125,6 +126,7 @@ def test_config_defaults_are_silcs_local_views_and_none_means_no_crops():
     (dict(pp="decode|value_range(-1, 1)"), "must not decode"),
     (dict(pp="flip_lr"), "same value op"),
     (dict(pp="normalize()"), "same value op"),
+    (dict(pp="value_range(0, 1)"), "same value op"),
     (dict(crops=4), "unknown keys"),
 ])
 def test_bad_options_fail_with_one_sentence(options, words):

@@ -56,6 +56,11 @@ def _final_value_op(spec: str) -> str | None:
     return last if last.split("(")[0].strip() in _VALUE_OPS else None
 
 
+def _parsed(op: str | None):
+    """(name, kwargs) of one op, so that 'value_range(-1,1)' equals 'value_range(-1, 1)'."""
+    return None if op is None else parse_image_pp(f"decode|{op}").ops[-1]
+
+
 def _check_range(name: str, pair, low: float, high: float | None) -> tuple[float, float]:
     try:
         a, b = (float(v) for v in pair)
@@ -99,7 +104,7 @@ class MultiCrop:
             raise ValueError(f"data.local_crops.pp={pp!r} must not decode: the crops are cut from the "
                              "decoded image; give only the ops after cropping (e.g. 'flip_lr|value_range(-1, 1)').")
         local_value = _final_value_op(pp)
-        if local_value != global_value and (local_value or global_value):
+        if _parsed(local_value) != _parsed(global_value):
             raise ValueError(
                 f"data.local_crops.pp ends with {local_value!r} but the global op string with "
                 f"{global_value!r}; the tower sees both views, so end both with the same value op.")
