@@ -97,11 +97,14 @@ def weighted_ridge_predictions(x_train, y_train, x_eval, l2_regs: Sequence[float
     cross -= n * np.outer(x_mean, t_mean)          # Σ w (x - x̄)(t - t̄)ᵀ
     eigvals, eigvecs = np.linalg.eigh(gram)
     projected = eigvecs.T @ cross                  # [D, C]
+    # every λ's weights side by side [D, Λ·C]: one wide matmul per chunk instead of Λ skinny ones
+    shrink = np.maximum(eigvals, 0.0)[:, None] + np.asarray(l2_regs, np.float64)[None, :]   # [D, Λ]
+    weights_dlc = (projected[:, None, :] / shrink[:, :, None]).reshape(width, -1)
     out = np.zeros((len(l2_regs), len(x_eval)), np.int64)
     for rows in _chunks(len(x_eval)):
         x_eval_c = (np.asarray(x_eval[rows], np.float64) - x_mean) @ eigvecs
-        for k, l2 in enumerate(l2_regs):
-            out[k, rows] = np.argmax(x_eval_c @ (projected / (np.maximum(eigvals, 0.0) + l2)[:, None]) + t_mean, 1)
+        scores_nlc = (x_eval_c @ weights_dlc).reshape(len(x_eval_c), len(l2_regs), num_classes) + t_mean
+        out[:, rows] = np.argmax(scores_nlc, axis=2).T
     return out
 
 
