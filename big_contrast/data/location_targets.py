@@ -2,7 +2,7 @@
 grounded captions, as token sequences with location tokens.
 
 LocCa (Wan et al. 2024), SigLIP 2's decoder objective, trains one captioning decoder on three
-tasks told apart by a task token first in the sequence:
+tasks told apart by a task prefix (here one token, first in the sequence):
 
     caption      <cap>  caption words                 EOS     loss on: words, EOS
     referring    <ref>  phrase words  y0 x0 y1 x1     EOS     loss on: the 4 box tokens, EOS
@@ -27,7 +27,8 @@ with a parallel `phrases` list, or either as JSON text (a CSV cell). A malformed
 Per example one task is drawn (`task_weights`, default equal) and, for a region task, one
 region uniformly, from the caller's generator (grain's per-index one), so the targets of an
 index are the same in every worker and after a resume. Deviation from LocCa, stated in the
-README: LocCa decodes every task of an image in the same step; here each example draws one.
+README: LocCa, as we read it, decodes every task of an image in the same step (the encoder runs
+once); here each example draws one, so one decoder pass per example, each task seen less often.
 Boxes refer to the whole image, so the image op string must not crop or flip
 (`check_pp_keeps_boxes`: `decode|resize(S)|value_range(...)`, SigLIP's training pp).
 """
