@@ -303,3 +303,71 @@ def demo_source(split: str = "train", size: int | None = None, image_size: int =
                 colours: tuple[str, ...] | None = None, group_size: int = 1) -> DemoSource:
     """The demo data as a random-access source (`len`, `[i]`)."""
     return DemoSource(split, size, image_size, pairs, captions, colours, group_size)
+
+
+# Per-patch labels for dense-feature probes (evaluate/dense_probe.py). Added beside the drawing
+# code rather than into it so that the demo's images stay byte for byte what they were.
+PATCH_TASKS = ("shape", "colour", "colour_shape", "foreground")
+
+
+def shape_geometry(source: DemoSource, index: int) -> tuple[str, float, float, float]:
+    """(shape, cx, cy, r) of example `index`: centre and radius as fractions of the image side.
+
+    Replays `draw_shape`'s random draws in its order (background, centre jitter, radius jitter;
+    the fill colour is drawn last and does not move the shape)."""
+    colour, shape, size, position, rng = source.attributes(int(index))
+    del colour
+    rng.integers(30, 110)
+    rng.integers(-15, 16, size=3)
+    cx, cy = np.array(POSITIONS[position]) + rng.uniform(-0.04, 0.04, size=2)
+    r = SIZES[size] * rng.uniform(0.92, 1.08) / 2
+    return shape, float(cx), float(cy), float(r)
+
+
+def shape_coverage(source: DemoSource, index: int, grid: int | tuple[int, int]) -> np.ndarray:
+    """float32 [gh, gw]: the fraction of each grid cell's area the example's shape covers.
+
+    The shape is rasterised as `draw_shape` draws it (at 2x the image size, the same polygon),
+    as a 0/1 mask, then averaged over each cell (`cv2.INTER_AREA`, exact for fractional cells)."""
+    import cv2
+
+    gh, gw = (grid, grid) if isinstance(grid, int) else tuple(grid)
+    if gh < 1 or gw < 1:
+        raise ValueError(f"patch grid {grid!r} must be positive, e.g. image_size // patch_size.")
+    shape, cx, cy, r = shape_geometry(source, index)
+    scale = 2 * source.image_size
+    cx, cy, r = cx * scale, cy * scale, r * scale
+    canvas = Image.new("L", (scale, scale), 0)
+    draw = ImageDraw.Draw(canvas)
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    else:
+        draw.polygon(_polygon(shape, cx, cy, r), fill=255)
+    mask = np.asarray(canvas, np.float32) / 255.0
+    return cv2.resize(mask, (gw, gh), interpolation=cv2.INTER_AREA)
+
+
+def demo_patch_labels(source: DemoSource, index: int, grid: int | tuple[int, int], task: str = "shape",
+                      min_coverage: float = 0.5) -> np.ndarray:
+    """int32 [gh, gw], row-major like a ViT's patch tokens: 0 where the shape covers less than
+    `min_coverage` of the patch (background), else 1 + the example's class index for `task`
+    ('shape' 6 classes, 'colour' 8, 'colour_shape' 48, 'foreground' 1). The grid spans the whole
+    image, so it matches the tokens of an image preprocessed without cropping (`resize`)."""
+    if task not in PATCH_TASKS:
+        raise ValueError(f"demo patch task {task!r} is not one of {PATCH_TASKS}.")
+    if not 0.0 < min_coverage <= 1.0:
+        raise ValueError(f"min_coverage={min_coverage} must be in (0, 1]: the covered fraction of a shape patch.")
+    colour, shape = source.attributes(int(index))[:2]
+    label = {"shape": SHAPES.index(shape), "colour": list(COLOURS).index(colour), "foreground": 0,
+             "colour_shape": demo_class_names("colour_shape").index(f"{colour} {shape}")}[task]
+    covered = shape_coverage(source, index, grid) >= min_coverage
+    return np.where(covered, 1 + label, 0).astype(np.int32)
+
+
+def demo_patch_classes(task: str = "shape") -> list[str]:
+    """Class names of `demo_patch_labels(..., task)`: 'background' first."""
+    if task == "foreground":
+        return ["background", "shape"]
+    if task not in PATCH_TASKS:
+        raise ValueError(f"demo patch task {task!r} is not one of {PATCH_TASKS}.")
+    return ["background", *demo_class_names(task)]

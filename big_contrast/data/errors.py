@@ -27,6 +27,7 @@ SKIP_REASONS = (
     "empty_caption",  # no caption, or only whitespace
     "non_text_caption",  # a caption that is not a string / not valid UTF-8
     "truncated_tar_member",  # a tar shard that ends inside a member (convert only)
+    "malformed_box",  # a region box outside [0, 1], inverted (min > max), not 4 numbers, or without a phrase
 )
 REASON_INDEX = {reason: i for i, reason in enumerate(SKIP_REASONS)}
 
