@@ -44,6 +44,7 @@ import numpy as np
 
 from big_contrast.data.errors import SkipRecord
 from big_contrast.data.tokenizer import PAD_ID
+from big_contrast.errors import ConfigError
 
 TASKS = ("caption", "referring", "grounded")
 BOX_SAFE_OPS = ("decode", "resize", "value_range", "normalize")
@@ -60,7 +61,7 @@ class LocationVocab:
         for name in ("text_vocab_size", "num_bins"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"location tokens: {name}={value!r} must be a positive integer.")
+                raise ConfigError(f"location tokens: {name}={value!r} must be a positive integer.")
 
     @property
     def location_offset(self) -> int:
@@ -68,7 +69,7 @@ class LocationVocab:
 
     def task_id(self, task: str) -> int:
         if task not in TASKS:
-            raise ValueError(f"unknown decoder task {task!r}; the tasks are {TASKS}.")
+            raise ConfigError(f"unknown decoder task {task!r}; the tasks are {TASKS}.")
         return self.text_vocab_size + self.num_bins + TASKS.index(task)
 
     @property
@@ -169,8 +170,8 @@ def check_pp_keeps_boxes(image_pp: str) -> None:
     ops = [p.strip().split("(")[0].strip() for p in image_pp.split("|") if p.strip()]
     moving = [op for op in ops if op not in BOX_SAFE_OPS]
     if moving:
-        raise ValueError(f"image pp {image_pp!r} uses {moving}, which move the boxes' contents; with box targets use "
-                         f"only {BOX_SAFE_OPS} (e.g. 'decode|resize(224)|value_range(-1, 1)').")
+        raise ConfigError(f"image pp {image_pp!r} uses {moving}, which move the boxes' contents; with box targets use "
+                          f"only {BOX_SAFE_OPS} (e.g. 'decode|resize(224)|value_range(-1, 1)').")
 
 
 class LocationTargets:
@@ -194,14 +195,14 @@ class LocationTargets:
         self.boxes_key, self.phrases_key = boxes_key, phrases_key
         self.vocab = LocationVocab(int(tokenizer.vocab_size), num_bins)
         if self.max_len < (7 if task_prefix else 2):
-            raise ValueError(f"decoder max_len={max_len} is too short: a box target needs a task token, one word, "
-                             "4 box tokens and EOS (>= 7).")
+            raise ConfigError(f"decoder max_len={max_len} is too short: a box target needs a task token, one word, "
+                              "4 box tokens and EOS (>= 7).")
         weights = dict.fromkeys(TASKS, 1.0) if task_weights is None else dict(task_weights)
         unknown = sorted(set(weights) - set(TASKS))
         values = [float(weights.get(task, 0.0)) for task in TASKS]
         if unknown or min(values) < 0 or sum(values) <= 0:
-            raise ValueError(f"decoder task_weights={task_weights!r} must map tasks of {TASKS} to non-negative "
-                             "numbers, not all zero.")
+            raise ConfigError(f"decoder task_weights={task_weights!r} must map tasks of {TASKS} to non-negative "
+                              "numbers, not all zero.")
         self.task_probs = np.asarray(values) / sum(values)
 
     def _words(self, text: str, room: int) -> list[int]:
@@ -225,8 +226,8 @@ class LocationTargets:
     def __call__(self, caption: str, regions: Sequence = (), rng: np.random.Generator | None = None) -> dict:
         task, region = "caption", None
         if regions and not self.task_prefix:
-            raise ValueError("decoder targets with task_prefix=False are captions alone, but this source has "
-                             "boxes; set task_prefix=True to train referring expressions and grounded captions.")
+            raise ConfigError("decoder targets with task_prefix=False are captions alone, but this source has "
+                              "boxes; set task_prefix=True to train referring expressions and grounded captions.")
         if regions:
             if rng is None:
                 raise ValueError("LocationTargets needs the example's rng to draw a task when it has regions.")

@@ -43,6 +43,7 @@ from big_contrast.data.image_ops import (
     sample_crop_box,
     to_uint8,
 )
+from big_contrast.errors import ConfigError
 
 SILC_LOCAL_CROPS = dict(count=8, size=96, scale=(0.05, 0.4), ratio=(3 / 4, 4 / 3))
 _VALUE_OPS = ("value_range", "normalize")
@@ -65,10 +66,10 @@ def _check_range(name: str, pair, low: float, high: float | None) -> tuple[float
     try:
         a, b = (float(v) for v in pair)
     except (TypeError, ValueError):  # not iterable, not two values, not numbers
-        raise ValueError(f"data.local_crops.{name}={pair!r} must be a pair of numbers (low, high).") from None
+        raise ConfigError(f"data.local_crops.{name}={pair!r} must be a pair of numbers (low, high).") from None
     if not low < a <= b or (high is not None and b > high) or not np.isfinite(b):
         bound = f" <= {high}" if high is not None else ""
-        raise ValueError(f"data.local_crops.{name}={pair!r} must satisfy {low} < low <= high{bound}.")
+        raise ConfigError(f"data.local_crops.{name}={pair!r} must satisfy {low} < low <= high{bound}.")
     return a, b
 
 
@@ -86,10 +87,10 @@ class MultiCrop:
     def __init__(self, image_pp: str, *, count: int = 8, size=96, scale=(0.05, 0.4),
                  ratio=(3 / 4, 4 / 3), pp: str | None = None):
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-            raise ValueError(f"data.local_crops.count={count!r} must be a positive integer (SILC uses 8).")
+            raise ConfigError(f"data.local_crops.count={count!r} must be a positive integer (SILC uses 8).")
         sizes = (size, size) if isinstance(size, int) else tuple(size)
         if len(sizes) != 2 or not all(isinstance(s, int) and s > 0 for s in sizes):
-            raise ValueError(f"data.local_crops.size={size!r} must be a positive int or (h, w) (SILC: 96).")
+            raise ConfigError(f"data.local_crops.size={size!r} must be a positive int or (h, w) (SILC: 96).")
         self.count, self.size = count, sizes
         self.scale = _check_range("scale", scale, 0.0, 1.0)
         self.ratio = _check_range("ratio", ratio, 0.0, None)
@@ -101,11 +102,11 @@ class MultiCrop:
         global_value = _final_value_op(image_pp)
         pp = (global_value or "") if pp is None else pp
         if any(p.strip().split("(")[0].strip() == "decode" for p in pp.split("|")):
-            raise ValueError(f"data.local_crops.pp={pp!r} must not decode: the crops are cut from the "
-                             "decoded image; give only the ops after cropping (e.g. 'flip_lr|value_range(-1, 1)').")
+            raise ConfigError(f"data.local_crops.pp={pp!r} must not decode: the crops are cut from the "
+                              "decoded image; give only the ops after cropping (e.g. 'flip_lr|value_range(-1, 1)').")
         local_value = _final_value_op(pp)
         if _parsed(local_value) != _parsed(global_value):
-            raise ValueError(
+            raise ConfigError(
                 f"data.local_crops.pp ends with {local_value!r} but the global op string with "
                 f"{global_value!r}; the tower sees both views, so end both with the same value op.")
         return parse_image_pp("|".join(p for p in ("decode", pp) if p.strip()))
@@ -145,5 +146,5 @@ def multicrop_from_config(image_pp: str, local_crops: Mapping | None) -> MultiCr
     settings = dict(local_crops.to_dict() if hasattr(local_crops, "to_dict") else local_crops)
     unknown = sorted(set(settings) - set(_KEYS))
     if unknown:
-        raise ValueError(f"data.local_crops has unknown keys {unknown}; the known ones are {list(_KEYS)}.")
+        raise ConfigError(f"data.local_crops has unknown keys {unknown}; the known ones are {list(_KEYS)}.")
     return MultiCrop(image_pp, **{**SILC_LOCAL_CROPS, **settings})

@@ -32,6 +32,8 @@ import math
 import numpy as np
 from PIL import Image
 
+from big_contrast.errors import ConfigError
+
 SIGLIP2_MEAN = SIGLIP2_STD = (0.5, 0.5, 0.5)
 _SCALE_LOW, _SCALE_HIGH, _SCALE_TOLERANCE = 1e-6, 100.0, 1e-5  # Siglip2ImageProcessor's search
 
@@ -45,8 +47,8 @@ def naflex_size(height: int, width: int, patch_size: int, max_num_patches: int) 
     """The (height, width) in pixels an image is resized to: multiples of ``patch_size``, the
     aspect ratio kept as nearly as whole patches allow, at most ``max_num_patches`` patches."""
     if height < 1 or width < 1 or patch_size < 1 or max_num_patches < 1:
-        raise ValueError(f"naflex_size needs a non-empty image and a positive patch size and budget, "
-                         f"got {height}x{width}, patch {patch_size}, max_num_patches {max_num_patches}.")
+        raise ConfigError(f"naflex_size needs a non-empty image and a positive patch size and budget, "
+                          f"got {height}x{width}, patch {patch_size}, max_num_patches {max_num_patches}.")
 
     def fits(scale: float) -> bool:
         rows = _scaled_side(height, scale, patch_size) / patch_size
@@ -102,6 +104,6 @@ def naflex_batch(images, **options) -> dict[str, np.ndarray]:
 def _uint8_rgb(image) -> np.ndarray:
     array = np.asarray(image)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-        raise ValueError(f"NaFlex preprocessing takes uint8 [H, W, 3] RGB pixels (what 'decode' "
-                         f"yields), got {array.dtype} {array.shape}.")
+        raise ConfigError(f"NaFlex preprocessing takes uint8 [H, W, 3] RGB pixels (what 'decode' "
+                          f"yields), got {array.dtype} {array.shape}.")
     return array

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from big_contrast.errors import ConfigError
 from big_contrast.evaluate.base import l2_normalize
 from big_contrast.evaluate.fewshot import DEFAULT_L2_REGS
 
@@ -47,8 +48,8 @@ def _holdout_images(num_images: int, fraction: float, seed: int) -> np.ndarray:
     """bool [N]: the train images that choose λ."""
     count = int(round(num_images * fraction))
     if not 0 < count < num_images:
-        raise ValueError(f"dense probe: holdout_fraction={fraction} of {num_images} train images leaves no "
-                         "image to hold out or none to fit; use more train images or another fraction.")
+        raise ConfigError(f"dense probe: holdout_fraction={fraction} of {num_images} train images leaves no "
+                          "image to hold out or none to fit; use more train images or another fraction.")
     held = np.zeros(num_images, bool)
     held[np.random.default_rng(seed).permutation(num_images)[:count]] = True
     return held
@@ -133,11 +134,11 @@ def dense_probe_accuracy(tokens_train, labels_train, tokens_test, labels_test, *
     x_held, y_held = x_train[held][held_rows], y_train[held][held_rows]
     x_eval, y_eval = x_test[y_test >= 0], y_test[y_test >= 0]
     if not len(y_fit) or not len(y_held) or not len(y_eval):
-        raise ValueError("dense probe: every label of the fit, held-out or test images is negative (ignored).")
+        raise ConfigError("dense probe: every label of the fit, held-out or test images is negative (ignored).")
     num_classes = int(max(y_fit.max(), y_held.max(), y_eval.max())) + 1
     l2_regs = tuple(sorted(float(l) for l in l2_regs))
     if not l2_regs or l2_regs[0] <= 0:
-        raise ValueError(f"dense probe: l2_regs={l2_regs} must be a non-empty list of positive numbers.")
+        raise ConfigError(f"dense probe: l2_regs={l2_regs} must be a non-empty list of positive numbers.")
     predictions = weighted_ridge_predictions(x_fit, y_fit, np.concatenate([x_held, x_eval]), l2_regs,
                                              num_classes, _class_weights(y_fit, balanced))
     held_miou = [segmentation_metrics(p[:len(y_held)], y_held, num_classes)["miou"] for p in predictions]
@@ -153,7 +154,7 @@ def embed_patches(tokens_fn: Callable, images_nhwc, batch_size: int) -> np.ndarr
     last one padded by repeating its final image, so a jitted function compiles once)."""
     images_nhwc = np.asarray(images_nhwc)
     if batch_size < 1 or not len(images_nhwc):
-        raise ValueError(f"dense probe: batch_size={batch_size} must be >= 1 and there must be images.")
+        raise ConfigError(f"dense probe: batch_size={batch_size} must be >= 1 and there must be images.")
     out = []
     for start in range(0, len(images_nhwc), batch_size):
         batch = images_nhwc[start:start + batch_size]
@@ -184,8 +185,8 @@ def demo_probe_set(split: str, size: int, *, image_size: int, pp: str, grid: int
     pipeline = parse_image_pp(pp)
     moving = [name for name, _ in pipeline.ops if name not in PROBE_SAFE_OPS]
     if moving:
-        raise ValueError(f"dense probe: pp {pp!r} uses {moving}, which move patches away from their labels; "
-                         f"use only {PROBE_SAFE_OPS} (e.g. 'decode|resize(S)|value_range(-1, 1)').")
+        raise ConfigError(f"dense probe: pp {pp!r} uses {moving}, which move patches away from their labels; "
+                          f"use only {PROBE_SAFE_OPS} (e.g. 'decode|resize(S)|value_range(-1, 1)').")
     source = demo_source(split, size, image_size, **source_options)
     images = np.stack([pipeline(source[i]["image"], np.random.default_rng(i)) for i in range(size)])
     labels = np.stack([demo_patch_labels(source, i, grid, task, min_coverage).reshape(-1) for i in range(size)])

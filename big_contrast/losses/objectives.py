@@ -45,6 +45,8 @@ import re
 
 import jax.numpy as jnp
 
+from big_contrast.errors import ConfigError
+
 F32 = jnp.float32
 
 
@@ -304,7 +306,7 @@ def _describe(term):
 
 def _check(ok, sentence):
     if not ok:
-        raise ValueError(sentence)
+        raise ConfigError(sentence)
 
 
 def make_term(name, **options):

@@ -27,6 +27,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from big_contrast.errors import ConfigError
+
 
 def sinkhorn_targets(teacher_scores_nk: jax.Array, temperature: float, iterations: int = 3) -> jax.Array:
     """Teacher target distributions [N, K] from scores [N, K] (rows: examples or patches).
@@ -35,7 +37,7 @@ def sinkhorn_targets(teacher_scores_nk: jax.Array, temperature: float, iteration
     prototype's total mass equal (columns sum to N / K) and every row a distribution; the rows
     of the result sum to 1. No gradient flows into the teacher."""
     if temperature <= 0:
-        raise ValueError(f"the teacher temperature {temperature} must be positive (SILC / DINO use 0.04-0.07).")
+        raise ConfigError(f"the teacher temperature {temperature} must be positive (SILC / DINO use 0.04-0.07).")
     # In the log domain: exp(scores / temperature) underflows whole columns at DINO's temperatures.
     log_q_nk = jax.lax.stop_gradient(teacher_scores_nk.astype(jnp.float32)) / temperature
     n, k = log_q_nk.shape
@@ -49,7 +51,7 @@ def sinkhorn_targets(teacher_scores_nk: jax.Array, temperature: float, iteration
 def _cross_entropy_rows(targets_nk, student_scores_nk, temperature: float) -> jax.Array:
     """−Σ_k target · log softmax(student / temperature), per row, float32."""
     if temperature <= 0:
-        raise ValueError(f"the student temperature {temperature} must be positive (DINO uses 0.1).")
+        raise ConfigError(f"the student temperature {temperature} must be positive (DINO uses 0.1).")
     logp_nk = jax.nn.log_softmax(student_scores_nk.astype(jnp.float32) / temperature, axis=-1)
     return -jnp.sum(targets_nk * logp_nk, axis=-1)
 
@@ -85,7 +87,7 @@ def patch_mask(keys_b: jax.Array, num_patches: int, ratio: float) -> jax.Array:
     (a function of (step, example), like patch dropout, so resumes and both gradient-caching
     passes mask the same patches)."""
     if not 0.0 < ratio < 1.0:
-        raise ValueError(f"the masked-prediction ratio {ratio} must be in (0, 1) (SigLIP 2 masks 0.5).")
+        raise ConfigError(f"the masked-prediction ratio {ratio} must be in (0, 1) (SigLIP 2 masks 0.5).")
     count = int(round(ratio * num_patches))
 
     def one(key):

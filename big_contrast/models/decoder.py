@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from big_contrast.errors import ConfigError
 from big_contrast.models import transformer as tfm
 from big_contrast.sharding import constrain
 
@@ -66,16 +67,16 @@ class DecoderConfig:
         for name in ("vocab_size", "max_len", "width", "depth", "num_heads", "mlp_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"config.decoder.{name}={value!r} must be a positive integer.")
+                raise ConfigError(f"config.decoder.{name}={value!r} must be a positive integer.")
         tfm.check_heads(self.width, self.num_heads)
         tfm.check_choice("decoder act", self.act, tfm.ACTIVATIONS)
         if not 0.0 <= self.parallel_fraction <= 1.0:
-            raise ValueError(f"config.decoder.parallel_fraction={self.parallel_fraction} must be in [0, 1]: "
-                             "it is the fraction of examples decoded by parallel prediction (CapPa uses 0.75).")
+            raise ConfigError(f"config.decoder.parallel_fraction={self.parallel_fraction} must be in [0, 1]: "
+                              "it is the fraction of examples decoded by parallel prediction (CapPa uses 0.75).")
         for name in ("bos_id", "pad_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
-                raise ValueError(f"config.decoder.{name}={getattr(self, name)} is not a token id of the "
-                                 f"vocabulary of {self.vocab_size}.")
+                raise ConfigError(f"config.decoder.{name}={getattr(self, name)} is not a token id of the "
+                                  f"vocabulary of {self.vocab_size}.")
 
     @property
     def mask_id(self) -> int:
@@ -156,8 +157,8 @@ class Decoder(nnx.Module):
     def _check_targets(self, targets_bl) -> None:
         if (targets_bl.ndim != 2 or targets_bl.shape[1] > self.config.max_len
                 or not jnp.issubdtype(targets_bl.dtype, jnp.integer)):
-            raise ValueError(f"decoder targets of shape {tuple(targets_bl.shape)} and dtype {targets_bl.dtype} "
-                             f"must be integer ids [B, L] with L <= config.decoder.max_len {self.config.max_len}.")
+            raise ConfigError(f"decoder targets of shape {tuple(targets_bl.shape)} and dtype {targets_bl.dtype} "
+                              f"must be integer ids [B, L] with L <= config.decoder.max_len {self.config.max_len}.")
 
 
 def shift_right(tokens_bl: jax.Array, first: int) -> jax.Array:
@@ -195,7 +196,7 @@ def greedy_captions(decoder: Decoder, encoded_bpd, length: int, *, encoded_valid
     not-yet-decoded positions of the running sequence can hold anything."""
     config = decoder.config
     if not 1 <= length <= config.max_len:
-        raise ValueError(f"caption length {length} must be in [1, config.decoder.max_len={config.max_len}].")
+        raise ConfigError(f"caption length {length} must be in [1, config.decoder.max_len={config.max_len}].")
     batch = encoded_bpd.shape[0]
     tokens_bl = jnp.full((batch, length), config.pad_id, jnp.int32)
     done_b = jnp.zeros((batch,), bool)

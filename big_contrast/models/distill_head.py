@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from big_contrast.errors import ConfigError
 from big_contrast.models import transformer as tfm
 
 
@@ -28,7 +29,7 @@ class DistillHeadConfig:
         for name in ("input_width", "hidden", "bottleneck", "prototypes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"config.self_distillation.head.{name}={value!r} must be a positive integer.")
+                raise ConfigError(f"config.self_distillation.head.{name}={value!r} must be a positive integer.")
 
 
 class DistillHead(nnx.Module):

@@ -42,7 +42,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from big_contrast.errors import ConfigMismatch
+from big_contrast.errors import ConfigError, ConfigMismatch
 from big_contrast.models import registry, variants
 from big_contrast.models.text import POSEMB_STD
 from big_contrast.models.transformer import posemb_sincos_2d
@@ -111,7 +111,7 @@ def resize_text_posemb(posemb_1ld, new_len: int, *, extend: str = "init",
     """A text table [1, L, D] for ``new_len`` positions: truncated, or extended (see the
     module docstring for ``extend`` = 'init' | 'zeros' | 'interpolate')."""
     if extend not in TEXT_EXTENDS:
-        raise ValueError(f"text_extend={extend!r} is unknown; use one of {TEXT_EXTENDS}.")
+        raise ConfigError(f"text_extend={extend!r} is unknown; use one of {TEXT_EXTENDS}.")
     table = np.asarray(posemb_1ld)[0]
     old_len, width = table.shape
     if new_len <= old_len:

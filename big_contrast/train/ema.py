@@ -18,6 +18,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from big_contrast.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class EmaConfig:
@@ -27,12 +29,12 @@ class EmaConfig:
 
     def __post_init__(self):
         if not 0.0 <= self.decay < 1.0:
-            raise ValueError(f"config.ema.decay={self.decay} must be in [0, 1) (e.g. 0.999; 0 copies the "
-                             "parameters).")
+            raise ConfigError(f"config.ema.decay={self.decay} must be in [0, 1) (e.g. 0.999; 0 copies the "
+                              "parameters).")
         if not isinstance(self.start_step, int) or self.start_step < 0:
-            raise ValueError(f"config.ema.start_step={self.start_step!r} must be a non-negative integer.")
+            raise ConfigError(f"config.ema.start_step={self.start_step!r} must be a non-negative integer.")
         if not isinstance(self.every, int) or self.every < 1:
-            raise ValueError(f"config.ema.every={self.every!r} must be a positive integer (update every k steps).")
+            raise ConfigError(f"config.ema.every={self.every!r} must be a positive integer (update every k steps).")
 
     @classmethod
     def from_config(cls, ema) -> "EmaConfig | None":
@@ -42,7 +44,7 @@ class EmaConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(ema) - known)
         if unknown:
-            raise ValueError(f"config.ema has unknown field(s) {unknown}; use {sorted(known)}.")
+            raise ConfigError(f"config.ema has unknown field(s) {unknown}; use {sorted(known)}.")
         return cls(**dict(ema))
 
 

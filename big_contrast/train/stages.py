@@ -39,6 +39,7 @@ import dataclasses
 
 import optax
 
+from big_contrast.errors import ConfigError
 from big_contrast.models import variants
 from big_contrast.train import optimizer
 
@@ -130,15 +131,15 @@ def _with_total_steps(opt, total_steps: int):
 def _as_dict(entry, index: int) -> dict:
     entry = entry.to_dict() if hasattr(entry, "to_dict") else entry
     if not isinstance(entry, dict):
-        raise ValueError(f"config.stages[{index}]={entry!r} must be a dict such as "
-                         "dict(until_step=1000, image_size=112).")
+        raise ConfigError(f"config.stages[{index}]={entry!r} must be a dict such as "
+                          "dict(until_step=1000, image_size=112).")
     unknown = sorted(set(entry) - set(STAGE_KEYS))
     if unknown:
-        raise ValueError(f"config.stages[{index}] has unknown key {unknown[0]!r}; a stage takes "
-                         f"{STAGE_KEYS}.")
+        raise ConfigError(f"config.stages[{index}] has unknown key {unknown[0]!r}; a stage takes "
+                          f"{STAGE_KEYS}.")
     if "until_step" not in entry:
-        raise ValueError(f"config.stages[{index}] has no until_step; give each stage the number "
-                         "of steps done when it ends.")
+        raise ConfigError(f"config.stages[{index}] has no until_step; give each stage the number "
+                          "of steps done when it ends.")
     return entry
 
 
@@ -162,60 +163,60 @@ def _check_stage(config, stage: Stage, entry: dict, num_batch_shards: int, last:
     _check_image(config, stage, entry, where)
     table = config.model.text.max_len
     if not isinstance(stage.max_len, int) or not 2 <= stage.max_len <= table:
-        raise ValueError(f"{where}.max_len={stage.max_len!r} must be an int in [2, "
-                         f"config.model.text.max_len={table}]: a stage feeds shorter texts to the "
-                         "same position table, so raise model.text.max_len for longer ones.")
+        raise ConfigError(f"{where}.max_len={stage.max_len!r} must be an int in [2, "
+                          f"config.model.text.max_len={table}]: a stage feeds shorter texts to the "
+                          "same position table, so raise model.text.max_len for longer ones.")
     _check_batch(stage, where, num_batch_shards)
 
 
 def _check_steps(config, stage: Stage, where: str, last: bool) -> None:
     until = stage.until_step
     if not isinstance(until, int) or until <= stage.start_step:
-        raise ValueError(f"{where}.until_step={until!r} must be an int above the previous stage's "
-                         f"{stage.start_step}: stages end at strictly increasing steps.")
+        raise ConfigError(f"{where}.until_step={until!r} must be an int above the previous stage's "
+                          f"{stage.start_step}: stages end at strictly increasing steps.")
     if last and until != config.total_steps:
-        raise ValueError(f"{where}.until_step={until} is the last stage's end and must equal "
-                         f"config.total_steps={config.total_steps}; set one of them to the other.")
+        raise ConfigError(f"{where}.until_step={until} is the last stage's end and must equal "
+                          f"config.total_steps={config.total_steps}; set one of them to the other.")
     if not last and until >= config.total_steps:
-        raise ValueError(f"{where}.until_step={until} is not below config.total_steps="
-                         f"{config.total_steps}, so the stages after it would never run.")
+        raise ConfigError(f"{where}.until_step={until} is not below config.total_steps="
+                          f"{config.total_steps}, so the stages after it would never run.")
 
 
 def _check_image(config, stage: Stage, entry: dict, where: str) -> None:
     _, patch = variants.decode_image_variant(config.model.image.variant)
     h, w = stage.image_size
     if h <= 0 or w <= 0 or h % patch or w % patch:
-        raise ValueError(f"{where}.image_size={entry.get('image_size')!r} is not a positive "
-                         f"multiple of the patch size {patch}; pick one that is (e.g. {4 * patch}).")
+        raise ConfigError(f"{where}.image_size={entry.get('image_size')!r} is not a positive "
+                          f"multiple of the patch size {patch}; pick one that is (e.g. {4 * patch}).")
     if not 0.0 <= stage.patch_dropout < 1.0:
-        raise ValueError(f"{where}.patch_dropout={stage.patch_dropout} must be in [0, 1): it is "
-                         "the fraction of patch tokens dropped in training.")
+        raise ConfigError(f"{where}.patch_dropout={stage.patch_dropout} must be in [0, 1): it is "
+                          "the fraction of patch tokens dropped in training.")
     base = config.model.image.image_size
     base = (base, base) if isinstance(base, int) else tuple(base)
     if stage.image_size != base and entry.get("pp_train") is None:
         size = f"{h}" if h == w else f"{h}, {w}"
-        raise ValueError(f"{where} trains at image_size={stage.image_size} but the base config at "
-                         f"{base}; give the stage its pp_train, e.g. "
-                         f"'decode|resize({size})|value_range(-1, 1)'.")
+        raise ConfigError(f"{where} trains at image_size={stage.image_size} but the base config at "
+                          f"{base}; give the stage its pp_train, e.g. "
+                          f"'decode|resize({size})|value_range(-1, 1)'.")
 
 
 def _check_batch(stage: Stage, where: str, num_batch_shards: int) -> None:
     batch, micro = stage.batch_size, stage.microbatch_size
     if not isinstance(batch, int) or batch <= 0 or batch % num_batch_shards:
-        raise ValueError(f"{where}.batch_size={batch!r} does not divide over the {num_batch_shards} "
-                         f"data-parallel devices; use a multiple of {num_batch_shards}.")
+        raise ConfigError(f"{where}.batch_size={batch!r} does not divide over the {num_batch_shards} "
+                          f"data-parallel devices; use a multiple of {num_batch_shards}.")
     per_device = batch // num_batch_shards
     if micro is not None and (micro <= 0 or per_device % micro):
-        raise ValueError(f"{where}.microbatch_size={micro} does not divide the per-device batch "
-                         f"{per_device} (batch {batch} over {num_batch_shards} devices); pick a "
-                         f"divisor of {per_device}.")
+        raise ConfigError(f"{where}.microbatch_size={micro} does not divide the per-device batch "
+                          f"{per_device} (batch {batch} over {num_batch_shards} devices); pick a "
+                          f"divisor of {per_device}.")
 
 
 def _check_lr_option(config) -> None:
     option = config.get("stage_lr_schedule", "run")
     if option not in LR_SCHEDULES:
-        raise ValueError(f"config.stage_lr_schedule={option!r} is unknown; use 'run' (one schedule "
-                         "over the whole run) or 'per_stage' (restarted at every stage).")
+        raise ConfigError(f"config.stage_lr_schedule={option!r} is unknown; use 'run' (one schedule "
+                          "over the whole run) or 'per_stage' (restarted at every stage).")
 
 
 def _check_warmup(config, stages) -> None:
@@ -224,6 +225,6 @@ def _check_warmup(config, stages) -> None:
     warmup = int(config.optimizer.warmup_steps)
     short = next((s for s in stages if warmup >= s.num_steps), None)
     if short is not None:
-        raise ValueError(f"config.optimizer.warmup_steps={warmup} is not shorter than stage "
-                         f"{short.index} ({short.num_steps} steps), and stage_lr_schedule="
-                         "'per_stage' warms up again in every stage; lower warmup_steps or use 'run'.")
+        raise ConfigError(f"config.optimizer.warmup_steps={warmup} is not shorter than stage "
+                          f"{short.index} ({short.num_steps} steps), and stage_lr_schedule="
+                          "'per_stage' warms up again in every stage; lower warmup_steps or use 'run'.")
