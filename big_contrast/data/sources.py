@@ -67,9 +67,9 @@ def source_options(name: str, config: Mapping) -> tuple[str, dict]:
         config.pop("group_size", None)
     if kind == "tar":
         raise ValueError(
-            f"data source {name!r}: webdataset tar shards are converted once, then read as "
-            "ArrayRecord: run `big-contrast data convert <shards> <out_dir>` and use "
-            "kind='array_record', path=<out_dir>")
+            f"data source {name!r}: webdataset tar shards stream with kind='stream', path=<shards> "
+            "(training), or are converted once for random access: run `big-contrast data convert "
+            "<shards> <out_dir>` and use kind='array_record', path=<out_dir>")
     if kind not in SOURCE_FIELDS:
         raise ValueError(f"data source {name!r} has kind={kind!r}; use one of {sorted(SOURCE_FIELDS)}")
     unknown = sorted(set(config) - set(SOURCE_FIELDS[kind]))
