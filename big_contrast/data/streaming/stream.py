@@ -117,8 +117,9 @@ class _SourceCursor:
                 if not self.good_in_epoch:
                     raise StreamExhausted(
                         f"no shard of data source {self.source.name!r} read by stream {self.stream} gave a "
-                        f"usable record in epoch {self.epoch} ({len(mine)} shards); check that the shards "
-                        "exist and are webdataset tars with an image and a caption per sample")
+                        f"usable record in epoch {self.epoch} ({len(mine)} shards), so that stream cannot fill "
+                        "its rows of the batch; check that the shards exist and are webdataset tars with an "
+                        "image and a caption per sample (or lower data.streaming.num_streams)")
                 self.epoch, self.position, self.good_in_epoch = self.epoch + 1, 0, 0
                 continue
             j = int(rng.integers(len(self.open)))
