@@ -59,6 +59,7 @@ def stream_config(sources: dict, *, batch=16, streams=4, buffer=8, interleave=2,
     config = default_data_config()
     config.sources = ml_collections.ConfigDict({k: {"kind": "stream", **v} for k, v in sources.items()})
     config.batch_size, config.pp_train = batch, "decode|resize(16)|value_range(-1, 1)"
+    config.tokenizer, config.max_len = "bytes", 40  # distinct captions give distinct tokens
     config.streaming.num_streams, config.streaming.shuffle_buffer = streams, buffer
     config.streaming.interleave = interleave
     for key, value in streaming.items():
@@ -274,3 +275,18 @@ def test_a_shard_that_keeps_failing_or_disappears_is_skipped_and_counted(proxied
     assert time.monotonic() - start < 40
     assert counts["skipped/web/missing_shard"] >= 1
     assert counts["skipped/web/unreadable_shard"] >= 1
+
+
+def test_converted_tar_shards_stream_with_the_bad_records_counted_once(tmp_path):
+    from big_contrast.data.streaming.write import convert_to_tar_shards
+
+    inputs = write_shards(str(tmp_path / "raw"), 2, 10, no_caption=(3,))
+    summary = convert_to_tar_shards(inputs, str(tmp_path / "out"), examples_per_shard=6)
+    assert summary.written == 18 and summary.skipped["empty_caption"] == 2
+    assert [os.path.basename(s) for s in summary.shards] == [f"data-0000{i}-of-00003.tar" for i in range(3)]
+    config = stream_config({"web": {"path": str(tmp_path / "out")}}, batch=6, streams=3, buffer=0)
+    out, it = batches(config, 3)  # one epoch (no buffer to blur its end): each record once
+    counts = it.skip_counts()
+    it.close()
+    assert counts["seen/web"] == 18 and counts["skipped/empty_caption"] == 0
+    assert len({row.tobytes() for batch in out for row in batch["text"]}) == 18
