@@ -290,3 +290,26 @@ def test_converted_tar_shards_stream_with_the_bad_records_counted_once(tmp_path)
     it.close()
     assert counts["seen/web"] == 18 and counts["skipped/empty_caption"] == 0
     assert len({row.tobytes() for batch in out for row in batch["text"]}) == 18
+
+
+def test_the_training_loop_checkpoints_the_stream_state_and_reports_its_skip_counts(tmp_path):
+    """One short run through the loop, stopped after 3 steps: the checkpoint's data state
+    resumes a fresh pipeline at batch 4 exactly, and metrics.jsonl carries the stream source's
+    counts. (The loop's own resume is this state through `set_state`, as for grain.)"""
+    from big_contrast.train import train
+    from big_contrast.train.metrics import read_metrics
+    from test_train import tiny_config
+
+    write_shards(str(tmp_path / "web"), 8, 12, no_caption=(4,))
+    config = tiny_config(total_steps=6, checkpoint_every=100)
+    config.data.sources = ml_collections.ConfigDict({"web": {"kind": "stream", "path": str(tmp_path / "web")}})
+    config.data.streaming.num_streams, config.data.streaming.shuffle_buffer = 4, 8
+    train(config, tmp_path / "run", progress=False, stop_after_steps=3)
+    saved = json.loads((tmp_path / "run/checkpoints/3/meta/metadata").read_text())["data"]  # orbax JsonSave
+    uninterrupted, it = batches(config.data, 4)
+    it.close()
+    resumed, it = batches(config.data, 1, state=saved)
+    it.close()
+    assert_same(resumed, uninterrupted[3:])
+    rows = [r for r in read_metrics(tmp_path / "run") if "seen/web" in r]
+    assert rows and rows[-1]["seen/web"] >= 3 * 32 and rows[-1]["skipped/web/empty_caption"] >= 1
