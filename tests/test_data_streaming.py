@@ -313,3 +313,38 @@ def test_the_training_loop_checkpoints_the_stream_state_and_reports_its_skip_cou
     assert_same(resumed, uninterrupted[3:])
     rows = [r for r in read_metrics(tmp_path / "run") if "seen/web" in r]
     assert rows and rows[-1]["seen/web"] >= 3 * 32 and rows[-1]["skipped/web/empty_caption"] >= 1
+
+
+_GATHER = """
+import json, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from big_contrast.data.streaming.pipeline import gather_states
+p = jax.process_index()
+local = {"grain": {"kind": "streaming", "streams": {str(2 * p + i): {"at": [p] * (3 + 40 * p)} for i in range(2)}},
+         "skips": {"p": p}, "emitted": 5}
+print("STATE" + json.dumps(gather_states(local)), flush=True)
+jax.distributed.shutdown()
+"""
+
+
+def test_global_state_gathers_every_process_streams_over_jax_distributed(tmp_path):
+    import subprocess
+    import sys
+
+    from cloud_fixtures import free_port
+
+    port = free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    procs = [subprocess.Popen([sys.executable, "-c", _GATHER, f"127.0.0.1:{port}", str(i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    states = []
+    for proc, out in zip(procs, outputs):
+        assert proc.returncode == 0, out[-2000:]
+        states.append(json.loads(next(line for line in out.splitlines() if line.startswith("STATE"))[5:]))
+    assert states[0] == states[1]  # every process holds the whole state
+    assert sorted(states[0]["grain"]["streams"], key=int) == ["0", "1", "2", "3"]
+    assert states[0]["grain"]["streams"]["3"] == {"at": [1] * 43}
