@@ -201,6 +201,31 @@ def mixing(quick: bool) -> list[dict]:
     return rows
 
 
+def summarise(results: dict) -> str:
+    """The README's tables and the pod-scale arithmetic, from results.json."""
+    lines = ["| path | threads | examples/s (wall) | examples / CPU-s | peak RSS MiB | disk written | requests | load avg |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results["throughput"]:
+        lines.append(f"| {r['kind']} | {r['threads']} | {r['examples_per_s']:.0f} | {r['examples_per_cpu_s']:.0f} | "
+                     f"{r['peak_rss_mb']:.0f} | {r['disk_written_bytes'] / 2**20:.1f} MiB | {r['requests'] or '-'} | "
+                     f"{r['load_average']:.1f} |")
+    lines += ["", "| interleave | shuffle_buffer | consecutive same shard | batch pairs same shard | ideal (1/shards) |",
+              "|---:|---:|---:|---:|---:|"]
+    for r in results["mixing"]:
+        lines.append(f"| {r['interleave']} | {r['shuffle_buffer']} | {r['consecutive_same_shard']:.3f} | "
+                     f"{r['batch_pairs_same_shard']:.4f} | {r['ideal']:.4f} |")
+    per_record = results["dataset"]["tar_bytes"] / results["dataset"]["records"]
+    rate = max(r["examples_per_cpu_s"] for r in results["throughput"] if r["kind"] == "stream/gcs")
+    need = 1_048_576 / 5 / 256  # examples/s per host
+    bytes_s = need * per_record
+    gets = bytes_s / (4 << 20) + need / 10_000  # 4 MiB chunks + one size request per 10,000-record shard
+    lines += ["", f"B = 1,048,576 every 5 s on 256 hosts: {need:.0f} examples/s per host; at {rate:.0f} examples "
+              f"per CPU-second that is {need / rate:.2f} cores of decode per host; {bytes_s / 2**20:.1f} MiB/s and "
+              f"{gets:.1f} GET/s per host at {per_record / 1024:.1f} KiB per record, {256 * bytes_s / 2**30:.2f} GiB/s "
+              f"and {256 * gets:.0f} GET/s for the pod."]
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -210,7 +235,11 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--batches", type=int, default=12)
+    parser.add_argument("--table", help="print the README tables of this results.json")
     args = parser.parse_args()
+    if args.table:
+        print(summarise(json.load(open(args.table))))
+        return
     if args.child:
         row = child(args)
         row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

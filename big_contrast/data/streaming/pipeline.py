@@ -34,7 +34,8 @@ from big_contrast.data.device_ops import host_spec
 from big_contrast.data.errors import REASON_INDEX, SKIP_REASONS, SkipCounter, SkipRecord
 from big_contrast.data.preprocess import ProcessExample
 from big_contrast.data.streaming.reader import ObjectStore
-from big_contrast.data.streaming.stream import StreamOptions, StreamSource, VirtualStream, _seed
+from big_contrast.data.pipeline import derive_seed
+from big_contrast.data.streaming.stream import StreamOptions, StreamSource, VirtualStream
 from big_contrast.data.tokenizer import make_tokenizer
 
 STREAM_KIND = "stream"
@@ -173,7 +174,7 @@ class StreamingBatches:
         return batch
 
     def _process(self, stream: int, k: int, raw: dict, number: int) -> dict:
-        rng = np.random.default_rng(_seed(self.seed, 13, stream, number))
+        rng = np.random.default_rng(derive_seed(self.seed, 13, stream, number))
         return self.processor.random_map({**raw, "_source": k}, rng)
 
     def _take(self, stream: VirtualStream):

@@ -27,6 +27,7 @@ import dataclasses
 import numpy as np
 
 from big_contrast.data.errors import SkipRecord
+from big_contrast.data.pipeline import derive_seed
 from big_contrast.data.streaming.reader import ObjectStore, ShardGone, ShardReader, ShardUnreadable
 from big_contrast.data.streaming.tar import Sample, iter_samples, sample_from_bytes
 from big_contrast.data.tarshards import IMAGE_EXTENSIONS, _caption_from_files
@@ -48,10 +49,6 @@ class StreamSource:
     shards: list
     weight: float = 1.0
     json_caption_key: str = "caption"
-
-
-def _seed(*path: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in path]).generate_state(1)[0])
 
 
 class StreamExhausted(ValueError):
@@ -103,7 +100,7 @@ class _SourceCursor:
         self.open: list[_OpenShard] = []
 
     def shard_ids(self, epoch: int) -> np.ndarray:
-        order = np.random.default_rng(_seed(self.seed, 11, self.k, epoch)).permutation(len(self.source.shards))
+        order = np.random.default_rng(derive_seed(self.seed, 11, self.k, epoch)).permutation(len(self.source.shards))
         return order[self.stream::self.options.num_streams]
 
     def next_with_shard(self, rng: np.random.Generator, store: ObjectStore):
@@ -162,7 +159,7 @@ class VirtualStream:
         self.cursors = [_SourceCursor(k, s, index, seed, options) for k, s in enumerate(sources)]
         weights = np.array([s.weight for s in sources], np.float64)
         self._cumulative = np.cumsum(weights / weights.sum())
-        self.rng = np.random.default_rng(_seed(seed, 12, index))
+        self.rng = np.random.default_rng(derive_seed(seed, 12, index))
         self.buffer: list = []  # [ref, raw | SkipRecord]; ref = [source, shard, start, end]
         self.emitted = 0
 
