@@ -348,3 +348,12 @@ def test_global_state_gathers_every_process_streams_over_jax_distributed(tmp_pat
     assert states[0] == states[1]  # every process holds the whole state
     assert sorted(states[0]["grain"]["streams"], key=int) == ["0", "1", "2", "3"]
     assert states[0]["grain"]["streams"]["3"] == {"at": [1] * 43}
+
+
+def test_shards_stream_from_s3_too(s3_emulator):
+    write_shards(f"{s3_emulator}/web", 4, 6)
+    config = stream_config({"web": {"path": f"{s3_emulator}/web/*.tar"}}, batch=8, streams=4, buffer=0)
+    out, it = batches(config, 3)  # one epoch: 24 records
+    counts = it.skip_counts()
+    it.close()
+    assert counts["seen/web"] == 24 and len({row.tobytes() for b in out for row in b["text"]}) == 24
