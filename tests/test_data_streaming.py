@@ -357,3 +357,14 @@ def test_shards_stream_from_s3_too(s3_emulator):
     counts = it.skip_counts()
     it.close()
     assert counts["seen/web"] == 24 and len({row.tobytes() for b in out for row in b["text"]}) == 24
+
+
+def test_a_stream_whose_shards_are_all_gone_stops_with_a_sentence_instead_of_spinning(tmp_path):
+    shards = write_shards(str(tmp_path), 4, 4)
+    config = stream_config({"web": {"path": str(tmp_path)}}, batch=8, streams=4)
+    it = make_pipeline(config, process_index=0, process_count=1)
+    for shard in shards:
+        os.remove(shard)
+    with pytest.raises(ValueError, match=r"stream \d gave a usable record in epoch 0 .*missing_shard.*cannot fill"):
+        next(it)
+    it.close()

@@ -9,6 +9,7 @@ webdataset tar shards instead (img2dataset's output, or `data convert --format t
   tar.py       tar framing with the byte span of every sample (what makes resume exact)
   stream.py    a virtual stream: shard order per epoch, interleaving, mixture, shuffle buffer
   pipeline.py  streams -> per-process batches, host-count independent; state; skip counts
+  write.py     convert_to_tar_shards: manifests / tars -> streamable shards (local or a bucket)
 
 Select it with `kind='stream'` sources and tune it in `config.data.streaming`.
 """

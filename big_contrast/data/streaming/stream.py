@@ -98,6 +98,7 @@ class _SourceCursor:
         self.k, self.source, self.stream, self.seed, self.options = k, source, stream, seed, options
         self.epoch, self.position, self.good_in_epoch = 0, 0, 0
         self.open: list[_OpenShard] = []
+        self.last_skip = None  # the latest shard-level skip, for the error of a stream that gets none
 
     def shard_ids(self, epoch: int) -> np.ndarray:
         order = np.random.default_rng(derive_seed(self.seed, 11, self.k, epoch)).permutation(len(self.source.shards))
@@ -114,9 +115,9 @@ class _SourceCursor:
                 if not self.good_in_epoch:
                     raise StreamExhausted(
                         f"no shard of data source {self.source.name!r} read by stream {self.stream} gave a "
-                        f"usable record in epoch {self.epoch} ({len(mine)} shards), so that stream cannot fill "
-                        "its rows of the batch; check that the shards exist and are webdataset tars with an "
-                        "image and a caption per sample (or lower data.streaming.num_streams)")
+                        f"usable record in epoch {self.epoch} ({len(mine)} shards; last: {self.last_skip}), so "
+                        "that stream cannot fill its rows of the batch; check that the shards exist, the store "
+                        "answers, and they are webdataset tars with an image and a caption per sample")
                 self.epoch, self.position, self.good_in_epoch = self.epoch + 1, 0, 0
                 continue
             j = int(rng.integers(len(self.open)))
@@ -128,6 +129,8 @@ class _SourceCursor:
                 continue
             if isinstance(item, Sample):
                 self.good_in_epoch += 1
+            else:
+                self.last_skip = str(item)
             return shard.shard_id, item
 
     def get_state(self) -> dict:
