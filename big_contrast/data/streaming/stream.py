@@ -190,7 +190,7 @@ class VirtualStream:
 
     def _to_record(self, k: int, sample: Sample):
         """The raw example of a sample (as `tarshards.sample_to_record`, without its image header
-        check: the decode stage counts an undecodable image, and checking twice cost ~10% CPU)."""
+        check: the decode stage already counts an undecodable image, so checking here costs CPU twice)."""
         image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample.files), None)
         if image_ext is None:
             return SkipRecord("missing_image", f"sample {sample.key!r} has no image member")
