@@ -29,11 +29,12 @@ def _jpeg(rng, size=16) -> bytes:
     return buffer.getvalue()
 
 
-def tar_shard(shard: int, per_shard: int, *, no_caption=(), long_names=False, seed=0) -> bytes:
+def tar_shard(shard: int, per_shard: int, *, no_caption=(), long_names=False, seed=0,
+              tar_format=tarfile.PAX_FORMAT) -> bytes:
     """One img2dataset-style shard: NNNN.jpg + NNNN.txt + NNNN.json per sample."""
     rng = np.random.default_rng([seed, shard])
     out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w") as tar:
+    with tarfile.open(fileobj=out, mode="w", format=tar_format) as tar:
         for i in range(per_shard):
             key = f"{shard:05d}{i:04d}" + ("_" + "x" * 120 + "é" if long_names else "")
             members = [("jpg", _jpeg(rng)), ("json", json.dumps({"key": key}).encode())]
@@ -92,8 +93,10 @@ def assert_same(got, want):
         np.testing.assert_array_equal(a["image"], b["image"])
 
 
-def test_tar_framing_matches_tarfile_and_every_span_reparses_alone():
-    data = tar_shard(3, 5, long_names=True)  # pax headers for the long, non-ASCII names
+@pytest.mark.parametrize("tar_format", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_tar_framing_matches_tarfile_and_every_span_reparses_alone(tar_format):
+    # long, non-ASCII names: pax 'x' headers, or GNU 'L' long-name members
+    data = tar_shard(3, 5, long_names=True, tar_format=tar_format)
     ours = list(iter_samples(io.BytesIO(data)))
     path = "/dev/shm" if os.path.isdir("/dev/shm") else None
     reference = [r for r in iter_tar_samples_from(data, path)]
@@ -368,3 +371,11 @@ def test_a_stream_whose_shards_are_all_gone_stops_with_a_sentence_instead_of_spi
     with pytest.raises(ValueError, match=r"stream \d gave a usable record in epoch 0 .*missing_shard.*cannot fill"):
         next(it)
     it.close()
+
+
+def test_skip_counts_saved_before_the_streaming_reasons_existed_still_restore():
+    from big_contrast.data.errors import SKIP_REASONS, SkipCounter
+
+    counter = SkipCounter(["a"])
+    counter.set_state({"seen": [10], "skipped": [[1, 0, 2, 0, 3]]})  # 5 reasons, as saved before
+    assert counter.skipped.shape == (1, len(SKIP_REASONS)) and counter.counts()["skipped/a/truncated_tar_member"] == 3
