@@ -7,6 +7,7 @@ import json
 import os
 import tarfile
 import time
+import zlib
 
 import ml_collections
 import numpy as np
@@ -51,7 +52,7 @@ def write_shards(root: str, n_shards: int, per_shard: int, **kwargs) -> list[str
     urls = []
     for s in range(n_shards):
         url = f"{root}/{s:05d}.tar"
-        paths.write_bytes(url, tar_shard(s, per_shard, seed=hash(root) % 1000, **kwargs))
+        paths.write_bytes(url, tar_shard(s, per_shard, seed=zlib.crc32(root.encode()), **kwargs))
         urls.append(url)
     return urls
 
