@@ -32,6 +32,11 @@
     max_skip_fraction  a source whose skipped / seen fraction passes this stops the run with
                        an error naming the source and reason (None disables)
     min_seen           records a source must have produced before that check applies
+    streaming          settings of the streaming pipeline, used when the sources are kind='stream'
+                       (webdataset tar shards read in order, `data/streaming/`): num_streams
+                       (fixed per run; must divide B and be a multiple of the host count),
+                       shuffle_buffer, interleave, read_ahead, chunk_bytes, max_requests,
+                       retries, timeout_s, backoff_s (see `streaming/pipeline.py`)
     keep_freed_memory  tune glibc malloc in the decoding processes (the workers, or this
                        process when num_workers=0) to keep freed memory instead of returning
                        it to the OS: ~25% less CPU per 224 px image (`memory.py`)
@@ -69,6 +74,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.max_skip_fraction = 0.1
     config.min_seen = 1000
     config.keep_freed_memory = True
+    from big_contrast.data.streaming.pipeline import STREAMING_DEFAULTS
+
+    config.streaming = ml_collections.ConfigDict(STREAMING_DEFAULTS)  # used by kind='stream' sources
     return config
 
 

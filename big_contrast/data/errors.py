@@ -26,7 +26,11 @@ SKIP_REASONS = (
     "missing_image",  # a manifest names a file that does not exist, or a record has no image
     "empty_caption",  # no caption, or only whitespace
     "non_text_caption",  # a caption that is not a string / not valid UTF-8
-    "truncated_tar_member",  # a tar shard that ends inside a member (convert only)
+    "truncated_tar_member",  # a tar shard that ends inside a member
+    # Streaming (data/streaming): appended, so the columns above keep their index.
+    "corrupt_shard",  # a tar header fails its checksum: the rest of that shard counts as one
+    "missing_shard",  # the object is gone (deleted mid-run): its unread rest counts as one
+    "unreadable_shard",  # the store kept failing / timing out after every retry: one per shard
     "malformed_box",  # a region box outside [0, 1], inverted (min > max), not 4 numbers, or without a phrase
 )
 REASON_INDEX = {reason: i for i, reason in enumerate(SKIP_REASONS)}
@@ -112,6 +116,8 @@ class SkipCounter:
 
     def set_state(self, state: dict) -> None:
         seen, skipped = np.asarray(state["seen"], np.int64), np.asarray(state["skipped"], np.int64)
+        if skipped.ndim == 2 and skipped.shape[1] < len(SKIP_REASONS):  # saved before reasons were added
+            skipped = np.pad(skipped, ((0, 0), (0, len(SKIP_REASONS) - skipped.shape[1])))
         if seen.shape != self.seen.shape or skipped.shape != self.skipped.shape:
             raise ConfigError(
                 f"skip-count state for {seen.shape[0]} sources cannot be restored into a pipeline "

@@ -351,6 +351,12 @@ def make_pipeline(config, sharding=None, *, train: bool = True, global_batch_siz
         raise ConfigError(
             f"global batch size {global_batch} does not divide over {process_count} processes")
     per_process_batch = global_batch // process_count
+    from big_contrast.data.streaming import is_streaming, make_streaming_iterator
+
+    if is_streaming(config):  # kind='stream' sources: tar shards read in order (data/streaming/)
+        return make_streaming_iterator(config, sharding, train=train, per_process_batch=per_process_batch,
+                                       process_index=process_index, process_count=process_count, seed=seed,
+                                       start_batch=start_batch)
     dataset, names, largest_share = build_dataset(
         config, train=train, per_process_batch=per_process_batch, process_index=process_index,
         process_count=process_count, seed=seed, start_batch=start_batch)

@@ -28,8 +28,9 @@ training, blocks of `group_size` consecutive records are shuffled as one unit, s
 written next to each other on purpose (hard negatives, such as the demo's shape groups) share a
 batch (a mixture of several sources interleaves them record by record, so groups need a single
 training source). Webdataset tar shards are not
-read directly: `big-contrast data convert` turns them into ArrayRecord files first, so that
-training reads random-access, exactly resumable data.
+random access: training streams them (kind='stream', `data/streaming/`, which `make_pipeline`
+selects before any source here is opened), and `big-contrast data convert` turns them into
+ArrayRecord files for random access.
 """
 
 from __future__ import annotations
@@ -68,9 +69,14 @@ def source_options(name: str, config: Mapping) -> tuple[str, dict]:
         config.pop("group_size", None)
     if kind == "tar":
         raise ConfigError(
-            f"data source {name!r}: webdataset tar shards are converted once, then read as "
-            "ArrayRecord: run `big-contrast data convert <shards> <out_dir>` and use "
-            "kind='array_record', path=<out_dir>")
+            f"data source {name!r}: webdataset tar shards stream with kind='stream', path=<shards> "
+            "(training), or are converted once for random access: run `big-contrast data convert "
+            "<shards> <out_dir>` and use kind='array_record', path=<out_dir>")
+    if kind == "stream":  # data/streaming/ reads these; everything here needs random access
+        raise ConfigError(
+            f"data source {name!r} is kind='stream' (tar shards read in order, for training only); "
+            "this needs a random-access source: convert the shards with `big-contrast data convert` "
+            "and use kind='array_record'")
     if kind not in SOURCE_FIELDS:
         raise ConfigError(f"data source {name!r} has kind={kind!r}; use one of {sorted(SOURCE_FIELDS)}")
     unknown = sorted(set(config) - set(SOURCE_FIELDS[kind]))

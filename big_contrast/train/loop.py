@@ -250,7 +250,8 @@ def _loop(run, state, batches, ckpt, writer, evaluators, step_fn, stop_after_ste
         # The step itself draws no random numbers (no dropout; augmentation randomness is
         # keyed by example index inside the data state): the seeds are the RNG. The data
         # state is the one after this step's batch, not after the batches prefetched since.
-        meta = {"data": consumed.data_state, "step": step, "process_count": jax.process_count(),
+        meta = {"data": batches.checkpoint_state(consumed.data_state), "step": step,
+                "process_count": jax.process_count(),
                 "seed": config.seed, "data_seed": config.data.seed}
         writer.flush()  # a remote metrics.jsonl is rewritten whole: make it hold this step first
         if not ckpt.save(step, state, meta, wait=wait):
@@ -413,10 +414,11 @@ def _close_in_order(*resources) -> None:
 
 
 def _resumed_pipeline(config, batch_sharding, meta, step):
-    """The data iterator where the checkpoint left it. The saved iterator state is exact but
-    belongs to one process layout; on another number of processes the pipeline starts at
-    global batch `step` of the same example order instead (exact on data without skips)."""
-    if meta.get("process_count", 1) == jax.process_count():
+    """The data iterator where the checkpoint left it. The saved iterator state is exact; a
+    random-access pipeline's belongs to one process layout, so on another number of processes
+    it starts at global batch `step` of the same example order instead (exact on data without
+    skips). A streaming state holds every process's streams and restores on any layout."""
+    if _is_streaming_state(meta.get("data")) or meta.get("process_count", 1) == jax.process_count():
         data = train_pipeline(config, batch_sharding)
         try:
             data.set_state(meta["data"])
@@ -425,6 +427,10 @@ def _resumed_pipeline(config, batch_sharding, meta, step):
             raise
         return data
     return train_pipeline(config, batch_sharding, start_batch=step)
+
+
+def _is_streaming_state(state) -> bool:
+    return isinstance(state, dict) and isinstance(state.get("grain"), dict) and state["grain"].get("kind") == "streaming"
 
 
 def _flops(compiled) -> float | None:

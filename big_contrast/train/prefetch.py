@@ -90,6 +90,13 @@ class Prefetcher:
             self._thread.join(timeout=0.05)
         self._data.close()
 
+    def checkpoint_state(self, local_state):
+        """What a checkpoint saves of `local_state` (this process's iterator state): the streaming
+        pipeline's state gathered over every process (a collective: each process calls it), so it
+        restores on any process count; other pipelines' states are per process, saved as they are."""
+        gather = getattr(self._data, "global_state", None)
+        return local_state if gather is None else gather(local_state)
+
     def __enter__(self):
         return self
 
