@@ -31,6 +31,8 @@ A config file (configs/*.py) returns `default_config()` updated with its own cho
                                  of the step (>= 1)
     config.profile_steps         (N, M): a jax.profiler trace of steps N..M in workdir/profile
                                  (empty: no trace)
+    config.ema                   None (off) | dict(decay=0.999, start_step=0, every=1): an EMA of
+                                 the parameters in the train state (train/ema.py), checkpointed
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from big_contrast import losses
 from big_contrast.data import default_data_config
 from big_contrast.errors import ConfigError
 from big_contrast.models import default_model_config
+from big_contrast.train.ema import EmaConfig
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -71,6 +74,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.peak_flops_per_device = ml_collections.FieldReference(None, field_type=float)
     config.prefetch_batches = 2
     config.profile_steps = ()
+    config.ema = ml_collections.FieldReference(None, field_type=dict)
     return config
 
 
@@ -98,6 +102,7 @@ def validate(config, num_batch_shards: int) -> None:
     if config.get("loss_dtype") not in (None, "float32", "bfloat16"):
         raise ConfigError(f"config.loss_dtype={config.loss_dtype!r} is unknown; use None, 'float32' or 'bfloat16'.")
     _validate_profile_steps(config.get("profile_steps"))
+    EmaConfig.from_config(config.get("ema"))  # one sentence per bad field
 
 
 def _validate_profile_steps(steps) -> None:
