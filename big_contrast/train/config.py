@@ -33,6 +33,9 @@ A config file (configs/*.py) returns `default_config()` updated with its own cho
                                  (empty: no trace)
     config.ema                   None (off) | dict(decay=0.999, start_step=0, every=1): an EMA of
                                  the parameters in the train state (train/ema.py), checkpointed
+    config.loss_objective        None (config.model.loss) | e.g. "sigmoid + 0.5 * distill": a
+                                 weighted sum of loss terms (train/objective.py, losses/objectives.py)
+    config.teacher               None | "ema": the teacher of distill / cwcl terms
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from big_contrast import losses
 from big_contrast.data import default_data_config
 from big_contrast.errors import ConfigError
 from big_contrast.models import default_model_config
+from big_contrast.train import objective as train_objective
 from big_contrast.train.ema import EmaConfig
 
 
@@ -75,6 +79,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.prefetch_batches = 2
     config.profile_steps = ()
     config.ema = ml_collections.FieldReference(None, field_type=dict)
+    config.loss_objective = ml_collections.FieldReference(None, field_type=str)
+    config.teacher = ml_collections.FieldReference(None, field_type=str)
     return config
 
 
@@ -103,6 +109,7 @@ def validate(config, num_batch_shards: int) -> None:
         raise ConfigError(f"config.loss_dtype={config.loss_dtype!r} is unknown; use None, 'float32' or 'bfloat16'.")
     _validate_profile_steps(config.get("profile_steps"))
     EmaConfig.from_config(config.get("ema"))  # one sentence per bad field
+    train_objective.validate(config)
 
 
 def _validate_profile_steps(steps) -> None:

@@ -45,6 +45,7 @@ from big_contrast.data.device_ops import device_normalization
 from big_contrast.errors import BigContrastError, ConfigMismatch, DamagedCheckpoint, MissingFileError, short_reason
 from big_contrast.train import config as train_config
 from big_contrast.train import evals as train_evals
+from big_contrast.train import objective as train_objective
 from big_contrast.train.metrics import MetricWriter, StepProfile, Throughput
 from big_contrast.train.prefetch import Prefetcher
 from big_contrast.train.optimizer import learning_rate_schedule, make_optimizer
@@ -149,7 +150,8 @@ def train_pipeline(config, batch_sharding, *, start_batch: int = 0):
 
 def loss_spec(config) -> LossSpec:
     """The loss engine of `config`: loss, impl, tile (`loss_block`) and input dtype (`loss_dtype`)."""
-    return LossSpec(config.model.loss, config.loss_impl, config.loss_block, config.get("loss_dtype"))
+    return LossSpec(config.model.loss, config.loss_impl, config.loss_block, config.get("loss_dtype"),
+                    objective=train_objective.objective_of(config))
 
 
 def make_step_fn(run: Run, batch_sharding):
@@ -162,7 +164,7 @@ def make_step_fn(run: Run, batch_sharding):
         axis=sharding.batch_axes(run.mesh),
         microbatches=train_config.microbatches(config, sharding.num_batch_shards(run.mesh)),
         seed=config.seed, image_norm=device_normalization(config.data.pp_train),
-        ema=EmaConfig.from_config(config.get("ema")),
+        ema=EmaConfig.from_config(config.get("ema")), teacher=train_objective.teacher_of(config),
     )
     step = functools.partial(train_step, config=fixed)  # `train_step` looked up now (tests patch it)
     batch_shardings = {k: batch_sharding for k in BATCH_FIELDS}
