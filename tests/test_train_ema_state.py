@@ -68,3 +68,31 @@ def test_turning_ema_on_over_a_checkpoint_without_one_is_one_sentence(tmp_path):
 def test_a_bad_ema_config_is_one_sentence(ema, words):
     with pytest.raises(ConfigError, match=words):
         validate(tiny_config(ema=ema), 8)
+
+
+def test_eval_ema_evaluates_the_ema_and_refuses_a_run_without_one(straight, monkeypatch):
+    from big_contrast.commands.eval import evaluate_checkpoint
+    from big_contrast.train import evals as train_evals
+    from test_train import demo
+
+    seen = []
+    monkeypatch.setattr(train_evals, "run_one", lambda evaluator, run, state, config: seen.append(state) or {})
+    config = tiny_config(total_steps=6, checkpoint_every=100, ema=EMA)
+    config.evals = demo.get_config("sigmoid").evals
+    evaluate_checkpoint(config, straight, ema=True)
+    (state, _) = saved_state(straight)
+    for x, y in zip(jax.tree.leaves(seen[0].params), jax.tree.leaves(state["ema"])):
+        np.testing.assert_array_equal(np.asarray(x), y)
+    config.ema = None
+    with pytest.raises(ConfigError, match="config.ema is off"):
+        evaluate_checkpoint(config, straight, ema=True)
+
+
+def test_plan_counts_the_ema_and_the_teacher_embeddings():
+    from big_contrast.train.plan import plan
+
+    base = plan(tiny_config(), device_memory_bytes=2**30, num_devices=8)
+    with_ema = plan(tiny_config(ema=EMA, loss_objective="sigmoid + distill", teacher="ema"),
+                    device_memory_bytes=2**30, num_devices=8)
+    assert base["ema_bytes"] == 0 and with_ema["ema_bytes"] == base["param_bytes"] > 0
+    assert with_ema["teacher_bytes"] == 2 * base["per_device_batch"] * base["embed_dim"] * 4
