@@ -34,10 +34,12 @@ def setup(objective, loss="sigmoid"):
 
     @functools.lru_cache(maxsize=None)
     def step(microbatches, with_teacher):
+        """with_teacher: False, True (t: teacher params) or "embeddings" (t: {"image", "text"})."""
         fn = functools.partial(loss_and_grads, graphdef, rest=rest, loss=spec, mesh=mesh,
                                axis=sharding.batch_axes(mesh), microbatches=microbatches)
-        return jax.jit(lambda p, b, t: fn(p, batch=b, step=jnp.int32(1), teacher_params=t if with_teacher else None),
-                       compiler_options=FAST)
+        teacher = lambda t: (dict(teacher_embeddings=t) if with_teacher == "embeddings"  # noqa: E731
+                             else dict(teacher_params=t if with_teacher else None))
+        return jax.jit(lambda p, b, t: fn(p, batch=b, step=jnp.int32(1), **teacher(t)), compiler_options=FAST)
 
     return step, params, batch
 
@@ -63,6 +65,18 @@ def test_gradient_caching_with_a_momentum_teacher_equals_one_pass():
     assert rel_err(loss_k, loss_1) <= 1e-5 and rel_err(flat(grads_k), flat(grads_1)) <= 1e-5
     # The teacher term's weight shows: the loss is sigmoid + 0.5 * distill.
     np.testing.assert_allclose(loss_1, aux_1["terms"]["sigmoid"] + 0.5 * aux_1["terms"]["distill"], rtol=1e-5)
+
+
+def test_precomputed_teacher_embeddings_of_another_width_with_gradient_caching_equal_one_pass():
+    step, params, batch = setup("softmax + 0.5 * distill + 0.5 * cwcl(tower=text)")
+    rng = np.random.default_rng(4)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    teacher = {k: jax.device_put(unit(rng.normal(size=(B, 24))).astype(np.float32), batch["image"].sharding)
+               for k in ("image", "text")}  # width 24, the student's 16: teacher-teacher similarities only
+    loss_1, aux_1, grads_1 = step(1, "embeddings")(params, batch, teacher)
+    loss_k, _, grads_k = step(2, "embeddings")(params, batch, teacher)
+    assert set(aux_1["terms"]) == {"softmax", "distill", "cwcl"}
+    assert rel_err(loss_k, loss_1) <= 1e-5 and rel_err(flat(grads_k), flat(grads_1)) <= 1e-5
 
 
 @pytest.mark.parametrize("microbatches", [1, 2])

@@ -108,14 +108,16 @@ def patch_keys(step, rows, seed=0):
 
 
 def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis, microbatches,
-                   step=None, seed=0, teacher_params=None):
+                   step=None, seed=0, teacher_params=None, teacher_embeddings=None):
     """(loss, aux, grads) for one global batch, in one pass or with gradient caching.
 
     `step` (the train step) seeds the image tower's patch dropout; None turns it off.
     Micro-batches are cut on each device's own rows, so the mesh implies the shard count.
     `teacher_params` (the EMA of `params`: a momentum teacher) are embedded without gradient
     and without patch dropout, and their embeddings and scale feed the objective's teacher
-    terms. `aux["terms"]` holds the objective's per-term values.
+    terms. `teacher_embeddings` ({"image": [B, D_t], "text": ...}, e.g. a frozen model's,
+    computed outside the step or stored beside the data) feed them as they are, with the
+    student's scale as the teacher's. `aux["terms"]` holds the objective's per-term values.
     """
 
     def embed(p, images, texts, rows, dropout=True):
@@ -125,7 +127,7 @@ def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis,
 
     def teacher_inputs(embedded):  # the teacher's embeddings and scale, no gradient to anything
         if teacher_params is None:
-            return {}
+            return {} if teacher_embeddings is None else dict(teacher=jax.lax.stop_gradient(teacher_embeddings))
         zimg_t, ztxt_t = jax.lax.stop_gradient(embedded)
         return dict(teacher={"image": zimg_t, "text": ztxt_t},
                     teacher_scale=jax.lax.stop_gradient(scalars(teacher_params)[0]))
@@ -135,7 +137,7 @@ def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis,
 
     inputs = (batch["image"], batch["text"], jnp.arange(batch["image"].shape[0], dtype=jnp.int32))
     if microbatches <= 1:
-        teacher = teacher_inputs(embed(teacher_params, *inputs, dropout=False)) if teacher_params is not None else {}
+        teacher = teacher_inputs(None if teacher_params is None else embed(teacher_params, *inputs, dropout=False))
 
         def full_loss(p):
             zimg, ztxt = embed(p, *inputs)
@@ -155,8 +157,8 @@ def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis,
         return jax.tree.map(_from_microbatches, z_k)
 
     zimg, ztxt = on_devices(embed_all, params, inputs, reduce=False)
-    teacher = {} if teacher_params is None else teacher_inputs(
-        on_devices(functools.partial(embed_all, dropout=False), teacher_params, inputs, reduce=False))
+    teacher = teacher_inputs(None if teacher_params is None else on_devices(
+        functools.partial(embed_all, dropout=False), teacher_params, inputs, reduce=False))
 
     # 2. the loss over the whole global batch and its embedding / scalar gradients
     (scale, bias), scalars_vjp = jax.vjp(scalars, params)
@@ -304,7 +306,8 @@ class StepConfig:
     seed: int = 0
     image_norm: Any = None
     ema: EmaConfig | None = None  # config.ema: the state's EMA is updated after each optimizer update
-    teacher: str | None = None  # "ema": the state's EMA is the objective's (momentum) teacher
+    teacher: str | None = None  # "ema": the state's EMA is the objective's (momentum) teacher;
+    # "data": the batch's `teacher_image` / `teacher_text` fields are the teacher's embeddings
 
 
 def make_train_step(config: StepConfig):
@@ -320,6 +323,8 @@ def train_step(state: TrainState, batch, *, config: StepConfig):
         c.graphdef, state.params, c.rest, batch, loss=c.loss, mesh=c.mesh, axis=c.axis,
         microbatches=c.microbatches, step=state.step, seed=c.seed,
         teacher_params=state.ema if c.teacher == "ema" else None,
+        teacher_embeddings=({"image": batch["teacher_image"], "text": batch["teacher_text"]}
+                            if c.teacher == "data" else None),
     )
     updates, opt_state = c.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
