@@ -14,7 +14,7 @@ from test_train import REPO, env
 DISTRIBUTED = {"coordinator", "num_processes", "process_id", "distributed_timeout"}
 FLAGS = {
     "train": {"config", "workdir", "plot"} | DISTRIBUTED,
-    "eval": {"config", "workdir", "step", "json", "benchmarks", "data_dir"} | DISTRIBUTED,
+    "eval": {"config", "workdir", "step", "json", "benchmarks", "data_dir", "ema"} | DISTRIBUTED,
     "plan": {"config", "device_memory_gb"},
     "data convert": {"examples_per_shard", "csv_img_key", "csv_caption_key", "json_caption_key", "overwrite",
                      "runner", "workers"},

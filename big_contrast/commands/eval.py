@@ -13,6 +13,7 @@ how to prepare it, and the others still run.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from absl import flags as absl_flags
@@ -28,6 +29,8 @@ def define_flags(fv, argv) -> None:
     absl_flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the newest readable).",
                               flag_values=fv)
     absl_flags.DEFINE_string("json", None, "Also write the results to this JSON file.", flag_values=fv)
+    absl_flags.DEFINE_bool("ema", False, "Evaluate the EMA of the parameters (config.ema) instead of the raw "
+                           "parameters.", flag_values=fv)
     absl_flags.DEFINE_list("benchmarks", None, "Named benchmarks to run instead of config.evals "
                            "(see big_contrast.evaluate.benchmarks).", flag_values=fv)
     absl_flags.DEFINE_string("data_dir", None, "With --benchmarks: folder of the prepared benchmark datasets.",
@@ -55,8 +58,9 @@ def run(flags, args) -> int:
         config = config.copy_and_resolve_references()
         config.evals = benchmarks.evals(flags.benchmarks, flags.data_dir)
     missing = {}
-    results, step = evaluate_checkpoint(base.validated(config), workdir, step=flags.step, missing=missing)
-    print(f"step {step}")
+    results, step = evaluate_checkpoint(base.validated(config), workdir, step=flags.step, missing=missing,
+                                        **({"ema": True} if flags.ema else {}))
+    print(f"step {step}" + (" (EMA of the parameters)" if flags.ema else ""))
     print(report.format_results(results))
     for message in missing.values():
         print(message, file=sys.stderr)
@@ -94,12 +98,12 @@ def _build_evaluators(config) -> tuple[list, dict[str, str]]:
     return evaluators, missing
 
 
-def evaluate_checkpoint(config, workdir, *, step=None, mesh=None, missing=None) -> tuple[dict, int]:
+def evaluate_checkpoint(config, workdir, *, step=None, mesh=None, missing=None, ema=False) -> tuple[dict, int]:
     """Restores checkpoint `step` (default: the newest readable) of `workdir` and runs every `config.evals` entry.
 
     `missing`, a dict, receives {evaluator name: sentence} for the evaluators skipped because
     their data is not prepared; the mean top-1 over the classification benchmarks that ran is
-    added as 'benchmarks/mean_top1'.
+    added as 'benchmarks/mean_top1'. `ema`: evaluate the checkpoint's EMA of the parameters.
     """
     from big_contrast.data.errors import MissingDataError
     from big_contrast.evaluate import benchmarks
@@ -116,7 +120,12 @@ def evaluate_checkpoint(config, workdir, *, step=None, mesh=None, missing=None) 
     if not evaluators:
         raise MissingDataError("no evaluator's data is prepared: " + " | ".join(missing.values()))
     workdir.check_resumable(config)
+    if ema and not config.get("ema"):
+        raise ConfigError("--ema evaluates the EMA of the parameters, but this run's config.ema is off: "
+                          "drop --ema, or pass the --config it was trained with.")
     state, step, run = _restore(config, workdir, step, mesh)
+    if ema:  # the evaluators read state.params
+        state = dataclasses.replace(state, params=state.ema)
     results = {}
     for evaluator in evaluators:
         try:

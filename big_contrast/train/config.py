@@ -31,6 +31,11 @@ A config file (configs/*.py) returns `default_config()` updated with its own cho
                                  of the step (>= 1)
     config.profile_steps         (N, M): a jax.profiler trace of steps N..M in workdir/profile
                                  (empty: no trace)
+    config.ema                   None (off) | dict(decay=0.999, start_step=0, every=1): an EMA of
+                                 the parameters in the train state (train/ema.py), checkpointed
+    config.loss_objective        None (config.model.loss) | e.g. "sigmoid + 0.5 * distill": a
+                                 weighted sum of loss terms (train/objective.py, losses/objectives.py)
+    config.teacher               None | "ema": the teacher of distill / cwcl terms
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from big_contrast import losses
 from big_contrast.data import default_data_config
 from big_contrast.errors import ConfigError
 from big_contrast.models import default_model_config
+from big_contrast.train import objective as train_objective
+from big_contrast.train.ema import EmaConfig
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -71,6 +78,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.peak_flops_per_device = ml_collections.FieldReference(None, field_type=float)
     config.prefetch_batches = 2
     config.profile_steps = ()
+    config.ema = ml_collections.FieldReference(None, field_type=dict)
+    config.loss_objective = ml_collections.FieldReference(None, field_type=str)
+    config.teacher = ml_collections.FieldReference(None, field_type=str)
     return config
 
 
@@ -100,6 +110,8 @@ def validate(config, num_batch_shards: int) -> None:
     if config.get("loss_dtype") not in (None, "float32", "bfloat16"):
         raise ConfigError(f"config.loss_dtype={config.loss_dtype!r} is unknown; use None, 'float32' or 'bfloat16'.")
     _validate_profile_steps(config.get("profile_steps"))
+    EmaConfig.from_config(config.get("ema"))  # one sentence per bad field
+    train_objective.validate(config)
 
 
 def _validate_profile_steps(steps) -> None:

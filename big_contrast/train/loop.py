@@ -45,9 +45,11 @@ from big_contrast.data.device_ops import device_normalization
 from big_contrast.errors import BigContrastError, ConfigMismatch, DamagedCheckpoint, MissingFileError, short_reason
 from big_contrast.train import config as train_config
 from big_contrast.train import evals as train_evals
+from big_contrast.train import objective as train_objective
 from big_contrast.train.metrics import MetricWriter, StepProfile, Throughput
 from big_contrast.train.prefetch import Prefetcher
 from big_contrast.train.optimizer import learning_rate_schedule, make_optimizer
+from big_contrast.train.ema import EmaConfig, ema_init
 from big_contrast.train.step import LossSpec, StepConfig, TrainState, train_step
 from big_contrast.workdir import Workdir, holds_checkpoints
 
@@ -100,7 +102,8 @@ def build(config, *, mesh=None, params=None) -> Run:
     params = nnx.to_pure_dict(params_state)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
-                       opt_state=_on_mesh(jax.jit(tx.init)(params), replicated))
+                       opt_state=_on_mesh(jax.jit(tx.init)(params), replicated),
+                       ema=ema_init(params) if EmaConfig.from_config(config.get("ema")) else None)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     return Run(config, mesh, graphdef, rest, state, state_shardings, tx, opt)
 
@@ -147,7 +150,8 @@ def train_pipeline(config, batch_sharding, *, start_batch: int = 0):
 
 def loss_spec(config) -> LossSpec:
     """The loss engine of `config`: loss, impl, tile (`loss_block`) and input dtype (`loss_dtype`)."""
-    return LossSpec(config.model.loss, config.loss_impl, config.loss_block, config.get("loss_dtype"))
+    return LossSpec(config.model.loss, config.loss_impl, config.loss_block, config.get("loss_dtype"),
+                    objective=train_objective.objective_of(config))
 
 
 def make_step_fn(run: Run, batch_sharding):
@@ -160,6 +164,7 @@ def make_step_fn(run: Run, batch_sharding):
         axis=sharding.batch_axes(run.mesh),
         microbatches=train_config.microbatches(config, sharding.num_batch_shards(run.mesh)),
         seed=config.seed, image_norm=device_normalization(config.data.pp_train),
+        ema=EmaConfig.from_config(config.get("ema")), teacher=train_objective.teacher_of(config),
     )
     step = functools.partial(train_step, config=fixed)  # `train_step` looked up now (tests patch it)
     batch_shardings = {k: batch_sharding for k in BATCH_FIELDS}

@@ -96,6 +96,8 @@ def plan(config, *, device_memory_bytes: int, num_devices: int | None = None) ->
     micro = config.microbatch_size or per_device_batch
     gathered = _gathered_param_bytes(abstract, shape, param_bytes) if micro < per_device_batch else 0
     fixed = 4 * param_bytes + 2 * gathered + loss_bytes + 4 * per_device_batch * dim * 4  # params, grads, 2 moments
+    ema_bytes, teacher_bytes = _ema_and_teacher_bytes(config, param_bytes, per_device_batch, dim)
+    fixed += ema_bytes + teacher_bytes
     room = device_memory_bytes - fixed
     fitting = [d for d in range(1, per_device_batch + 1) if per_device_batch % d == 0 and d * per_example <= room]
     return dict(
@@ -105,7 +107,17 @@ def plan(config, *, device_memory_bytes: int, num_devices: int | None = None) ->
         activation_bytes_per_microbatch=micro * per_example, microbatch=micro, loss_impl=config.loss_impl,
         loss_bytes=loss_bytes, device_memory_bytes=device_memory_bytes,
         largest_fitting_microbatch=max(fitting) if fitting else None,
+        ema_bytes=ema_bytes, teacher_bytes=teacher_bytes,
     )
+
+
+def _ema_and_teacher_bytes(config, param_bytes, per_device_batch, dim) -> tuple[int, int]:
+    """The EMA's copy of the parameters (sharded like them), and a momentum teacher's image and
+    text embeddings of the device's rows plus the step's cotangent-free copies (its forward pass
+    runs a micro-batch at a time, without activations kept, inside the student's budget)."""
+    ema = param_bytes if config.get("ema") else 0
+    teacher = 2 * per_device_batch * dim * 4 if config.get("teacher") else 0
+    return ema, teacher
 
 
 def format_plan(p: dict) -> str:
@@ -118,6 +130,8 @@ def format_plan(p: dict) -> str:
         f"  parameters                     {gib(p['param_bytes'])}",
         f"  gradients                      {gib(p['grad_bytes'])}",
         f"  AdamW moments                  {gib(p['optimizer_bytes'])}",
+        *([f"  EMA of the parameters          {gib(p['ema_bytes'])}"] if p.get("ema_bytes") else []),
+        *([f"  teacher embeddings             {gib(p['teacher_bytes'])}"] if p.get("teacher_bytes") else []),
         *([f"  gathered parameters + grads    {gib(2 * p['gathered_param_bytes'])}"] if p["gathered_param_bytes"] else []),
         f"  activations / example          {gib(p['activation_bytes_per_example'])}",
         f"  activations, micro-batch {p['microbatch']:<6,}{gib(p['activation_bytes_per_microbatch'])}",

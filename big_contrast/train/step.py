@@ -38,14 +38,28 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from big_contrast import losses, sharding
 from big_contrast.data.device_ops import normalize_on_device
+from big_contrast.train.ema import EmaConfig, ema_update
 
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
+    ema: Any = None  # the EMA of the parameters (train/ema.py), sharded like them; None: config.ema off
+
+
+def _state_children(state: TrainState):
+    """The state's pytree children; without an EMA the tree is (step, params, opt_state) as
+    before EMA existed, so orbax reads and writes checkpoints of runs without EMA unchanged
+    (a None child would be saved as a key those checkpoints lack)."""
+    names = ("step", "params", "opt_state") + (("ema",) if state.ema is not None else ())
+    return [(jax.tree_util.GetAttrKey(n), getattr(state, n)) for n in names], state.ema is not None
+
+
+jax.tree_util.register_pytree_with_keys(
+    TrainState, _state_children, lambda has_ema, children: TrainState(*children),
+    flatten_func=lambda state: ([c for _, c in _state_children(state)[0]], state.ema is not None))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,13 +70,19 @@ class LossSpec:
     impl: str = "ring"
     block: int | None = None
     dtype: str | None = None  # e.g. "bfloat16": embeddings enter the loss in it (f32 accumulation)
+    objective: Any = None  # a losses.Objective (config.loss_objective) instead of `name` alone
 
-    def __call__(self, zimg, ztxt, scale, bias, mesh, axis):
+    def __call__(self, zimg, ztxt, scale, bias, mesh, axis, teacher=None, teacher_scale=None):
+        """(loss, {term: unweighted value}); no terms for the plain softmax / sigmoid."""
         if self.dtype is not None:
             zimg, ztxt = zimg.astype(self.dtype), ztxt.astype(self.dtype)
+        engine = dict(impl=self.impl, mesh=mesh, axis=axis, block=self.block)
+        if self.objective is not None:
+            return losses.combined_loss(self.objective, zimg, ztxt, scale, bias, teacher=teacher,
+                                        teacher_scale=teacher_scale, with_terms=True, **engine)
         if self.name == "softmax":
-            return losses.softmax_loss(zimg, ztxt, scale, impl=self.impl, mesh=mesh, axis=axis, block=self.block)
-        return losses.sigmoid_loss(zimg, ztxt, scale, bias, impl=self.impl, mesh=mesh, axis=axis, block=self.block)
+            return losses.softmax_loss(zimg, ztxt, scale, **engine), {}
+        return losses.sigmoid_loss(zimg, ztxt, scale, bias, **engine), {}
 
 
 def _scale_and_bias(model):
@@ -88,46 +108,62 @@ def patch_keys(step, rows, seed=0):
 
 
 def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis, microbatches,
-                   step=None, seed=0):
+                   step=None, seed=0, teacher_params=None, teacher_embeddings=None):
     """(loss, aux, grads) for one global batch, in one pass or with gradient caching.
 
     `step` (the train step) seeds the image tower's patch dropout; None turns it off.
     Micro-batches are cut on each device's own rows, so the mesh implies the shard count.
+    `teacher_params` (the EMA of `params`: a momentum teacher) are embedded without gradient
+    and without patch dropout, and their embeddings and scale feed the objective's teacher
+    terms. `teacher_embeddings` ({"image": [B, D_t], "text": ...}, e.g. a frozen model's,
+    computed outside the step or stored beside the data) feed them as they are, with the
+    student's scale as the teacher's. `aux["terms"]` holds the objective's per-term values.
     """
 
-    def embed(p, images, texts, rows):
+    def embed(p, images, texts, rows, dropout=True):
         model = nnx.merge(graphdef, p, rest)
-        keys = None if step is None else patch_keys(step, rows, seed)
+        keys = None if step is None or not dropout else patch_keys(step, rows, seed)
         return model.embed_images(images, keys), model.embed_texts(texts)
+
+    def teacher_inputs(embedded):  # the teacher's embeddings and scale, no gradient to anything
+        if teacher_params is None:
+            return {} if teacher_embeddings is None else dict(teacher=jax.lax.stop_gradient(teacher_embeddings))
+        zimg_t, ztxt_t = jax.lax.stop_gradient(embedded)
+        return dict(teacher={"image": zimg_t, "text": ztxt_t},
+                    teacher_scale=jax.lax.stop_gradient(scalars(teacher_params)[0]))
 
     def scalars(p):
         return _scale_and_bias(nnx.merge(graphdef, p, rest))
 
     inputs = (batch["image"], batch["text"], jnp.arange(batch["image"].shape[0], dtype=jnp.int32))
     if microbatches <= 1:
+        teacher = teacher_inputs(None if teacher_params is None else embed(teacher_params, *inputs, dropout=False))
 
         def full_loss(p):
             zimg, ztxt = embed(p, *inputs)
             scale, bias = scalars(p)
-            return loss(zimg, ztxt, scale, bias, mesh, axis), (scale, bias)
+            value, terms = loss(zimg, ztxt, scale, bias, mesh, axis, **teacher)
+            return value, (scale, bias, terms)
 
-        (value, (scale, bias)), grads = jax.value_and_grad(full_loss, has_aux=True)(params)
-        return value, dict(scale=scale, bias=bias), grads
+        (value, (scale, bias, terms)), grads = jax.value_and_grad(full_loss, has_aux=True)(params)
+        return value, dict(scale=scale, bias=bias, terms=terms), grads
 
     on_devices = _OwnRows(mesh, axis, None if mesh is None else _param_specs(graphdef, params, rest, mesh))
 
     # 1. embeddings, micro-batch by micro-batch, no activations kept
-    def embed_all(params, *rows):
-        _, z_k = jax.lax.scan(lambda _, rows_c: (None, embed(params, *rows_c)), None,
+    def embed_all(params, *rows, dropout=True):
+        _, z_k = jax.lax.scan(lambda _, rows_c: (None, embed(params, *rows_c, dropout=dropout)), None,
                               tuple(_microbatches(x, microbatches) for x in rows))
         return jax.tree.map(_from_microbatches, z_k)
 
     zimg, ztxt = on_devices(embed_all, params, inputs, reduce=False)
+    teacher = teacher_inputs(None if teacher_params is None else on_devices(
+        functools.partial(embed_all, dropout=False), teacher_params, inputs, reduce=False))
 
     # 2. the loss over the whole global batch and its embedding / scalar gradients
     (scale, bias), scalars_vjp = jax.vjp(scalars, params)
-    value, (dzimg, dztxt, dscale, dbias) = jax.value_and_grad(
-        lambda zi, zt, s, b: loss(zi, zt, s, b, mesh, axis), argnums=(0, 1, 2, 3)
+    (value, terms), (dzimg, dztxt, dscale, dbias) = jax.value_and_grad(
+        lambda zi, zt, s, b: loss(zi, zt, s, b, mesh, axis, **teacher), argnums=(0, 1, 2, 3), has_aux=True
     )(zimg, ztxt, scale, bias)
     (grads,) = scalars_vjp((dscale, dbias))
 
@@ -143,7 +179,7 @@ def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis,
         return grads
 
     grads_embed = on_devices(backprop_all, params, (*inputs, dzimg, dztxt), reduce=True)
-    return value, dict(scale=scale, bias=bias), jax.tree.map(jnp.add, grads, grads_embed)
+    return value, dict(scale=scale, bias=bias, terms=terms), jax.tree.map(jnp.add, grads, grads_embed)
 
 
 def _param_specs(graphdef, params, rest, mesh):
@@ -269,6 +305,9 @@ class StepConfig:
     microbatches: int = 1
     seed: int = 0
     image_norm: Any = None
+    ema: EmaConfig | None = None  # config.ema: the state's EMA is updated after each optimizer update
+    teacher: str | None = None  # "ema": the state's EMA is the objective's (momentum) teacher;
+    # "data": the batch's `teacher_image` / `teacher_text` fields are the teacher's embeddings
 
 
 def make_train_step(config: StepConfig):
@@ -283,9 +322,13 @@ def train_step(state: TrainState, batch, *, config: StepConfig):
     value, aux, grads = loss_and_grads(
         c.graphdef, state.params, c.rest, batch, loss=c.loss, mesh=c.mesh, axis=c.axis,
         microbatches=c.microbatches, step=state.step, seed=c.seed,
+        teacher_params=state.ema if c.teacher == "ema" else None,
+        teacher_embeddings=({"image": batch["teacher_image"], "text": batch["teacher_text"]}
+                            if c.teacher == "data" else None),
     )
     updates, opt_state = c.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    ema = state.ema if c.ema is None else ema_update(state.ema, params, state.step + 1, c.ema)
     metrics = dict(
         loss=value,
         scale=aux["scale"],
@@ -293,5 +336,6 @@ def train_step(state: TrainState, batch, *, config: StepConfig):
         grad_norm=optax.tree.norm(grads),
         param_norm=optax.tree.norm(params),
         learning_rate=c.lr_fn(state.step),
+        **{f"loss/{name}": value for name, value in aux["terms"].items()},
     )
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
