@@ -42,9 +42,11 @@ from big_contrast import models, sharding
 from big_contrast.checkpoint import Checkpointer, abstract_like
 from big_contrast.data import make_pipeline
 from big_contrast.data.device_ops import device_normalization
+from big_contrast.models import posemb
 from big_contrast.errors import BigContrastError, ConfigMismatch, DamagedCheckpoint, MissingFileError, short_reason
 from big_contrast.train import config as train_config
 from big_contrast.train import evals as train_evals
+from big_contrast.train import resample
 from big_contrast.train.metrics import MetricWriter, StepProfile, Throughput
 from big_contrast.train.prefetch import Prefetcher
 from big_contrast.train.optimizer import learning_rate_schedule, make_optimizer
@@ -95,7 +97,12 @@ def build(config, *, mesh=None, params=None) -> Run:
         model = models.create_from_params(config.model, params, abstract)
         nnx.update(model, sharding.shard_state(nnx.state(model), mesh))
     for tower, directory in config.init_towers.items():
-        models.load_tower_params(model, tower, _tower_params_from_checkpoint(directory, tower))
+        tower_params, line = resample.adapt_tower(  # another image size / max_len: tables resampled
+            tower, _tower_params_from_checkpoint(directory, tower), resample.saved_model_config(directory),
+            config.model)
+        if line:
+            resample.print_line(f"config.init_towers.{tower}: {line}")
+        models.load_tower_params(model, tower, tower_params)
     graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
     params = nnx.to_pure_dict(params_state)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -202,7 +209,7 @@ def train(config, workdir, *, mesh=None, progress=True, stop_after_steps=None) -
         evaluators = train_evals.build(config)
         # Load checkpoint: the newest readable one, with the data iterator where it left off.
         ckpt = Checkpointer(workdir.checkpoints, keep=config.keep_checkpoints)
-        state, data = _restore_or_start(ckpt, run, batch_sharding)
+        state, data = _restore_or_start(ckpt, run, batch_sharding, resample.saved_model_config(workdir))
         _record_config(config, workdir, changes)
         writer = MetricWriter(workdir, total_steps=config.total_steps, initial_step=int(state.step),
                               progress=progress)
@@ -355,8 +362,10 @@ def _warn(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
-def _restore_or_start(ckpt, run, batch_sharding):
-    """(state, data iterator) of the newest readable checkpoint, or a fresh start."""
+def _restore_or_start(ckpt, run, batch_sharding, saved_model=None):
+    """(state, data iterator) of the newest readable checkpoint, or a fresh start. `saved_model`
+    (the model config that wrote the checkpoints) lets position tables of another shape be
+    restored and resampled (`resample.py`)."""
     config = run.config
 
     def resumed_data(meta, step):
@@ -368,23 +377,31 @@ def _restore_or_start(ckpt, run, batch_sharding):
                 f"not parse ({short_reason(error)}).") from error
 
     if ckpt.all_steps() == [0]:  # an imported model (training never saves step 0)
-        state = _with_initial_params(ckpt, run)
+        state = _with_initial_params(ckpt, run, saved_model)
         return state, train_pipeline(config, batch_sharding)
-    restored = ckpt.restore_newest(abstract_like(run.state, run.state_shardings), accept=resumed_data, warn=_warn)
+    restored = resample.restore(ckpt, run.state, run.state_shardings, saved_model, config.model,
+                                accept=resumed_data, warn=_warn)
     if restored is None:
         return run.state, train_pipeline(config, batch_sharding)
     state, _, _, data = restored
     return state, data
 
 
-def _with_initial_params(ckpt, run) -> TrainState:
+def _with_initial_params(ckpt, run, saved_model=None) -> TrainState:
     """The run's fresh state with the parameters of a step-0 checkpoint (what `big-contrast
     import` writes). Its optimizer state is the initial one and carries no information, so this
     config's optimizer starts afresh: an imported model fine-tunes with a tower locked or another
-    optimizer. The parameters themselves must match the config."""
+    optimizer. The parameters themselves must match the config, but for position tables of
+    another image size / text length than `saved_model`'s (resampled, one line on stderr)."""
     saved, _ = ckpt.restore_arrays(0)
     flat = jax.tree_util.tree_flatten_with_path
-    stored = {sharding.path_str(p): x for p, x in flat(saved["params"])[0]}  # keys "0" where ours are 0
+    saved_params = saved["params"]
+    if resample.needs_resampling(saved_model, run.config.model):
+        saved_params, changes = posemb.adapt_params(
+            saved_params, saved_model, run.config.model,
+            on_mismatch=functools.partial(posemb.mismatch_sentence, directory=ckpt.directory))
+        _warn(resample.describe(changes))
+    stored = {sharding.path_str(p): x for p, x in flat(saved_params)[0]}  # keys "0" where ours are 0
     wanted = {sharding.path_str(p): x.shape for p, x in flat(run.state.params)[0]}
     for path in sorted(set(stored) | set(wanted)):
         shape = stored[path].shape if path in stored else "absent"
