@@ -152,3 +152,54 @@ def test_a_step_0_checkpoint_at_another_image_size_is_resampled(trained_at_32, t
     bad.model.image.mlp_dim = 128
     with pytest.raises(ConfigMismatch, match="The step-0 checkpoint in .* holds parameter image/"):
         train(bad, imported_workdir("width").path, progress=False)
+
+
+# ----------------------------------------------------------------------------- config.stages
+
+
+def two_stage_config():
+    """CLIPA-style: 16 px and 8 tokens for 2 steps, then 32 px and the full 16 for 2 more."""
+    config = learned_config(total_steps=4)
+    config.checkpoint_every = 1
+    config.stages = (dict(until_step=2, image_size=16, max_len=8,
+                          pp_train="decode|resize(16)|value_range(-1, 1)"),
+                     dict(until_step=4))
+    return config
+
+
+def losses(workdir):
+    from big_contrast.train.metrics import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def straight_two_stages(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("stages")
+    train(two_stage_config(), workdir, progress=False)
+    return workdir
+
+
+def test_two_stages_switch_resolution_and_text_length_and_train(straight_two_stages, capfd):
+    rows = losses(straight_two_stages)
+    assert sorted(rows) == [1, 2, 3, 4] and all(np.isfinite(list(rows.values())))
+    assert np.shape(saved_arrays(straight_two_stages, 2)["params"]["image"]["posemb"]) == (1, 4, 64)
+    assert np.shape(saved_arrays(straight_two_stages, 4)["params"]["image"]["posemb"]) == (1, 16, 64)
+
+
+@pytest.mark.parametrize("stop_after", [1, 2, 3])
+def test_two_stages_resume_exactly_before_at_and_after_the_boundary(straight_two_stages, tmp_path, stop_after,
+                                                                     capfd):
+    workdir = tmp_path / "stopped"
+    train(two_stage_config(), workdir, progress=False, stop_after_steps=stop_after)
+    capfd.readouterr()
+    train(two_stage_config(), workdir, progress=False)
+    out = capfd.readouterr().out
+    assert ("Stage 1 (steps 2..4): image 32x32" in out) == (stop_after < 2), out
+    want, got = losses(straight_two_stages), losses(workdir)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-6), (step, got, want)
+    a, b = saved_arrays(straight_two_stages, 4)["params"], saved_arrays(workdir, 4)["params"]
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7)

@@ -108,19 +108,25 @@ def describe(changes) -> str:
 def restore(ckpt, state, shardings, saved_model, model, *, step=None, accept=None, warn=print):
     """``ckpt.restore_newest`` (``step`` None) or ``ckpt.restore(step)`` into ``model``'s shapes,
     through the saved shapes and ``resampled_state`` when ``saved_model``'s tables differ.
+    ``saved_model`` may be a function of the step (``config.stages``: each stage's shapes).
     Returns (state, meta, step, accepted)."""
-    resample = needs_resampling(saved_model, model)
-    target = abstract_saved_state(state, shardings, saved_model) if resample else abstract_like(state, shardings)
+    saved_at = saved_model if callable(saved_model) else (lambda _step: saved_model)
+
+    def target(at_step):
+        if needs_resampling(saved_at(at_step), model):
+            return abstract_saved_state(state, shardings, saved_at(at_step))
+        return abstract_like(state, shardings)
+
     if step is None:
         restored = ckpt.restore_newest(target, accept=accept, warn=warn)
         if restored is None:
             return None
         restored_state, meta, step, accepted = restored
     else:
-        restored_state, meta, step = ckpt.restore(target, step)
+        restored_state, meta, step = ckpt.restore(target(step), step)
         accepted = None
-    if resample:
-        restored_state, line = resampled_state(restored_state, shardings, saved_model, model,
+    if needs_resampling(saved_at(step), model):
+        restored_state, line = resampled_state(restored_state, shardings, saved_at(step), model,
                                                directory=ckpt.directory)
         warn(line)
     return restored_state, meta, step, accepted
