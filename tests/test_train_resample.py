@@ -203,3 +203,12 @@ def test_two_stages_resume_exactly_before_at_and_after_the_boundary(straight_two
     a, b = saved_arrays(straight_two_stages, 4)["params"], saved_arrays(workdir, 4)["params"]
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7)
+
+
+def test_plan_reports_memory_per_stage():
+    from big_contrast.train.staged import stage_plans
+
+    plans = stage_plans(two_stage_config(), device_memory_bytes=2**30)
+    assert [line.split(":")[0] for line, _ in plans] == ["stage 0 (steps 0..2)", "stage 1 (steps 2..4)"]
+    low, full = plans[0][1], plans[1][1]
+    assert 0 < low["activation_bytes_per_example"] < full["activation_bytes_per_example"]

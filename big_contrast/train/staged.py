@@ -145,3 +145,28 @@ class SwitchablePrefetcher:
 
     def close(self) -> None:
         self.inner.close()
+
+
+def stage_plans(config, *, device_memory_bytes: int, num_devices: int | None = None) -> list[tuple[str, dict]]:
+    """``big-contrast plan`` per stage: (the stage's line, ``train/plan.py``'s dict for it). The
+    activations are those of the stage's image size and text length (the text tower is sized at
+    the stage's ``max_len`` for this estimate: a few position rows off in the parameter count)."""
+    import jax
+
+    from big_contrast.train import plan as plan_lib
+
+    num_devices = num_devices or jax.device_count()
+    shape = plan_lib.mesh_shape(config, num_devices)
+    shards = 1
+    for axis in sharding.BATCH_AXES:
+        shards *= shape.get(axis, 1)
+    out = []
+    for stage in stages_lib.resolve_stages(config, shards):
+        cfg = stages_lib.stage_config(config, stage)
+        with cfg.unlocked():
+            cfg.model.text.max_len = stage.max_len
+        h, w = stage.image_size
+        line = (f"stage {stage.index} (steps {stage.start_step}..{stage.until_step}): image {h}x{w}, "
+                f"patch_dropout {stage.patch_dropout}, max_len {stage.max_len}")
+        out.append((line, plan_lib.plan(cfg, device_memory_bytes=device_memory_bytes, num_devices=num_devices)))
+    return out
