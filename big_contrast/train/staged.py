@@ -44,8 +44,10 @@ class StagePlan:
     def __init__(self, config, mesh):
         self.config = config
         self.active = bool(config.get("stages"))
-        self.stages = stages_lib.resolve_stages(config, sharding.num_batch_shards(mesh))
         self.current = None  # the stage the live model is built for
+        if not self.active:  # nothing resolved: the base config's own checks word its errors
+            return
+        self.stages = stages_lib.resolve_stages(config, sharding.num_batch_shards(mesh))
         self._check_positions()
 
     # ------------------------------------------------------------------ configs
@@ -57,7 +59,8 @@ class StagePlan:
 
     def begin(self, step: int):
         """The config to build at the start of this call (``step``: the newest checkpoint's)."""
-        self.current = stages_lib.stage_at(self.stages, step)
+        if self.active:
+            self.current = stages_lib.stage_at(self.stages, step)
         return self.config_for(step)
 
     def saved_model(self, recorded_model):
