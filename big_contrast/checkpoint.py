@@ -143,7 +143,10 @@ class Checkpointer:
         steps = sorted(self.all_steps(), reverse=True)
         for step in steps:
             try:
-                state, meta, _ = self.restore(abstract_state, step)
+                # A function of the step gives each step its own target (shapes that change
+                # between training stages, `train/staged.py`).
+                target = abstract_state(step) if callable(abstract_state) else abstract_state
+                state, meta, _ = self.restore(target, step)
                 return state, meta, step, accept(meta, step) if accept else None
             except DamagedCheckpoint as error:
                 self.damaged.add(step)

@@ -75,6 +75,9 @@ HEARTBEAT_S = 30.0
 STALE_AFTER_S = 4 * HEARTBEAT_S
 # Keys (and their sub-keys) whose change alters which arrays the train state holds or their shapes.
 STRUCTURAL = ("model", "optimizer.name", "optimizer.momentum", "lr_mults", "freeze")
+# Model keys whose change only reshapes the position tables, which every loader resamples
+# (`train/resample.py`): a resume, an eval or an import at another resolution / text length.
+RESAMPLED = ("model.image.image_size", "model.text.max_len")
 _MISSING = "(absent)"
 
 
@@ -205,6 +208,8 @@ def differences(old, new) -> list[tuple[str, object, object]]:
 
 
 def is_structural(key: str, old, new) -> bool:
+    if key in RESAMPLED:
+        return False
     if key == "optimizer.grad_clip_norm":  # clipping on/off adds or removes an optimizer state
         return bool(old) != bool(new)
     return any(key == s or key.startswith(s + ".") for s in STRUCTURAL)

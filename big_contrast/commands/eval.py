@@ -137,21 +137,19 @@ def evaluate_checkpoint(config, workdir, *, step=None, mesh=None, missing=None, 
 
 def _restore(config, workdir, step, mesh):
     """(state, step, run) of checkpoint `step`, or the newest readable one."""
-    from big_contrast.checkpoint import Checkpointer, abstract_like
+    from big_contrast.checkpoint import Checkpointer
     from big_contrast.errors import CheckpointError
-    from big_contrast.train import build
+    from big_contrast.train import build, resample
 
     if not workdir.has_checkpoints():  # checked first: opening the folder would create it
         raise CheckpointError(f"No checkpoint in {workdir.checkpoints}; train first or pass another --workdir.")
     run = build(config, mesh=mesh)
     ckpt = Checkpointer(workdir.checkpoints, async_save=False)
     try:
-        abstract = abstract_like(run.state, run.state_shardings)
-        if step is None:
-            restored = ckpt.restore_newest(abstract, warn=lambda text: print(text, file=sys.stderr, flush=True))
-            state, _, step, _ = restored
-        else:
-            state, _, step = ckpt.restore(abstract, step)
+        # At another image size / text length than the checkpoint's: position tables resampled.
+        state, _, step, _ = resample.restore(ckpt, run.state, run.state_shardings,
+                                             resample.saved_model_config(workdir), config.model, step=step,
+                                             warn=lambda text: print(text, file=sys.stderr, flush=True))
     finally:
         ckpt.close()
     return state, step, run

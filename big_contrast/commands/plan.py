@@ -27,5 +27,11 @@ def run(flags, args) -> int:
     config = base.loaded_config(flags)
     base.start_devices()
     config = base.validated(config)
-    print(format_plan(plan(config, device_memory_bytes=int(flags.device_memory_gb * 2**30))))
+    memory = int(flags.device_memory_gb * 2**30)
+    if config.get("stages"):  # issue 22: each stage's image size, text length and batch
+        from big_contrast.train.staged import stage_plans
+
+        print("\n\n".join(f"{line}\n{format_plan(p)}" for line, p in stage_plans(config, device_memory_bytes=memory)))
+        return 0
+    print(format_plan(plan(config, device_memory_bytes=memory)))
     return 0

@@ -165,7 +165,7 @@ def adapt_params(params: Any, old_config: Mapping | None, new_config: Mapping | 
     no rule raises ``ConfigMismatch(on_mismatch(path, stored_shape, wanted_shape))``.
     """
     old, new = geometry(old_config), geometry(new_config)
-    wanted = _param_shapes(new_config)
+    wanted = param_shapes(new_config)
     stored = {path_str(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
     _check_paths(stored, wanted, on_mismatch)
     changes: list[str] = []
@@ -189,7 +189,7 @@ def adapt_optimizer_state(opt_state: Any, old_config: Mapping | None,
     the same rule as the parameter, new text rows zero; every other leaf as it is (the
     caller's restore checks their shapes)."""
     old, new = geometry(old_config), geometry(new_config)
-    wanted = _param_shapes(new_config)
+    wanted = param_shapes(new_config)
 
     def adapt(path, leaf):
         name = path_str(path)
@@ -200,6 +200,14 @@ def adapt_optimizer_state(opt_state: Any, old_config: Mapping | None,
         return leaf if resized is None else resized
 
     return jax.tree_util.tree_map_with_path(adapt, opt_state)
+
+
+def adapt_table(name: str, leaf, wanted, old_config: Mapping | None, new_config: Mapping | None,
+                changes: list[str], *, text_extend: str = "init", seed: int = 0):
+    """One table (``name`` = 'image/posemb' | 'text/posemb') of ``old_config`` in the ``wanted``
+    shape of ``new_config``, a line appended to ``changes``; None where no rule applies."""
+    return _resized_table(name, leaf, wanted, geometry(old_config), geometry(new_config), text_extend,
+                          seed, changes)
 
 
 def _resized_table(name: str, leaf, wanted, old: Geometry, new: Geometry, text_extend: str,
@@ -227,7 +235,8 @@ def _image_rule_applies(shape, wanted, old: Geometry, new: Geometry) -> bool:
     return same_kind and shape[::2] == wanted[::2] and shape[1] == old_rows
 
 
-def _param_shapes(config) -> dict[str, tuple[int, ...]]:
+def param_shapes(config) -> dict[str, tuple[int, ...]]:
+    """{'image/posemb': shape, ...}: every parameter's shape in a model of ``config`` (abstract)."""
     params = nnx.state(registry.abstract_model(config), nnx.Param)
     return {path_str(p): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(params)}
 

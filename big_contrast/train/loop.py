@@ -39,13 +39,15 @@ import numpy as np
 from flax import nnx
 
 from big_contrast import models, sharding
-from big_contrast.checkpoint import Checkpointer, abstract_like
+from big_contrast.checkpoint import Checkpointer
 from big_contrast.data import make_pipeline
 from big_contrast.data.device_ops import device_normalization
+from big_contrast.models import posemb
 from big_contrast.errors import BigContrastError, ConfigMismatch, DamagedCheckpoint, MissingFileError, short_reason
 from big_contrast.train import config as train_config
 from big_contrast.train import evals as train_evals
 from big_contrast.train import objective as train_objective
+from big_contrast.train import resample, staged
 from big_contrast.train.metrics import MetricWriter, StepProfile, Throughput
 from big_contrast.train.prefetch import Prefetcher
 from big_contrast.train.optimizer import learning_rate_schedule, make_optimizer
@@ -97,7 +99,12 @@ def build(config, *, mesh=None, params=None) -> Run:
         model = models.create_from_params(config.model, params, abstract)
         nnx.update(model, sharding.shard_state(nnx.state(model), mesh))
     for tower, directory in config.init_towers.items():
-        models.load_tower_params(model, tower, _tower_params_from_checkpoint(directory, tower))
+        tower_params, line = resample.adapt_tower(  # another image size / max_len: tables resampled
+            tower, _tower_params_from_checkpoint(directory, tower), resample.saved_model_config(directory),
+            config.model)
+        if line:
+            resample.print_line(f"config.init_towers.{tower}: {line}")
+        models.load_tower_params(model, tower, tower_params)
     graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
     params = nnx.to_pure_dict(params_state)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -154,13 +161,14 @@ def loss_spec(config) -> LossSpec:
                     objective=train_objective.objective_of(config))
 
 
-def make_step_fn(run: Run, batch_sharding):
+def make_step_fn(run: Run, batch_sharding, lr_fn=None):
     """The jitted `step(state, batch)`, its fixed arguments bound once; the state is donated
-    (the batch is not: no output has its shapes, so XLA could not reuse its buffers)."""
+    (the batch is not: no output has its shapes, so XLA could not reuse its buffers). `lr_fn`
+    replaces the optimizer config's schedule (`config.stages`' per-stage restarts)."""
     config = run.config
     fixed = StepConfig(
         graphdef=run.graphdef, rest=run.rest, tx=run.tx, loss=loss_spec(config),
-        lr_fn=learning_rate_schedule(run.optimizer), mesh=run.mesh,
+        lr_fn=lr_fn or learning_rate_schedule(run.optimizer), mesh=run.mesh,
         axis=sharding.batch_axes(run.mesh),
         microbatches=train_config.microbatches(config, sharding.num_batch_shards(run.mesh)),
         seed=config.seed, image_norm=device_normalization(config.data.pp_train),
@@ -202,24 +210,29 @@ def train(config, workdir, *, mesh=None, progress=True, stop_after_steps=None) -
         lock.acquire()  # a live run here: refused, before anything is built or written
         # Config: checked against the workdir's record before anything is built or written.
         changes = workdir.check_resumable(config) if workdir.has_checkpoints() else []
-        run = build(config, mesh=mesh)
+        mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
+        plan = staged.StagePlan(config, mesh)  # config.stages (issue 22); one stage without
+        run = build(plan.begin(staged.newest_step(workdir)), mesh=mesh)
         batch_sharding = sharding.batch_sharding(run.mesh)
         evaluators = train_evals.build(config)
         # Load checkpoint: the newest readable one, with the data iterator where it left off.
         ckpt = Checkpointer(workdir.checkpoints, keep=config.keep_checkpoints)
-        state, data = _restore_or_start(ckpt, run, batch_sharding)
+        state, data = _restore_or_start(ckpt, run, batch_sharding,
+                                        plan.saved_model(resample.saved_model_config(workdir)), plan)
         _record_config(config, workdir, changes)
         writer = MetricWriter(workdir, total_steps=config.total_steps, initial_step=int(state.step),
                               progress=progress)
         # Input pipeline: a thread keeps batches on the devices ahead of the step.
         batches = Prefetcher(data, depth=config.get("prefetch_batches", 2), fields=BATCH_FIELDS)
+        batches = staged.SwitchablePrefetcher(batches) if plan.active else batches
         return _loop(run, state, batches, ckpt, writer, evaluators,
-                     make_step_fn(run, batch_sharding), stop_after_steps, workdir)
+                     make_step_fn(run, batch_sharding, plan.lr_fn()), stop_after_steps, workdir,
+                     plan if plan.active else None)
     finally:
         _close_in_order(ckpt, batches or data, writer, lock)
 
 
-def _loop(run, state, batches, ckpt, writer, evaluators, step_fn, stop_after_steps, workdir) -> dict:
+def _loop(run, state, batches, ckpt, writer, evaluators, step_fn, stop_after_steps, workdir, plan=None) -> dict:
     """The steps from the state's step to `config.total_steps`, as a list of named actions.
 
     The host never waits for the step it has just dispatched: the loss of step k is read after
@@ -243,6 +256,8 @@ def _loop(run, state, batches, ckpt, writer, evaluators, step_fn, stop_after_ste
 
     def evaluate(step, state, is_last) -> dict:
         results = {}
+        if plan is not None and not plan.evaluates():  # a stage at another image size than pp_eval's
+            return results
         for evaluator in evaluators:
             if evaluator.should_run(step) or (is_last and evaluator.every_steps == 0):
                 pending.check()
@@ -265,6 +280,9 @@ def _loop(run, state, batches, ckpt, writer, evaluators, step_fn, stop_after_ste
 
     with preemption_flag() as preempted, contextlib.closing(profile):
         while step < config.total_steps:
+            if plan is not None and plan.needs_switch(step):  # config.stages: the next stage begins
+                run, state, step_fn = _next_stage(plan, step, run, state, batches, writer, throughput)
+                compiled = None
             consumed = next(batches)
             if compiled is None:
                 compiled = _compile(step_fn, state, consumed.arrays)
@@ -293,6 +311,17 @@ def _loop(run, state, batches, ckpt, writer, evaluators, step_fn, stop_after_ste
                 break
         pending.check()
     return last
+
+
+def _next_stage(plan, step, run, state, batches, writer, throughput):
+    """At a stage boundary: the stage's model (tables resampled), data and freshly compiled step."""
+    run, state, line = plan.switch(step, run, state, lambda cfg: build(cfg, mesh=run.mesh))
+    stage, batch_sharding = plan.current, sharding.batch_sharding(run.mesh)
+    data = train_pipeline(run.config, batch_sharding, start_batch=plan.start_batch(stage))
+    batches.switch(Prefetcher(data, depth=run.config.get("prefetch_batches", 2), fields=BATCH_FIELDS))
+    throughput.batch_size = stage.batch_size
+    writer.print(plan.describe(stage) + (f" {line}" if line else ""))
+    return run, state, make_step_fn(run, batch_sharding, plan.lr_fn())
 
 
 class PendingLossCheck:
@@ -360,36 +389,56 @@ def _warn(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
-def _restore_or_start(ckpt, run, batch_sharding):
-    """(state, data iterator) of the newest readable checkpoint, or a fresh start."""
+def _restore_or_start(ckpt, run, batch_sharding, saved_model=None, plan=None):
+    """(state, data iterator) of the newest readable checkpoint, or a fresh start. `saved_model`
+    (the model config that wrote the checkpoints) lets position tables of another shape be
+    restored and resampled (`resample.py`); a function of the step with `config.stages` (`plan`)."""
     config = run.config
+    saved_model = saved_model if callable(saved_model) else (lambda step, model=saved_model: model)
+    stage = plan.current if plan is not None and plan.active else None
+    offset = plan.start_batch(stage) if stage is not None else 0
 
     def resumed_data(meta, step):
         try:
-            return _resumed_pipeline(config, batch_sharding, meta, step)
+            if stage is not None and plan.at_boundary(step):  # saved by the stage before: new data
+                return train_pipeline(config, batch_sharding, start_batch=offset)
+            return _resumed_pipeline(config, batch_sharding, meta, step, offset, stage.start_step if stage else 0)
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise DamagedCheckpoint(
                 step, f"The checkpoint of step {step} in {ckpt.directory} holds a data-iterator state that does "
                 f"not parse ({short_reason(error)}).") from error
 
     if ckpt.all_steps() == [0]:  # an imported model (training never saves step 0)
-        state = _with_initial_params(ckpt, run)
+        state = _with_initial_params(ckpt, run, saved_model(0))
         return state, train_pipeline(config, batch_sharding)
-    restored = ckpt.restore_newest(abstract_like(run.state, run.state_shardings), accept=resumed_data, warn=_warn)
+    restored = resample.restore(ckpt, run.state, run.state_shardings, saved_model, config.model,
+                                accept=resumed_data, warn=_warn)
     if restored is None:
         return run.state, train_pipeline(config, batch_sharding)
-    state, _, _, data = restored
+    state, _, step, data = restored
+    if plan is not None and plan.needs_switch(step):
+        data.close()
+        raise DamagedCheckpoint(step, f"The newest readable checkpoint in {ckpt.directory} (step {step}) belongs "
+                                "to an earlier stage than the newest one; move the damaged newer steps away "
+                                "and resume.")
     return state, data
 
 
-def _with_initial_params(ckpt, run) -> TrainState:
+def _with_initial_params(ckpt, run, saved_model=None) -> TrainState:
     """The run's fresh state with the parameters of a step-0 checkpoint (what `big-contrast
     import` writes). Its optimizer state is the initial one and carries no information, so this
     config's optimizer starts afresh: an imported model fine-tunes with a tower locked or another
-    optimizer. The parameters themselves must match the config."""
+    optimizer. The parameters themselves must match the config, but for position tables of
+    another image size / text length than `saved_model`'s (resampled, one line on stderr)."""
     saved, _ = ckpt.restore_arrays(0)
     flat = jax.tree_util.tree_flatten_with_path
-    stored = {sharding.path_str(p): x for p, x in flat(saved["params"])[0]}  # keys "0" where ours are 0
+    saved_params = saved["params"]
+    if resample.needs_resampling(saved_model, run.config.model):
+        saved_params, changes = posemb.adapt_params(
+            saved_params, saved_model, run.config.model,
+            on_mismatch=functools.partial(posemb.mismatch_sentence, directory=ckpt.directory))
+        _warn(resample.describe(changes))
+    stored = {sharding.path_str(p): x for p, x in flat(saved_params)[0]}  # keys "0" where ours are 0
     wanted = {sharding.path_str(p): x.shape for p, x in flat(run.state.params)[0]}
     for path in sorted(set(stored) | set(wanted)):
         shape = stored[path].shape if path in stored else "absent"
@@ -418,20 +467,22 @@ def _close_in_order(*resources) -> None:
         raise error
 
 
-def _resumed_pipeline(config, batch_sharding, meta, step):
+def _resumed_pipeline(config, batch_sharding, meta, step, offset=0, stage_start=0):
     """The data iterator where the checkpoint left it. The saved iterator state is exact; a
     random-access pipeline's belongs to one process layout, so on another number of processes
     it starts at global batch `step` of the same example order instead (exact on data without
-    skips). A streaming state holds every process's streams and restores on any layout."""
+    skips). A streaming state holds every process's streams and restores on any layout. With
+    `config.stages` the stage's pipeline begins at global batch `offset` (its own batch size),
+    the stage at step `stage_start`."""
     if _is_streaming_state(meta.get("data")) or meta.get("process_count", 1) == jax.process_count():
-        data = train_pipeline(config, batch_sharding)
+        data = train_pipeline(config, batch_sharding, start_batch=offset)
         try:
             data.set_state(meta["data"])
         except BaseException:
             data.close()
             raise
         return data
-    return train_pipeline(config, batch_sharding, start_batch=step)
+    return train_pipeline(config, batch_sharding, start_batch=offset + step - stage_start)
 
 
 def _is_streaming_state(state) -> bool:
