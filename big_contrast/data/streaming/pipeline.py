@@ -37,6 +37,7 @@ from big_contrast.data.streaming.reader import ObjectStore
 from big_contrast.data.pipeline import derive_seed
 from big_contrast.data.streaming.stream import StreamOptions, StreamSource, VirtualStream
 from big_contrast.data.tokenizer import make_tokenizer
+from big_contrast.errors import ConfigError, MissingFileError
 
 STREAM_KIND = "stream"
 STORE_FIELDS = ("max_requests", "retries", "timeout_s", "backoff_s")
@@ -59,7 +60,7 @@ def is_streaming(config) -> bool:
     if STREAM_KIND not in kinds:
         return False
     if any(kind != STREAM_KIND for kind in kinds):
-        raise ValueError(
+        raise ConfigError(
             f"config.data.sources mixes kind='stream' with {sorted(set(kinds) - {STREAM_KIND})}; a mixture "
             "streams only when every source is kind='stream' (write the others as tar shards)")
     return True
@@ -70,13 +71,13 @@ def streaming_settings(config) -> dict:
     given = dict(config.get("streaming") or {})
     unknown = sorted(set(given) - set(STREAMING_DEFAULTS))
     if unknown:
-        raise ValueError(f"config.data.streaming has unknown field(s) {unknown}; its fields are "
+        raise ConfigError(f"config.data.streaming has unknown field(s) {unknown}; its fields are "
                          f"{sorted(STREAMING_DEFAULTS)}")
     settings = {**STREAMING_DEFAULTS, **given}
     for key, value in settings.items():
         minimum = 0 if key in ("shuffle_buffer", "retries") else 1e-9
         if not isinstance(value, (int, float)) or value < minimum:
-            raise ValueError(f"config.data.streaming.{key}={value!r} must be a number >= {minimum:g}")
+            raise ConfigError(f"config.data.streaming.{key}={value!r} must be a number >= {minimum:g}")
     return settings
 
 
@@ -84,7 +85,7 @@ def resolve_shards(name: str, path) -> list[str]:
     """A tar file, a folder of *.tar, a glob, or a list of those -> the sorted shard URLs."""
     patterns = [path] if isinstance(path, (str, os.PathLike)) else list(path or [])
     if not patterns:
-        raise ValueError(f"data source {name!r} (kind='stream') needs 'path': tar shards, a folder or a glob")
+        raise ConfigError(f"data source {name!r} (kind='stream') needs 'path': tar shards, a folder or a glob")
     shards = []
     for pattern in map(paths.validate, patterns):
         if paths.is_remote(pattern):
@@ -93,7 +94,7 @@ def resolve_shards(name: str, path) -> list[str]:
             pattern = pattern.rstrip("/") + "/*.tar"
         found = paths.glob(pattern) if paths.has_magic(pattern) else [pattern]
         if not found or not all(f.endswith(".tar") for f in found):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"data source {name!r}: {pattern!r} matches no uncompressed webdataset .tar shard; point "
                 "'path' at img2dataset's output (or `big-contrast data convert --format tar`)")
         shards.extend(found)
@@ -105,11 +106,11 @@ def stream_sources(config, num_streams: int) -> list[StreamSource]:
     for name, source in config.sources.items():
         extra = sorted(set(source) - {"kind", "path", "weight", "json_caption_key"})
         if extra:
-            raise ValueError(f"data source {name!r} (kind='stream') has unknown field(s) {extra}; its fields "
+            raise ConfigError(f"data source {name!r} (kind='stream') has unknown field(s) {extra}; its fields "
                              "are ['json_caption_key', 'path', 'weight']")
         shards = resolve_shards(name, source.get("path"))
         if len(shards) < num_streams:
-            raise ValueError(
+            raise ConfigError(
                 f"data source {name!r} has {len(shards)} shards, fewer than data.streaming.num_streams="
                 f"{num_streams}; every stream needs a shard, so lower num_streams or split the shards")
         sources.append(StreamSource(name, shards, float(source.get("weight", 1.0)),
@@ -120,12 +121,12 @@ def stream_sources(config, num_streams: int) -> list[StreamSource]:
 def owned_streams(num_streams: int, process_index: int, process_count: int, global_batch: int) -> range:
     """The streams process `process_index` reads; refuses layouts that cannot be host-independent."""
     if num_streams % process_count:
-        raise ValueError(
+        raise ConfigError(
             f"data.streaming.num_streams={num_streams} does not divide over {process_count} processes; the "
             "batches are the same on every host count only when it does (choose a multiple of every host "
             "count you will use, e.g. 256)")
     if global_batch % num_streams:
-        raise ValueError(f"global batch size {global_batch} is not a multiple of data.streaming.num_streams="
+        raise ConfigError(f"global batch size {global_batch} is not a multiple of data.streaming.num_streams="
                          f"{num_streams}; each stream gives B / num_streams rows")
     per = num_streams // process_count
     return range(process_index * per, (process_index + 1) * per)
@@ -208,15 +209,15 @@ class StreamingBatches:
 
     def set_state(self, state: dict) -> None:
         if state.get("kind") != "streaming":
-            raise ValueError("this data state was saved by the random-access pipeline; a streaming config "
+            raise ConfigError("this data state was saved by the random-access pipeline; a streaming config "
                              "cannot resume from it (start a new run, or resume with the saved config)")
         if state["num_streams"] != self.num_streams or list(state["sources"]) != list(self.names):
-            raise ValueError(
+            raise ConfigError(
                 f"the data state has num_streams={state['num_streams']} over sources {state['sources']}, this "
                 f"config {self.num_streams} over {list(self.names)}; resume with the config the run was saved with")
         missing = [s.index for s in self.streams if str(s.index) not in state["streams"]]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"the data state holds streams {sorted(map(int, state['streams']))} but this process reads "
                 f"{missing[:4]}...; save the state of every process (`global_state`) to resume on another layout")
         for stream in self.streams:
@@ -278,7 +279,7 @@ def make_streaming_iterator(config, sharding, *, train: bool, per_process_batch:
             "evaluation reads random-access sources (it needs one exact pass, padded); evaluate on a "
             "kind='array_record' / 'manifest' / 'tfds' source, or convert the shards with `big-contrast data convert`")
     if start_batch:
-        raise ValueError(
+        raise ConfigError(
             f"a streaming pipeline cannot start at batch {start_batch} without its saved state (skipping ahead "
             "would read every earlier shard); restore the checkpoint's data state with set_state, on any "
             "process count that divides data.streaming.num_streams")
