@@ -161,6 +161,34 @@ def test_layouts_that_cannot_be_host_independent_are_refused_with_a_sentence(tmp
         make_pipeline(mixed, process_index=0, process_count=1)
 
 
+def test_skip_counts_carry_over_to_another_process_count(tmp_path):
+    """Each stream's counts travel with its state: restored on 1 -> 2 processes and 2 -> 1, the
+    processes' counts add up to those of the uninterrupted run, not restart at zero."""
+    write_shards(str(tmp_path), 8, 12, no_caption=(2, 7))
+    config = stream_config({"web": {"path": str(tmp_path)}})
+
+    def counts(iterators):
+        totals = {}
+        for it in iterators:
+            for key, value in it.skip_counts().items():
+                totals[key] = totals.get(key, 0) + value
+            it.close()
+        return totals
+
+    _, it = batches(config, 9)
+    want = counts([it])
+    assert want["seen/web"] >= 9 * 16 and want["skipped/web/empty_caption"] >= 2
+    _, it = batches(config, 4)
+    saved = it.get_state()
+    it.close()
+    assert counts([batches(config, 5, process_index=p, process_count=2, state=saved)[1] for p in range(2)]) == want
+    halves = [batches(config, 4, process_index=p, process_count=2) for p in range(2)]
+    merged = merge_states([it.get_state() for _, it in halves])
+    for _, it in halves:
+        it.close()
+    assert counts([batches(config, 5, state=merged)[1]]) == want
+
+
 def test_a_mixture_draws_sources_by_weight(tmp_path):
     write_shards(str(tmp_path / "a"), 4, 30)
     write_shards(str(tmp_path / "b"), 4, 30)

@@ -155,6 +155,9 @@ class StreamingBatches:
         self.store = ObjectStore(**{k: settings[k] for k in STORE_FIELDS})
         self.streams = [VirtualStream(s, self.sources, self.store, seed=self.seed, options=options)
                         for s in self.streams_owned]
+        # Each stream's cumulative counts travel with its state, so that a process restored on
+        # another layout counts on from what its streams had seen (not from zero).
+        self.stream_counts = {s.index: SkipCounter(self.names, None) for s in self.streams}
         pp = host_spec(config.pp_train, config.get("device_normalize", False))
         self.processor = ProcessExample(pp, make_tokenizer(config.tokenizer, config.lowercase),
                                         config.max_len, tuple(config.label_keys))
@@ -168,6 +171,8 @@ class StreamingBatches:
 
     def __next__(self) -> dict:
         parts = list(self._stream_pool.map(self._take, self.streams))
+        for stream, (_, counts) in zip(self.streams, parts):
+            self.stream_counts[stream.index].add(counts.seen, counts.skipped)
         examples = [ex for good, _ in parts for ex in good]
         batch = stack_examples(examples)
         batch["_seen"] = sum(counts.seen for _, counts in parts)
@@ -205,7 +210,9 @@ class StreamingBatches:
 
     def get_state(self) -> dict:
         return {"kind": "streaming", "num_streams": self.num_streams, "seed": self.seed,
-                "sources": list(self.names), "streams": {str(s.index): s.get_state() for s in self.streams}}
+                "sources": list(self.names),
+                "streams": {str(s.index): {**s.get_state(), "counts": self.stream_counts[s.index].get_state()}
+                            for s in self.streams}}
 
     def set_state(self, state: dict) -> None:
         if state.get("kind") != "streaming":
@@ -221,7 +228,17 @@ class StreamingBatches:
                 f"the data state holds streams {sorted(map(int, state['streams']))} but this process reads "
                 f"{missing[:4]}...; save the state of every process (`global_state`) to resume on another layout")
         for stream in self.streams:
-            stream.set_state(state["streams"][str(stream.index)])
+            saved = state["streams"][str(stream.index)]
+            stream.set_state(saved)
+            counts = self.stream_counts[stream.index] = SkipCounter(self.names, None)
+            if "counts" in saved:  # absent in states saved before the counts moved here
+                counts.set_state(saved["counts"])
+
+    def owned_counts(self) -> dict:
+        """The cumulative counts of this process's streams, as a `SkipCounter` state."""
+        seen = sum(c.seen for c in self.stream_counts.values())
+        skipped = sum(c.skipped for c in self.stream_counts.values())
+        return {"seen": seen.tolist(), "skipped": skipped.tolist()}
 
     def read_stats(self) -> dict:
         """Requests, bytes and objects this process has read (what the disjoint-reads test counts)."""
@@ -238,8 +255,9 @@ class StreamingBatches:
 def merge_states(states: list[dict]) -> dict:
     """One state holding every process's streams (the processes' iterator states, in any order).
 
-    The skip counts are per process; the merged state keeps the first one's (as a single-host
-    checkpoint does)."""
+    The per-process skip counts kept are the first one's (as a single-host checkpoint does); each
+    stream's own counts are in its entry, and a process restored on another layout sums those of
+    the streams it reads."""
     merged = dict(states[0])
     batches = dict(merged["grain"])
     batches["streams"] = {}
@@ -286,8 +304,8 @@ def make_streaming_iterator(config, sharding, *, train: bool, per_process_batch:
     check_data_config(config)
 
     class StreamingDataIterator(DataIterator):
-        """`DataIterator` whose state restores on another process count (its skip counts, which
-        are per process, then start again from zero)."""
+        """`DataIterator` whose state restores on another process count; its skip counts (per
+        process) then restart from the saved counts of the streams this process now reads."""
 
         def get_state(self) -> dict:
             return {**super().get_state(), "process_count": process_count}
@@ -297,6 +315,8 @@ def make_streaming_iterator(config, sharding, *, train: bool, per_process_batch:
             self._emitted = state["emitted"]
             if state.get("process_count") == process_count:
                 self.skips.set_state(state["skips"])
+            else:
+                self.skips.set_state(self._dataset.owned_counts())
 
         def global_state(self, local_state: dict) -> dict:
             return gather_states(local_state)
