@@ -2,7 +2,7 @@
 repository as it is (the loop gathers the streaming state over processes at a checkpoint,
 `Prefetcher.checkpoint_state`, and restores it on any process count, `_resumed_pipeline`).
 
-    PYTHONPATH=. .venv/bin/python experiments/streaming/verify_loop_resume.py   # ~7 min on 2 busy cores
+    PYTHONPATH=. .venv/bin/python experiments/streaming/verify_loop_resume.py   # ~14 min on 2 cores at load 5-13
 
 Runs, each `big-contrast train` on 8 local tar shards (kind='stream', 4 virtual streams, batch 32,
 checkpoints every 2 steps): 1 process x 8 devices for 4 steps; 1 process for 2 steps, then 2
