@@ -72,7 +72,7 @@ def streaming_settings(config) -> dict:
     unknown = sorted(set(given) - set(STREAMING_DEFAULTS))
     if unknown:
         raise ConfigError(f"config.data.streaming has unknown field(s) {unknown}; its fields are "
-                         f"{sorted(STREAMING_DEFAULTS)}")
+                          f"{sorted(STREAMING_DEFAULTS)}")
     settings = {**STREAMING_DEFAULTS, **given}
     for key, value in settings.items():
         minimum = 0 if key in ("shuffle_buffer", "retries") else 1e-9
@@ -107,7 +107,7 @@ def stream_sources(config, num_streams: int) -> list[StreamSource]:
         extra = sorted(set(source) - {"kind", "path", "weight", "json_caption_key"})
         if extra:
             raise ConfigError(f"data source {name!r} (kind='stream') has unknown field(s) {extra}; its fields "
-                             "are ['json_caption_key', 'path', 'weight']")
+                              "are ['json_caption_key', 'path', 'weight']")
         shards = resolve_shards(name, source.get("path"))
         if len(shards) < num_streams:
             raise ConfigError(
@@ -127,7 +127,7 @@ def owned_streams(num_streams: int, process_index: int, process_count: int, glob
             "count you will use, e.g. 256)")
     if global_batch % num_streams:
         raise ConfigError(f"global batch size {global_batch} is not a multiple of data.streaming.num_streams="
-                         f"{num_streams}; each stream gives B / num_streams rows")
+                          f"{num_streams}; each stream gives B / num_streams rows")
     per = num_streams // process_count
     return range(process_index * per, (process_index + 1) * per)
 
@@ -217,7 +217,7 @@ class StreamingBatches:
     def set_state(self, state: dict) -> None:
         if state.get("kind") != "streaming":
             raise ConfigError("this data state was saved by the random-access pipeline; a streaming config "
-                             "cannot resume from it (start a new run, or resume with the saved config)")
+                              "cannot resume from it (start a new run, or resume with the saved config)")
         if state["num_streams"] != self.num_streams or list(state["sources"]) != list(self.names):
             raise ConfigError(
                 f"the data state has num_streams={state['num_streams']} over sources {state['sources']}, this "

@@ -214,7 +214,7 @@ class VirtualStream:
     def set_state(self, state: dict) -> None:
         if len(state["sources"]) != len(self.cursors):
             raise ConfigError(f"a streaming state of {len(state['sources'])} sources cannot be restored into a "
-                             f"pipeline of {len(self.cursors)}; resume with the config the run was saved with")
+                              f"pipeline of {len(self.cursors)}; resume with the config the run was saved with")
         self.rng.bit_generator.state = state["rng"]
         self.emitted = int(state["emitted"])
         for cursor, sub in zip(self.cursors, state["sources"]):
