@@ -27,7 +27,8 @@ def define_flags(fv, argv) -> None:
                              flag_values=fv)
     absl_flags.DEFINE_string("json_caption_key", "caption", "Caption field of a tar sample's .json when it has "
                              "no .txt.", flag_values=fv)
-    absl_flags.DEFINE_boolean("overwrite", False, "Replace the shards an earlier conversion wrote there.", flag_values=fv)
+    absl_flags.DEFINE_boolean("overwrite", False, "Replace the shards an earlier conversion wrote there.",
+                              flag_values=fv)
     absl_flags.DEFINE_string("runner", "DirectRunner", "'serial' (in-process), or an Apache Beam runner: "
                              "DirectRunner (parallel here), DataflowRunner, FlinkRunner, SparkRunner.", flag_values=fv)
     absl_flags.DEFINE_enum("format", "array_record", ["array_record", "tar"], "Output: ArrayRecord (random "
