@@ -272,8 +272,9 @@ def test_an_internal_bug_shows_its_traceback_and_is_not_reported_as_a_user_error
 
 def test_too_many_skipped_records_exit_2_with_one_sentence(tmp_path):
     result = run_cli_raising(tmp_path, [
-        "from big_contrast.data.errors import SkipCounter",
-        "SkipCounter(['web'], max_skip_fraction=0.1, min_seen=1).add([10], [[5, 0, 0, 0, 0]])"])
+        "from big_contrast.data.errors import SKIP_REASONS, SkipCounter",
+        "skipped = [[5] + [0] * (len(SKIP_REASONS) - 1)]",
+        "SkipCounter(['web'], max_skip_fraction=0.1, min_seen=1).add([10], skipped)"])
     assert result.returncode == 2, result.stderr[-3000:]
     lines = messages(result.stderr)
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
