@@ -180,7 +180,7 @@ class Workdir:
         recorded = self.read_config()
         if recorded is None:
             return []
-        diffs = differences(recorded, config)
+        diffs = [d for d in differences(recorded, config) if not _default_of_a_later_key(*d)]
         structural = [_describe(*d) for d in diffs if is_structural(*d)]
         if structural:
             listed = "; ".join(structural[:3]) + ("; ..." if len(structural) > 3 else "")
@@ -213,6 +213,17 @@ def is_structural(key: str, old, new) -> bool:
     if key == "optimizer.grad_clip_norm":  # clipping on/off adds or removes an optimizer state
         return bool(old) != bool(new)
     return any(key == s or key.startswith(s + ".") for s in STRUCTURAL)
+
+
+def _default_of_a_later_key(key: str, old, new) -> bool:
+    """Whether `key` is absent from the recorded config and set to its default now because the
+    key was added after the run was recorded (it trained as if it held the default): no change."""
+    if old != _MISSING:
+        return False
+    from big_contrast.data.streaming.pipeline import STREAMING_DEFAULTS  # data.streaming: issue 21
+
+    added_later = _flat(json.loads(json.dumps({"data": {"streaming": STREAMING_DEFAULTS}})))
+    return key in added_later and added_later[key] == new
 
 
 def _describe(key, old, new) -> str:

@@ -16,7 +16,7 @@ FLAGS = {
     "train": {"config", "workdir", "plot"} | DISTRIBUTED,
     "eval": {"config", "workdir", "step", "json", "benchmarks", "data_dir", "ema"} | DISTRIBUTED,
     "plan": {"config", "device_memory_gb"},
-    "data convert": {"examples_per_shard", "csv_img_key", "csv_caption_key", "json_caption_key", "overwrite",
+    "data convert": {"examples_per_shard", "csv_img_key", "csv_caption_key", "json_caption_key", "overwrite", "format",
                      "runner", "workers"},
     "data train-tokenizer": {"vocab_size", "output", "keep_case", "max_captions", "model_type", "split",
                              "data_dir", "image_key", "caption_key"},

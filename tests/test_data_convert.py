@@ -165,3 +165,36 @@ def test_cli_runs_both_data_commands(tmp_path, shards, capsys):
     capsys.readouterr()
     assert main(["big-contrast", "data", "train-tokenizer", "demo"]) == 2
     assert capsys.readouterr().err.strip() == "big-contrast data train-tokenizer: --vocab_size is required."
+
+
+def test_cli_converts_to_streamable_tar_shards_that_train_reads_in_order(tmp_path, shards, capsys):
+    """`data convert --format tar`: the same records and skip counts as the ArrayRecord path,
+    as tar shards that the streaming pipeline (kind='stream') reads, each record once per epoch."""
+    from big_contrast.cli import main
+
+    inputs, expected = shards
+    out = str(tmp_path / "tars")
+    assert main(["big-contrast", "data", "convert", *inputs, out, "--format", "tar", "--examples_per_shard", "4"]) == 0
+    assert "truncated_tar_member" in capsys.readouterr().out  # the summary names the skipped reasons
+    written = sorted(os.listdir(out))
+    assert written == [f"data-{i:05d}-of-00003.tar" for i in range(3)]
+    records = [s for name in written for s in iter_tar_samples(os.path.join(out, name))]
+    assert [(r["image"], r["captions"]) for r in records] == [(e["image"], e["captions"]) for e in expected]
+
+    config = default_data_config()
+    config.sources = ml_collections.ConfigDict({"web": {"kind": "stream", "path": out}})
+    config.batch_size, config.tokenizer, config.max_len = 11, "bytes", 16
+    config.pp_train = "decode|resize(6)"
+    config.streaming.num_streams, config.streaming.shuffle_buffer = 1, 0
+    data = make_pipeline(config, process_index=0, process_count=1)
+    batch = next(data)
+    data.close()
+    captions = [bytes(int(t) - 3 for t in row if t > 2).decode() for row in batch["text"]]
+    assert sorted(captions) == sorted(e["captions"][0] for e in expected)
+
+    assert main(["big-contrast", "data", "convert", *inputs, out, "--format", "tar"]) == 2  # not empty
+    assert "already holds 3 data-*.tar" in capsys.readouterr().err
+    assert main(["big-contrast", "data", "convert", *inputs[:1], out, "--format", "tar", "--overwrite"]) == 0
+    assert sorted(os.listdir(out)) == ["data-00000-of-00001.tar"]
+    assert main(["big-contrast", "data", "convert", *inputs, out, "--format", "tar", "--runner", "DirectRunner"]) == 2
+    assert "--format tar writes the shards in this process" in capsys.readouterr().err

@@ -21,6 +21,7 @@ from big_contrast.data.pipeline import make_pipeline
 from big_contrast.data.streaming import merge_states
 from big_contrast.data.streaming.tar import iter_samples, sample_from_bytes
 from big_contrast.data.tarshards import iter_tar_samples
+from big_contrast.errors import ConfigError
 from fault_proxy import FaultProxy
 
 
@@ -146,18 +147,46 @@ def test_resume_is_exact_and_restores_on_another_process_count(tmp_path):
 def test_layouts_that_cannot_be_host_independent_are_refused_with_a_sentence(tmp_path):
     write_shards(str(tmp_path), 4, 4)
     config = stream_config({"web": {"path": str(tmp_path)}}, streams=4, batch=24)
-    with pytest.raises(ValueError, match="num_streams=4 does not divide over 3 processes"):
+    with pytest.raises(ConfigError, match="num_streams=4 does not divide over 3 processes"):
         make_pipeline(config, process_index=0, process_count=3)
     config.batch_size = 18
-    with pytest.raises(ValueError, match="not a multiple of data.streaming.num_streams=4"):
+    with pytest.raises(ConfigError, match="not a multiple of data.streaming.num_streams=4"):
         make_pipeline(config, process_index=0, process_count=1)
     config.batch_size, config.streaming.num_streams = 16, 8
-    with pytest.raises(ValueError, match="4 shards, fewer than data.streaming.num_streams=8"):
+    with pytest.raises(ConfigError, match="4 shards, fewer than data.streaming.num_streams=8"):
         make_pipeline(config, process_index=0, process_count=1)
     mixed = stream_config({"web": {"path": str(tmp_path)}})
     mixed.sources["demo"] = {"kind": "demo", "size": 100}
-    with pytest.raises(ValueError, match="mixes kind='stream'"):
+    with pytest.raises(ConfigError, match="mixes kind='stream'"):
         make_pipeline(mixed, process_index=0, process_count=1)
+
+
+def test_skip_counts_carry_over_to_another_process_count(tmp_path):
+    """Each stream's counts travel with its state: restored on 1 -> 2 processes and 2 -> 1, the
+    processes' counts add up to those of the uninterrupted run, not restart at zero."""
+    write_shards(str(tmp_path), 8, 12, no_caption=(2, 7))
+    config = stream_config({"web": {"path": str(tmp_path)}})
+
+    def counts(iterators):
+        totals = {}
+        for it in iterators:
+            for key, value in it.skip_counts().items():
+                totals[key] = totals.get(key, 0) + value
+            it.close()
+        return totals
+
+    _, it = batches(config, 9)
+    want = counts([it])
+    assert want["seen/web"] >= 9 * 16 and want["skipped/web/empty_caption"] >= 2
+    _, it = batches(config, 4)
+    saved = it.get_state()
+    it.close()
+    assert counts([batches(config, 5, process_index=p, process_count=2, state=saved)[1] for p in range(2)]) == want
+    halves = [batches(config, 4, process_index=p, process_count=2) for p in range(2)]
+    merged = merge_states([it.get_state() for _, it in halves])
+    for _, it in halves:
+        it.close()
+    assert counts([batches(config, 5, state=merged)[1]]) == want
 
 
 def test_a_mixture_draws_sources_by_weight(tmp_path):
@@ -369,7 +398,7 @@ def test_a_stream_whose_shards_are_all_gone_stops_with_a_sentence_instead_of_spi
     it = make_pipeline(config, process_index=0, process_count=1)
     for shard in shards:
         os.remove(shard)
-    with pytest.raises(ValueError, match=r"stream \d gave a usable record in epoch 0 .*missing_shard.*cannot fill"):
+    with pytest.raises(ConfigError, match=r"stream \d gave a usable record in epoch 0 .*missing_shard.*cannot fill"):
         next(it)
     it.close()
 

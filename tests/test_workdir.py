@@ -128,3 +128,19 @@ def test_eval_of_a_workdir_without_a_checkpoint_creates_no_checkpoints_folder(tm
     err = capfd.readouterr().err
     assert code == 2 and "No checkpoint in" in err and "train first" in err, err
     assert list(workdir.iterdir()) == []
+
+
+def test_a_run_recorded_before_data_streaming_existed_resumes_with_no_change_listed(tmp_path):
+    """config.data.streaming (issue 21) came after some runs were recorded: its defaults are what
+    those runs used, so they are no change; a value other than the default still is one."""
+    import demo
+
+    config = demo.get_config("sigmoid")
+    workdir = Workdir(tmp_path)
+    workdir.write_config(config)
+    record = json.loads(workdir.config_record.read_text())
+    del record["data"]["streaming"]
+    workdir.config_record.write_text(json.dumps(record))
+    assert workdir.check_resumable(config) == []
+    config.data.streaming.num_streams = 16
+    assert workdir.check_resumable(config) == ['data.streaming.num_streams: "(absent)" in the workdir, 16 now']

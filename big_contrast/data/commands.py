@@ -2,6 +2,7 @@
 itself is `big_contrast/commands/data_convert.py` and `data_tokenizer.py`).
 
     convert(["shards/*.tar"], "out_dir/", runner="serial")          # -> ConvertSummary
+    convert(["data.csv"], "gs://b/shards", output_format="tar")     # streamable tar shards
     train_tokenizer("manifest.csv", 8000, "tok.model")              # -> {'path', 'vocab_size', 'records'}
     source_config_from_spec("tfds:coco_captions")                   # -> a source config
 """
@@ -19,13 +20,18 @@ from big_contrast.data.errors import SkipRecord
 from big_contrast.data.manifest import MANIFEST_EXTENSIONS
 from big_contrast.errors import ConfigError
 
+OUTPUT_FORMATS = ("array_record", "tar")  # `data convert --format`
+
 
 def convert(inputs: str | Sequence[str], output_dir: str, *, examples_per_shard: int = 10_000,
             image_key: str = "filepath", caption_key: str = "title",
             json_caption_key: str = "caption", overwrite: bool = False,
             progress: bool = True, runner: str = "serial", pipeline_args: Sequence[str] = (),
-            workers: int | None = None) -> ConvertSummary:
+            workers: int | None = None, output_format: str = "array_record") -> ConvertSummary:
     """Tar shards / manifests -> ArrayRecord shards in `output_dir`; prints and returns the summary.
+
+    `output_format='tar'` writes streamable webdataset tar shards instead (kind='stream',
+    `data/streaming/write.py`), in this process, to a local folder or a bucket.
 
     `runner='serial'` converts in this process (records packed `examples_per_shard` per file);
     a Beam runner name (`'DirectRunner'`, `'DataflowRunner'`, ...) runs `convert_beam`, with one
@@ -33,7 +39,11 @@ def convert(inputs: str | Sequence[str], output_dir: str, *, examples_per_shard:
     """
     keys = dict(examples_per_shard=examples_per_shard, image_key=image_key, caption_key=caption_key,
                 json_caption_key=json_caption_key, overwrite=overwrite)
-    if runner == "serial":
+    if output_format not in OUTPUT_FORMATS:
+        raise ConfigError(f"output format {output_format!r} is not one of {list(OUTPUT_FORMATS)}")
+    if output_format == "tar":  # >>> streaming (issue 21)
+        summary = _convert_to_tar(inputs, output_dir, keys)
+    elif runner == "serial":
         if paths.is_remote(output_dir):
             raise paths.StorageError(f"the serial converter writes local folders only, not "
                                      f"{output_dir!r}; use a Beam runner (the default DirectRunner)")
@@ -45,6 +55,15 @@ def convert(inputs: str | Sequence[str], output_dir: str, *, examples_per_shard:
                                     workers=workers, **keys)
     print(summary.describe())
     return summary
+
+
+def _convert_to_tar(inputs, output_dir: str, keys: dict) -> ConvertSummary:
+    from big_contrast.data.streaming.write import convert_to_tar_shards
+
+    if keys.pop("overwrite"):  # what an earlier conversion wrote there
+        for path in paths.glob(f"{output_dir.rstrip('/')}/data-*.tar"):
+            paths.parse(path).unlink()
+    return convert_to_tar_shards(inputs, output_dir, **keys)
 
 
 def source_config_from_spec(spec: str, *, split: str = "train", data_dir: str | None = None,

@@ -37,6 +37,7 @@ from big_contrast.data.streaming.reader import ObjectStore
 from big_contrast.data.pipeline import derive_seed
 from big_contrast.data.streaming.stream import StreamOptions, StreamSource, VirtualStream
 from big_contrast.data.tokenizer import make_tokenizer
+from big_contrast.errors import ConfigError, MissingFileError
 
 STREAM_KIND = "stream"
 STORE_FIELDS = ("max_requests", "retries", "timeout_s", "backoff_s")
@@ -59,7 +60,7 @@ def is_streaming(config) -> bool:
     if STREAM_KIND not in kinds:
         return False
     if any(kind != STREAM_KIND for kind in kinds):
-        raise ValueError(
+        raise ConfigError(
             f"config.data.sources mixes kind='stream' with {sorted(set(kinds) - {STREAM_KIND})}; a mixture "
             "streams only when every source is kind='stream' (write the others as tar shards)")
     return True
@@ -70,13 +71,13 @@ def streaming_settings(config) -> dict:
     given = dict(config.get("streaming") or {})
     unknown = sorted(set(given) - set(STREAMING_DEFAULTS))
     if unknown:
-        raise ValueError(f"config.data.streaming has unknown field(s) {unknown}; its fields are "
-                         f"{sorted(STREAMING_DEFAULTS)}")
+        raise ConfigError(f"config.data.streaming has unknown field(s) {unknown}; its fields are "
+                          f"{sorted(STREAMING_DEFAULTS)}")
     settings = {**STREAMING_DEFAULTS, **given}
     for key, value in settings.items():
         minimum = 0 if key in ("shuffle_buffer", "retries") else 1e-9
         if not isinstance(value, (int, float)) or value < minimum:
-            raise ValueError(f"config.data.streaming.{key}={value!r} must be a number >= {minimum:g}")
+            raise ConfigError(f"config.data.streaming.{key}={value!r} must be a number >= {minimum:g}")
     return settings
 
 
@@ -84,7 +85,7 @@ def resolve_shards(name: str, path) -> list[str]:
     """A tar file, a folder of *.tar, a glob, or a list of those -> the sorted shard URLs."""
     patterns = [path] if isinstance(path, (str, os.PathLike)) else list(path or [])
     if not patterns:
-        raise ValueError(f"data source {name!r} (kind='stream') needs 'path': tar shards, a folder or a glob")
+        raise ConfigError(f"data source {name!r} (kind='stream') needs 'path': tar shards, a folder or a glob")
     shards = []
     for pattern in map(paths.validate, patterns):
         if paths.is_remote(pattern):
@@ -93,7 +94,7 @@ def resolve_shards(name: str, path) -> list[str]:
             pattern = pattern.rstrip("/") + "/*.tar"
         found = paths.glob(pattern) if paths.has_magic(pattern) else [pattern]
         if not found or not all(f.endswith(".tar") for f in found):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"data source {name!r}: {pattern!r} matches no uncompressed webdataset .tar shard; point "
                 "'path' at img2dataset's output (or `big-contrast data convert --format tar`)")
         shards.extend(found)
@@ -105,11 +106,11 @@ def stream_sources(config, num_streams: int) -> list[StreamSource]:
     for name, source in config.sources.items():
         extra = sorted(set(source) - {"kind", "path", "weight", "json_caption_key"})
         if extra:
-            raise ValueError(f"data source {name!r} (kind='stream') has unknown field(s) {extra}; its fields "
-                             "are ['json_caption_key', 'path', 'weight']")
+            raise ConfigError(f"data source {name!r} (kind='stream') has unknown field(s) {extra}; its fields "
+                              "are ['json_caption_key', 'path', 'weight']")
         shards = resolve_shards(name, source.get("path"))
         if len(shards) < num_streams:
-            raise ValueError(
+            raise ConfigError(
                 f"data source {name!r} has {len(shards)} shards, fewer than data.streaming.num_streams="
                 f"{num_streams}; every stream needs a shard, so lower num_streams or split the shards")
         sources.append(StreamSource(name, shards, float(source.get("weight", 1.0)),
@@ -120,13 +121,13 @@ def stream_sources(config, num_streams: int) -> list[StreamSource]:
 def owned_streams(num_streams: int, process_index: int, process_count: int, global_batch: int) -> range:
     """The streams process `process_index` reads; refuses layouts that cannot be host-independent."""
     if num_streams % process_count:
-        raise ValueError(
+        raise ConfigError(
             f"data.streaming.num_streams={num_streams} does not divide over {process_count} processes; the "
             "batches are the same on every host count only when it does (choose a multiple of every host "
             "count you will use, e.g. 256)")
     if global_batch % num_streams:
-        raise ValueError(f"global batch size {global_batch} is not a multiple of data.streaming.num_streams="
-                         f"{num_streams}; each stream gives B / num_streams rows")
+        raise ConfigError(f"global batch size {global_batch} is not a multiple of data.streaming.num_streams="
+                          f"{num_streams}; each stream gives B / num_streams rows")
     per = num_streams // process_count
     return range(process_index * per, (process_index + 1) * per)
 
@@ -154,6 +155,9 @@ class StreamingBatches:
         self.store = ObjectStore(**{k: settings[k] for k in STORE_FIELDS})
         self.streams = [VirtualStream(s, self.sources, self.store, seed=self.seed, options=options)
                         for s in self.streams_owned]
+        # Each stream's cumulative counts travel with its state, so that a process restored on
+        # another layout counts on from what its streams had seen (not from zero).
+        self.stream_counts = {s.index: SkipCounter(self.names, None) for s in self.streams}
         pp = host_spec(config.pp_train, config.get("device_normalize", False))
         self.processor = ProcessExample(pp, make_tokenizer(config.tokenizer, config.lowercase),
                                         config.max_len, tuple(config.label_keys))
@@ -167,6 +171,8 @@ class StreamingBatches:
 
     def __next__(self) -> dict:
         parts = list(self._stream_pool.map(self._take, self.streams))
+        for stream, (_, counts) in zip(self.streams, parts):
+            self.stream_counts[stream.index].add(counts.seen, counts.skipped)
         examples = [ex for good, _ in parts for ex in good]
         batch = stack_examples(examples)
         batch["_seen"] = sum(counts.seen for _, counts in parts)
@@ -204,23 +210,35 @@ class StreamingBatches:
 
     def get_state(self) -> dict:
         return {"kind": "streaming", "num_streams": self.num_streams, "seed": self.seed,
-                "sources": list(self.names), "streams": {str(s.index): s.get_state() for s in self.streams}}
+                "sources": list(self.names),
+                "streams": {str(s.index): {**s.get_state(), "counts": self.stream_counts[s.index].get_state()}
+                            for s in self.streams}}
 
     def set_state(self, state: dict) -> None:
         if state.get("kind") != "streaming":
-            raise ValueError("this data state was saved by the random-access pipeline; a streaming config "
-                             "cannot resume from it (start a new run, or resume with the saved config)")
+            raise ConfigError("this data state was saved by the random-access pipeline; a streaming config "
+                              "cannot resume from it (start a new run, or resume with the saved config)")
         if state["num_streams"] != self.num_streams or list(state["sources"]) != list(self.names):
-            raise ValueError(
+            raise ConfigError(
                 f"the data state has num_streams={state['num_streams']} over sources {state['sources']}, this "
                 f"config {self.num_streams} over {list(self.names)}; resume with the config the run was saved with")
         missing = [s.index for s in self.streams if str(s.index) not in state["streams"]]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"the data state holds streams {sorted(map(int, state['streams']))} but this process reads "
                 f"{missing[:4]}...; save the state of every process (`global_state`) to resume on another layout")
         for stream in self.streams:
-            stream.set_state(state["streams"][str(stream.index)])
+            saved = state["streams"][str(stream.index)]
+            stream.set_state(saved)
+            counts = self.stream_counts[stream.index] = SkipCounter(self.names, None)
+            if "counts" in saved:  # absent in states saved before the counts moved here
+                counts.set_state(saved["counts"])
+
+    def owned_counts(self) -> dict:
+        """The cumulative counts of this process's streams, as a `SkipCounter` state."""
+        seen = sum(c.seen for c in self.stream_counts.values())
+        skipped = sum(c.skipped for c in self.stream_counts.values())
+        return {"seen": seen.tolist(), "skipped": skipped.tolist()}
 
     def read_stats(self) -> dict:
         """Requests, bytes and objects this process has read (what the disjoint-reads test counts)."""
@@ -237,8 +255,9 @@ class StreamingBatches:
 def merge_states(states: list[dict]) -> dict:
     """One state holding every process's streams (the processes' iterator states, in any order).
 
-    The skip counts are per process; the merged state keeps the first one's (as a single-host
-    checkpoint does)."""
+    The per-process skip counts kept are the first one's (as a single-host checkpoint does); each
+    stream's own counts are in its entry, and a process restored on another layout sums those of
+    the streams it reads."""
     merged = dict(states[0])
     batches = dict(merged["grain"])
     batches["streams"] = {}
@@ -278,15 +297,15 @@ def make_streaming_iterator(config, sharding, *, train: bool, per_process_batch:
             "evaluation reads random-access sources (it needs one exact pass, padded); evaluate on a "
             "kind='array_record' / 'manifest' / 'tfds' source, or convert the shards with `big-contrast data convert`")
     if start_batch:
-        raise ValueError(
+        raise ConfigError(
             f"a streaming pipeline cannot start at batch {start_batch} without its saved state (skipping ahead "
             "would read every earlier shard); restore the checkpoint's data state with set_state, on any "
             "process count that divides data.streaming.num_streams")
     check_data_config(config)
 
     class StreamingDataIterator(DataIterator):
-        """`DataIterator` whose state restores on another process count (its skip counts, which
-        are per process, then start again from zero)."""
+        """`DataIterator` whose state restores on another process count; its skip counts (per
+        process) then restart from the saved counts of the streams this process now reads."""
 
         def get_state(self) -> dict:
             return {**super().get_state(), "process_count": process_count}
@@ -296,6 +315,8 @@ def make_streaming_iterator(config, sharding, *, train: bool, per_process_batch:
             self._emitted = state["emitted"]
             if state.get("process_count") == process_count:
                 self.skips.set_state(state["skips"])
+            else:
+                self.skips.set_state(self._dataset.owned_counts())
 
         def global_state(self, local_state: dict) -> dict:
             return gather_states(local_state)

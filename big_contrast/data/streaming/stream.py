@@ -31,6 +31,7 @@ from big_contrast.data.pipeline import derive_seed
 from big_contrast.data.streaming.reader import ObjectStore, ShardGone, ShardReader, ShardUnreadable
 from big_contrast.data.streaming.tar import Sample, iter_samples, sample_from_bytes
 from big_contrast.data.tarshards import IMAGE_EXTENSIONS, _caption_from_files
+from big_contrast.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +52,7 @@ class StreamSource:
     json_caption_key: str = "caption"
 
 
-class StreamExhausted(ValueError):
+class StreamExhausted(ConfigError):
     """A whole epoch of a stream's shards gave no usable record."""
 
 
@@ -212,8 +213,8 @@ class VirtualStream:
 
     def set_state(self, state: dict) -> None:
         if len(state["sources"]) != len(self.cursors):
-            raise ValueError(f"a streaming state of {len(state['sources'])} sources cannot be restored into a "
-                             f"pipeline of {len(self.cursors)}; resume with the config the run was saved with")
+            raise ConfigError(f"a streaming state of {len(state['sources'])} sources cannot be restored into a "
+                              f"pipeline of {len(self.cursors)}; resume with the config the run was saved with")
         self.rng.bit_generator.state = state["rng"]
         self.emitted = int(state["emitted"])
         for cursor, sub in zip(self.cursors, state["sources"]):

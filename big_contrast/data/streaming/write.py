@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from big_contrast import paths
 from big_contrast.data.convert import ConvertSummary, _records, expand_inputs
 from big_contrast.data.errors import SkipRecord
+from big_contrast.errors import ConfigError
 
 
 def _image_extension(image: bytes) -> str:
@@ -85,11 +86,11 @@ def convert_to_tar_shards(inputs: str | Sequence[str], output: str, *, examples_
                           json_caption_key: str = "caption") -> ConvertSummary:
     """Writes `inputs` (tar shards and / or manifests) as streamable tar shards under `output`."""
     if examples_per_shard <= 0:
-        raise ValueError(f"examples_per_shard={examples_per_shard} must be positive")
+        raise ConfigError(f"examples_per_shard={examples_per_shard} must be positive")
     files = expand_inputs(inputs)
     existing = paths.glob(f"{output.rstrip('/')}/{prefix}-*.tar")
     if existing:
-        raise ValueError(f"{output!r} already holds {len(existing)} {prefix}-*.tar shard(s); choose an empty folder")
+        raise ConfigError(f"{output!r} already holds {len(existing)} {prefix}-*.tar shard(s); choose an empty folder")
     summary, writer = ConvertSummary(), _TarShardWriter(output, prefix, examples_per_shard)
     for path in files:
         skipped_here = collections.Counter()
