@@ -71,8 +71,8 @@ def _scale_and_bias(model):
 
 
 def _microbatches(x, k):
-    """[b, ...] -> [k, b/k, ...]: a device's own rows, cut into k micro-batches."""
-    return x.reshape(k, x.shape[0] // k, *x.shape[1:])
+    """[b, ...] -> [k, b/k, ...]: a device's own rows, cut into k micro-batches (each leaf of a tree)."""
+    return jax.tree.map(lambda a: a.reshape(k, a.shape[0] // k, *a.shape[1:]), x)
 
 
 def _from_microbatches(x):
@@ -88,17 +88,27 @@ def patch_keys(step, rows, seed=0):
 
 
 def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis, microbatches,
-                   step=None, seed=0):
+                   step=None, seed=0, terms=None):
     """(loss, aux, grads) for one global batch, in one pass or with gradient caching.
 
     `step` (the train step) seeds the image tower's patch dropout; None turns it off.
     Micro-batches are cut on each device's own rows, so the mesh implies the shard count.
+    `terms` (a `siglip2.Terms`, or None): SigLIP 2's per-example terms, added to the loss.
     """
+    n_out = 2 if terms is None else 3  # embed's outputs: zimg, ztxt (+ the terms' per-example sums)
 
     def embed(p, images, texts, rows):
         model = nnx.merge(graphdef, p, rest)
         keys = None if step is None else patch_keys(step, rows, seed)
+        if terms is not None:  # SigLIP 2 (train/siglip2.py)
+            return terms.embed(model, images, texts, keys)
         return model.embed_images(images, keys), model.embed_texts(texts)
+
+    def with_terms(value, sums):  # SigLIP 2: the contrastive loss plus the weighted extra terms
+        if terms is None:
+            return value, {}
+        extra, metrics = terms.total(sums, step)
+        return value + extra, {**metrics, "loss/contrastive": value}
 
     def scalars(p):
         return _scale_and_bias(nnx.merge(graphdef, p, rest))
@@ -107,12 +117,13 @@ def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis,
     if microbatches <= 1:
 
         def full_loss(p):
-            zimg, ztxt = embed(p, *inputs)
+            zimg, ztxt, *sums = embed(p, *inputs)
             scale, bias = scalars(p)
-            return loss(zimg, ztxt, scale, bias, mesh, axis), (scale, bias)
+            value, term_metrics = with_terms(loss(zimg, ztxt, scale, bias, mesh, axis), *sums or (None,))
+            return value, (scale, bias, term_metrics)
 
-        (value, (scale, bias)), grads = jax.value_and_grad(full_loss, has_aux=True)(params)
-        return value, dict(scale=scale, bias=bias), grads
+        (value, (scale, bias, term_metrics)), grads = jax.value_and_grad(full_loss, has_aux=True)(params)
+        return value, dict(scale=scale, bias=bias, terms=term_metrics), grads
 
     on_devices = _OwnRows(mesh, axis, None if mesh is None else _param_specs(graphdef, params, rest, mesh))
 
@@ -122,7 +133,7 @@ def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis,
                               tuple(_microbatches(x, microbatches) for x in rows))
         return jax.tree.map(_from_microbatches, z_k)
 
-    zimg, ztxt = on_devices(embed_all, params, inputs, reduce=False)
+    zimg, ztxt, *sums = on_devices(embed_all, params, inputs, reduce=False)
 
     # 2. the loss over the whole global batch and its embedding / scalar gradients
     (scale, bias), scalars_vjp = jax.vjp(scalars, params)
@@ -130,20 +141,23 @@ def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis,
         lambda zi, zt, s, b: loss(zi, zt, s, b, mesh, axis), argnums=(0, 1, 2, 3)
     )(zimg, ztxt, scale, bias)
     (grads,) = scalars_vjp((dscale, dbias))
+    value, term_metrics = with_terms(value, *sums or (None,))
+    # SigLIP 2: each row's cotangent of its per-example sums (weight / the global denominator)
+    dsums = [] if terms is None else [jax.grad(lambda s: terms.total(s, step)[0])(sums[0])]
 
     # 3. parameter gradients, micro-batch by micro-batch, reduced over the devices once
     def backprop_all(params, *rows):
         def backprop_one(grads, rows_c):
-            _, embed_vjp = jax.vjp(lambda p: embed(p, *rows_c[:-2]), params)
-            (grads_c,) = embed_vjp(tuple(rows_c[-2:]))
+            _, embed_vjp = jax.vjp(lambda p: embed(p, *rows_c[:-n_out]), params)
+            (grads_c,) = embed_vjp(tuple(rows_c[-n_out:]))
             return jax.tree.map(jnp.add, grads, on_devices.scatter(grads_c)), None
 
         zeros = on_devices.scattered_zeros(params)
         grads, _ = jax.lax.scan(backprop_one, zeros, tuple(_microbatches(x, microbatches) for x in rows))
         return grads
 
-    grads_embed = on_devices(backprop_all, params, (*inputs, dzimg, dztxt), reduce=True)
-    return value, dict(scale=scale, bias=bias), jax.tree.map(jnp.add, grads, grads_embed)
+    grads_embed = on_devices(backprop_all, params, (*inputs, dzimg, dztxt, *dsums), reduce=True)
+    return value, dict(scale=scale, bias=bias, terms=term_metrics), jax.tree.map(jnp.add, grads, grads_embed)
 
 
 def _param_specs(graphdef, params, rest, mesh):
@@ -269,6 +283,7 @@ class StepConfig:
     microbatches: int = 1
     seed: int = 0
     image_norm: Any = None
+    terms: Any = None  # SigLIP 2's extra terms (train/siglip2.py `Terms`), or None
 
 
 def make_train_step(config: StepConfig):
@@ -282,7 +297,7 @@ def train_step(state: TrainState, batch, *, config: StepConfig):
     batch = {**batch, "image": normalize_on_device(batch["image"], c.image_norm)}
     value, aux, grads = loss_and_grads(
         c.graphdef, state.params, c.rest, batch, loss=c.loss, mesh=c.mesh, axis=c.axis,
-        microbatches=c.microbatches, step=state.step, seed=c.seed,
+        microbatches=c.microbatches, step=state.step, seed=c.seed, terms=c.terms,
     )
     updates, opt_state = c.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -293,5 +308,6 @@ def train_step(state: TrainState, batch, *, config: StepConfig):
         grad_norm=optax.tree.norm(grads),
         param_norm=optax.tree.norm(params),
         learning_rate=c.lr_fn(state.step),
+        **aux.get("terms", {}),  # SigLIP 2: loss/caption, loss/contrastive, ...
     )
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
