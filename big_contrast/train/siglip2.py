@@ -23,8 +23,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from big_contrast.data.device_ops import normalize_on_device
 from big_contrast.errors import ConfigError
-from big_contrast.models.decoder import caption_loss_sums, parallel_rows
+from big_contrast.models.decoder import caption_loss_sums, greedy_captions, parallel_rows
 
 # Folded into the patch-dropout keys, so the decoder's draws are independent of the masks.
 DECODER_STREAM = 1
@@ -80,3 +81,22 @@ def terms_from_config(config) -> Terms | None:
     if weight < 0:
         raise ConfigError(f"config.caption_loss_weight={weight} must be >= 0 (SigLIP 2 uses 1.0).")
     return Terms(caption_weight=weight, parallel_fraction=decoder.parallel_fraction, pad_id=decoder.pad_id)
+
+
+def caption_fn(run, params, image_norm=None):
+    """The evaluators' `Encoders.caption`: (images, texts) -> (greedy ids [B, L], token NLL sums
+    [B], token counts [B]) of the model's decoder, jitted once per run (params an argument)."""
+    key = ("caption", image_norm)
+    if key not in run.jitted:
+
+        def caption(params, images, texts):
+            model = run.model(params)
+            _, tokens_bnd = model.embed_images_with_tokens(normalize_on_device(images, image_norm))
+            config = model.decoder.config
+            greedy = greedy_captions(model.decoder, tokens_bnd, texts.shape[1])
+            nll_b, count_b = caption_loss_sums(model.decoder(tokens_bnd, texts), texts, config.pad_id)
+            return greedy, nll_b, count_b
+
+        run.jitted[key] = jax.jit(caption)
+    fn = run.jitted[key]
+    return lambda images, texts: fn(params, jnp.asarray(images), jnp.asarray(texts, jnp.int32))
