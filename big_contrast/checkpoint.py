@@ -171,6 +171,7 @@ class Checkpointer:
         missing = [p for p in wanted if p not in stored]
         extra = [p for p in stored if p not in wanted]
         changed = [p for p in wanted if p in stored and stored[p] != wanted[p]]
+        _check_ema_present(missing, extra, step, self.directory)
         if changed:
             what = f"{changed[0]} has shape {stored[changed[0]]} there and {wanted[changed[0]]} in this config"
         elif missing:
@@ -215,6 +216,20 @@ class Checkpointer:
             self._finish_pending()
         finally:
             self._manager.close()
+
+
+def _check_ema_present(missing, extra, step, directory) -> None:
+    """A config that turns `config.ema` on (or off) over a run whose checkpoints lack (or hold) the
+    EMA of the parameters: one sentence saying so, rather than the first differing array."""
+    ema_only = lambda paths: bool(paths) and all(p.split("/")[0] == "ema" for p in paths)  # noqa: E731
+    if ema_only(missing) and not extra:
+        raise ConfigMismatch(
+            f"config.ema is on but the checkpoint of step {step} in {directory} holds no EMA of the parameters "
+            "(it was written with config.ema off): resume with config.ema=None, or start a new --workdir.")
+    if ema_only(extra) and not missing:
+        raise ConfigMismatch(
+            f"The checkpoint of step {step} in {directory} holds an EMA of the parameters but config.ema is off: "
+            "resume with the config.ema it was trained with, or start a new --workdir.")
 
 
 def _root_cause(error: BaseException) -> BaseException:

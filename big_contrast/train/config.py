@@ -33,6 +33,8 @@ A config file (configs/*.py) returns `default_config()` updated with its own cho
                                  (empty: no trace)
     config.caption_loss_weight   weight of the captioning loss when config.model.decoder is set
                                  (SigLIP 2; train/siglip2.py)
+    config.ema                   None (off) | dict(decay=0.999, start_step=0, every=1): an EMA of
+                                 the parameters in the train state (train/ema.py), checkpointed
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from big_contrast import losses
 from big_contrast.data import default_data_config
 from big_contrast.errors import ConfigError
 from big_contrast.models import default_model_config
+from big_contrast.train.ema import EmaConfig
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -74,6 +77,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.prefetch_batches = 2
     config.profile_steps = ()
     config.caption_loss_weight = 1.0  # SigLIP 2's decoder (config.model.decoder), train/siglip2.py
+    config.ema = ml_collections.FieldReference(None, field_type=dict)
     return config
 
 
@@ -101,6 +105,7 @@ def validate(config, num_batch_shards: int) -> None:
     if config.get("loss_dtype") not in (None, "float32", "bfloat16"):
         raise ConfigError(f"config.loss_dtype={config.loss_dtype!r} is unknown; use None, 'float32' or 'bfloat16'.")
     _validate_profile_steps(config.get("profile_steps"))
+    EmaConfig.from_config(config.get("ema"))  # one sentence per bad field
 
 
 def _validate_profile_steps(steps) -> None:

@@ -49,6 +49,7 @@ from big_contrast.train.metrics import MetricWriter, StepProfile, Throughput
 from big_contrast.train.prefetch import Prefetcher
 from big_contrast.train.optimizer import learning_rate_schedule, make_optimizer
 from big_contrast.train import siglip2
+from big_contrast.train.ema import EmaConfig, ema_init
 from big_contrast.train.step import LossSpec, StepConfig, TrainState, train_step
 from big_contrast.workdir import Workdir, holds_checkpoints
 
@@ -101,7 +102,8 @@ def build(config, *, mesh=None, params=None) -> Run:
     params = nnx.to_pure_dict(params_state)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
-                       opt_state=_on_mesh(jax.jit(tx.init)(params), replicated))
+                       opt_state=_on_mesh(jax.jit(tx.init)(params), replicated),
+                       ema=ema_init(params) if EmaConfig.from_config(config.get("ema")) else None)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     return Run(config, mesh, graphdef, rest, state, state_shardings, tx, opt)
 
@@ -162,6 +164,7 @@ def make_step_fn(run: Run, batch_sharding):
         microbatches=train_config.microbatches(config, sharding.num_batch_shards(run.mesh)),
         seed=config.seed, image_norm=device_normalization(config.data.pp_train),
         terms=siglip2.terms_from_config(config),  # SigLIP 2's extra terms (None: contrastive alone)
+        ema=EmaConfig.from_config(config.get("ema")),
     )
     step = functools.partial(train_step, config=fixed)  # `train_step` looked up now (tests patch it)
     batch_shardings = {k: batch_sharding for k in BATCH_FIELDS}

@@ -38,14 +38,28 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from big_contrast import losses, sharding
 from big_contrast.data.device_ops import normalize_on_device
+from big_contrast.train.ema import EmaConfig, ema_update
 
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
+    ema: Any = None  # the EMA of the parameters (train/ema.py), sharded like them; None: config.ema off
+
+
+def _state_children(state: TrainState):
+    """The state's pytree children; without an EMA the tree is (step, params, opt_state) as
+    before EMA existed, so orbax reads and writes checkpoints of runs without EMA unchanged
+    (a None child would be saved as a key those checkpoints lack)."""
+    names = ("step", "params", "opt_state") + (("ema",) if state.ema is not None else ())
+    return [(jax.tree_util.GetAttrKey(n), getattr(state, n)) for n in names], state.ema is not None
+
+
+jax.tree_util.register_pytree_with_keys(
+    TrainState, _state_children, lambda has_ema, children: TrainState(*children),
+    flatten_func=lambda state: ([c for _, c in _state_children(state)[0]], state.ema is not None))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,6 +298,7 @@ class StepConfig:
     seed: int = 0
     image_norm: Any = None
     terms: Any = None  # SigLIP 2's extra terms (train/siglip2.py `Terms`), or None
+    ema: EmaConfig | None = None  # config.ema: the state's EMA is updated after each optimizer update
 
 
 def make_train_step(config: StepConfig):
@@ -301,6 +316,7 @@ def train_step(state: TrainState, batch, *, config: StepConfig):
     )
     updates, opt_state = c.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    ema = state.ema if c.ema is None else ema_update(state.ema, params, state.step + 1, c.ema)
     metrics = dict(
         loss=value,
         scale=aux["scale"],
@@ -310,4 +326,4 @@ def train_step(state: TrainState, batch, *, config: StepConfig):
         learning_rate=c.lr_fn(state.step),
         **aux.get("terms", {}),  # SigLIP 2: loss/caption, loss/contrastive, ...
     )
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
