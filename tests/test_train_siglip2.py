@@ -116,3 +116,66 @@ def test_the_demo_siglip2_variant_trains_and_its_decoder_captions_the_eval_image
     for key in ("ngram", "names_colour", "names_shape", "names_all"):
         assert 0.0 <= rows[0][f"captions/{key}"] <= 1.0
     assert results is not None
+
+
+def test_the_encoder_of_a_model_with_a_decoder_exports_to_hf_and_the_decoder_stays(tmp_path):
+    """A SiglipModel-shaped model with a decoder: the export writes the towers (transformers loads
+    them and embeds images like ours) and no decoder weight."""
+    import torch
+    import transformers
+
+    from big_contrast.interop import hf, imported, preprocess
+
+    cfg = models.default_model_config()
+    cfg.image.update(variant="mu/8", image_size=16, pool="map", posemb="learn", head=False)
+    cfg.text.update(variant="mu", vocab_size=50, max_len=8, causal=False, pool="last", mask_padding=False)
+    cfg.update(embed_dim=32, decoder=dict(width=32, depth=1, num_heads=2, mlp_dim=64))
+    model = random_model(cfg)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    assert "decoder" in params
+    record = imported.Imported("siglip", str(tmp_path), cfg.to_dict(), imported.flatten(jax.device_get(params)),
+                               None, dict(preprocess.SIGLIP))
+    resolved = models.resolve_config(cfg)
+    hf.export(record, resolved, tmp_path / "hf")
+    from safetensors.numpy import load_file
+
+    assert not any("decoder" in name for name in load_file(tmp_path / "hf" / "model.safetensors"))
+    back = transformers.AutoModel.from_pretrained(str(tmp_path / "hf")).eval()
+    pixels = np.random.RandomState(0).randn(2, 16, 16, 3).astype(np.float32)
+    with torch.no_grad():
+        theirs = back.get_image_features(pixel_values=torch.tensor(pixels.transpose(0, 3, 1, 2)))
+    theirs = getattr(theirs, "pooler_output", theirs).numpy()
+    theirs = theirs / np.linalg.norm(theirs, axis=-1, keepdims=True)
+    np.testing.assert_allclose(theirs, np.asarray(model.embed_images(jnp.asarray(pixels))), atol=2e-5)
+
+
+def test_a_stopped_and_resumed_run_with_a_decoder_has_the_uninterrupted_losses(tmp_path):
+    """Gradient caching and CapPa's parallel rows on: steps 3..4 after a stop at step 2 repeat the
+    uninterrupted run's contrastive and captioning losses (the rows' draws come from the step)."""
+    def config():
+        c = train_config(total_steps=4, checkpoint_every=100, microbatch_size=2)
+        c.model.decoder = dict(width=32, depth=1, num_heads=2, mlp_dim=64, parallel_fraction=0.5)
+        return c
+
+    train(config(), tmp_path / "straight", progress=False)
+    train(config(), tmp_path / "resumed", progress=False, stop_after_steps=2)
+    train(config(), tmp_path / "resumed", progress=False)
+    by_step = lambda w: {r["step"]: r for r in read_metrics(w) if "loss" in r}  # noqa: E731
+    straight, resumed = by_step(tmp_path / "straight"), by_step(tmp_path / "resumed")
+    for step in (3, 4):
+        for key in ("loss", "loss/caption", "loss/contrastive"):
+            np.testing.assert_allclose(resumed[step][key], straight[step][key], rtol=1e-5, err_msg=f"{step} {key}")
+
+
+def test_plan_counts_the_decoder_parameters_and_activations():
+    from big_contrast.train.plan import format_plan, plan
+
+    plain = plan(train_config(), device_memory_bytes=2**30, num_devices=8)
+    config = train_config()
+    config.model.decoder = dict(width=64, depth=2, num_heads=2, mlp_dim=256)
+    with_decoder = plan(config, device_memory_bytes=2**30, num_devices=8)
+    decoder = models.num_params(models.abstract_model(config.model).decoder)
+    assert with_decoder["params"]["decoder"] == decoder > 0
+    assert with_decoder["params"]["total"] == plain["params"]["total"] + decoder
+    assert with_decoder["activation_bytes_per_example"] > plain["activation_bytes_per_example"]
+    assert f"decoder {decoder:,}" in format_plan(with_decoder)

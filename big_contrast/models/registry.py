@@ -278,7 +278,8 @@ def count_params(model: TwoTowers) -> dict[str, int]:
     """Parameters per tower (each including its projection head) and in total."""
     image = num_params(model.image) + (num_params(model.image_head) if model.image_head else 0)
     text = num_params(model.text) + (num_params(model.text_head) if model.text_head else 0)
-    return dict(image=image, text=text, total=num_params(model))
+    decoder = {} if model.decoder is None else dict(decoder=num_params(model.decoder))  # SigLIP 2
+    return dict(image=image, text=text, **decoder, total=num_params(model))
 
 
 def frozen_mask(model: TwoTowers) -> nnx.State:
