@@ -179,3 +179,13 @@ def test_plan_counts_the_decoder_parameters_and_activations():
     assert with_decoder["params"]["total"] == plain["params"]["total"] + decoder
     assert with_decoder["activation_bytes_per_example"] > plain["activation_bytes_per_example"]
     assert f"decoder {decoder:,}" in format_plan(with_decoder)
+
+
+def test_the_siglip2_b16_config_builds_a_b16_model_with_its_decoder():
+    from test_configs import load_like_the_cli
+
+    config = load_like_the_cli("siglip2_b16")
+    abstract = models.abstract_model(config.model)
+    assert abstract.decoder.config.width == 768 and abstract.decoder.config.encoder_width == 768
+    assert abstract.image.config.image_size == (256, 256) and "256" in config.data.pp_train
+    assert siglip2.terms_from_config(config) == siglip2.Terms(caption_weight=1.0, parallel_fraction=0.5, pad_id=0)
