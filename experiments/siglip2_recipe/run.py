@@ -26,12 +26,17 @@ sys.path.insert(0, str(REPO / "configs"))
 
 import demo  # noqa: E402
 
+import jax  # noqa: E402
+
+from big_contrast import models  # noqa: E402
+from big_contrast.checkpoint import Checkpointer  # noqa: E402
+from big_contrast.evaluate.dense_probe import dense_probe, demo_probe_set  # noqa: E402
 from big_contrast.train import train  # noqa: E402
 from big_contrast.train.metrics import read_metrics  # noqa: E402
 from big_contrast.train.plan import plan  # noqa: E402
 
 ROWS = {"sigmoid": "sigmoid", "sigmoid + decoder": "siglip2"}
-KEYS = ("shape/top1", "colour/top1", "heldout/top1", "retrieval/i2t_recall@1", "retrieval/t2i_recall@1", "captions/loss",
+KEYS = ("dense/foreground_accuracy", "dense/miou", "shape/top1", "colour/top1", "heldout/top1", "retrieval/i2t_recall@1", "retrieval/t2i_recall@1", "captions/loss",
         "captions/ngram", "captions/names_colour", "captions/names_shape", "captions/names_all")
 
 
@@ -49,12 +54,31 @@ def run_row(name, arg, steps, seed):
     with tempfile.TemporaryDirectory() as workdir:
         train(config, workdir, progress=False)
         rows = read_metrics(workdir)
+        dense = dense_features_probe(config, workdir)
     results = {k: v for r in rows for k, v in r.items() if "/" in k and not k.startswith("loss")}
+    results.update({f"dense/{k}": v for k, v in dense.items()})
     times = [r["step_time_s"] for r in rows if "step_time_s" in r][1:]
     memory = plan(config, device_memory_bytes=2**34)["activation_bytes_per_example"]
     return dict(row=name, seed=seed, steps=steps, step_time_s=sum(times) / max(len(times), 1),
                 activation_bytes_per_example=memory, **{k: results.get(k) for k in KEYS if k in results},
                 all_metrics=results)
+
+
+def dense_features_probe(config, workdir):
+    """Per-patch shape segmentation (background + 6 shapes on the 4 x 4 grid) by a ridge probe on
+    the frozen un-pooled patch tokens (`ViT.encode` -> `ViT.patch_tokens`) of the final model."""
+    ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False)
+    try:
+        state, _ = ckpt.restore_arrays()
+    finally:
+        ckpt.close()
+    model = models.create_from_params(config.model, state["params"])
+    tokens_fn = jax.jit(lambda images: model.image.patch_tokens(model.image.encode(images)))
+    grid = demo.IMAGE_SIZE // 8
+    common = dict(image_size=demo.IMAGE_SIZE, pp=demo.PP_EVAL, grid=grid, task="shape")
+    train_images, train_labels = demo_probe_set("train", 480, **common)
+    test_images, test_labels = demo_probe_set("eval", 240, **common)
+    return dense_probe(tokens_fn, train_images, train_labels, test_images, test_labels, batch_size=96)
 
 
 def table(results):
