@@ -68,14 +68,14 @@ def test_plan_validates_the_config_as_train_does(tmp_path, capfd):
     assert code == 2 and out == ""
     code, _, train_err = run(["train", *config, "--workdir", str(tmp_path / "W")], capfd)
     assert code == 2 and not (tmp_path / "W").exists()
-    sentence = "config.batch_size=-5 does not divide over the 8 data-parallel devices; use a multiple of 8."
+    sentence = "config.batch_size=-5 must be a positive integer (the global batch)."
     assert plan_err.strip() == f"big-contrast plan: {sentence}"
     assert train_err.strip() == f"big-contrast train: {sentence}"
 
 
 def test_debug_adds_the_traceback(capfd):
     code, _, err = run(["plan", "--config", str(REPO / "configs/demo.py"), "--config.batch_size=-5", "--debug"], capfd)
-    assert code == 2 and "Traceback" in err and err.strip().endswith("use a multiple of 8.")
+    assert code == 2 and "Traceback" in err and err.strip().endswith("must be a positive integer (the global batch).")
 
 
 def test_the_data_commands_take_underscored_flags_and_name_a_dashed_one(tmp_path, capfd):

@@ -87,7 +87,9 @@ def validate(config, num_batch_shards: int) -> None:
         raise ConfigError(f"config.model.loss={config.model.loss!r} is unknown; use 'softmax' or 'sigmoid'.")
     if config.loss_impl not in losses.IMPLS:
         raise ConfigError(f"config.loss_impl={config.loss_impl!r} is unknown; use one of {losses.IMPLS}.")
-    if config.batch_size <= 0 or config.batch_size % num_batch_shards:
+    if not isinstance(config.batch_size, int) or config.batch_size <= 0:
+        raise ConfigError(f"config.batch_size={config.batch_size!r} must be a positive integer (the global batch).")
+    if config.batch_size % num_batch_shards:
         raise ConfigError(
             f"config.batch_size={config.batch_size} does not divide over the {num_batch_shards} "
             f"data-parallel devices; use a multiple of {num_batch_shards}."
