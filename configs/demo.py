@@ -4,7 +4,8 @@ Tiny two towers on the built-in demo shapes; trains on a 2-core CPU in about 4 m
 
 Softmax (CLIP) loss with the ring engine over the simulated devices (`make demo` sets
 XLA_FLAGS to one device per core). The argument is a comma-separated list:
-`configs/demo.py:sigmoid` trains the SigLIP loss instead, `:noeval` skips the evaluators (e.g.
+`configs/demo.py:sigmoid` trains the SigLIP loss instead, `:siglip2` the sigmoid loss with SigLIP 2's
+captioning decoder (LocCa / CapPa, `siglip2()` below; README "SigLIP 2"), `:noeval` skips the evaluators (e.g.
 `configs/demo.py:sigmoid,noeval`), `:short_prompts` evaluates with one short prompt per value
 of the other attribute ("red {}", "green {}", ...); `key=value` pairs override fields
 (`configs/demo.py:total_steps=50`). Zero-shot shape and colour classification and image-text
@@ -27,7 +28,7 @@ import ml_collections
 from big_contrast.data import demo_class_names, demo_templates
 from big_contrast.train import apply_arg, default_config, split_arg
 
-FLAGS = ("sigmoid", "softmax", "noeval", "short_prompts")
+FLAGS = ("sigmoid", "softmax", "noeval", "short_prompts", "siglip2")
 # One core of this machine's AVX-512 EPYC per simulated device: 2 FMA pipes x 8 f32 lanes x
 # 2 flops x ~3 GHz. Set your chip's peak when you run elsewhere.
 PEAK_FLOPS_PER_CORE = 100e9
@@ -51,7 +52,7 @@ def get_config(arg=None):
     options, _ = split_arg(arg, FLAGS)
     if {"sigmoid", "softmax"} <= options:
         raise ValueError("configs/demo.py takes one of 'sigmoid' and 'softmax', not both")
-    loss = "sigmoid" if "sigmoid" in options else "softmax"
+    loss = "sigmoid" if options & {"sigmoid", "siglip2"} else "softmax"
     config = default_config()
     config.seed = 0
     config.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
@@ -76,6 +77,8 @@ def get_config(arg=None):
     config.peak_flops_per_device = PEAK_FLOPS_PER_CORE
 
     config.evals = ml_collections.ConfigDict()
+    if "siglip2" in options:
+        siglip2(config, every=0)
     if "noeval" in options:
         apply_arg(config, arg, flags=FLAGS)
         return config
@@ -85,5 +88,19 @@ def get_config(arg=None):
     config.evals.heldout = zero_shot("colour_shape", every, prompts, pairs="held_out", size=120)
     config.evals.retrieval = dict(type="retrieval", text_field="text", batch_size=96, every_steps=every,
                                   data=eval_split())
+    if "siglip2" in options:
+        siglip2(config, every)
     apply_arg(config, arg, flags=FLAGS)
     return config
+
+
+def siglip2(config, every):
+    """SigLIP 2's captioning decoder at demo size (configs/siglip2_b16.py has the paper's recipe): a
+    one-block decoder of width 64 on the 4 x 4 patch tokens, CapPa's parallel prediction on half of
+    the rows, the captioning loss at weight 1; with `every` > 0 an evaluator of greedy captions."""
+    config.model.decoder = dict(width=64, depth=1, num_heads=4, mlp_dim=256, parallel_fraction=0.5)
+    config.caption_loss_weight = 1.0
+    if every:
+        config.evals.captions = dict(type="captioning", text_field="text", length=config.data.max_len,
+                                     batch_size=96, every_steps=every, data=eval_split(),
+                                     names=dict(colour=demo_class_names("colour"), shape=demo_class_names("shape")))

@@ -50,8 +50,8 @@ def test_the_objective_sigmoid_equals_the_plain_sigmoid_step(microbatches):
     combined, _, _ = setup("sigmoid")
     loss_p, aux_p, grads_p = plain(microbatches, False)(params, batch, None)
     loss_c, aux_c, grads_c = combined(microbatches, False)(params, batch, None)
-    assert aux_p["terms"] == {} and set(aux_c["terms"]) == {"sigmoid"}
-    assert rel_err(loss_c, loss_p) <= 1e-5 and rel_err(aux_c["terms"]["sigmoid"], loss_p) <= 1e-5
+    assert aux_p["terms"] == {} and set(aux_c["terms"]) == {"loss/sigmoid"}
+    assert rel_err(loss_c, loss_p) <= 1e-5 and rel_err(aux_c["terms"]["loss/sigmoid"], loss_p) <= 1e-5
     assert rel_err(flat(grads_c), flat(grads_p)) <= 1e-5
 
 
@@ -61,10 +61,10 @@ def test_gradient_caching_with_a_momentum_teacher_equals_one_pass():
     teacher = jax.tree.map(lambda x: x + jnp.asarray(0.5 * rng.normal(size=x.shape), x.dtype), params)
     loss_1, aux_1, grads_1 = step(1, True)(params, batch, teacher)
     loss_k, aux_k, grads_k = step(2, True)(params, batch, teacher)
-    assert float(aux_1["terms"]["distill"]) > 1e-4  # the teacher differs: a real KL
+    assert float(aux_1["terms"]["loss/distill"]) > 1e-4  # the teacher differs: a real KL
     assert rel_err(loss_k, loss_1) <= 1e-5 and rel_err(flat(grads_k), flat(grads_1)) <= 1e-5
     # The teacher term's weight shows: the loss is sigmoid + 0.5 * distill.
-    np.testing.assert_allclose(loss_1, aux_1["terms"]["sigmoid"] + 0.5 * aux_1["terms"]["distill"], rtol=1e-5)
+    np.testing.assert_allclose(loss_1, aux_1["terms"]["loss/sigmoid"] + 0.5 * aux_1["terms"]["loss/distill"], rtol=1e-5)
 
 
 def test_precomputed_teacher_embeddings_of_another_width_with_gradient_caching_equal_one_pass():
@@ -75,7 +75,7 @@ def test_precomputed_teacher_embeddings_of_another_width_with_gradient_caching_e
                for k in ("image", "text")}  # width 24, the student's 16: teacher-teacher similarities only
     loss_1, aux_1, grads_1 = step(1, "embeddings")(params, batch, teacher)
     loss_k, _, grads_k = step(2, "embeddings")(params, batch, teacher)
-    assert set(aux_1["terms"]) == {"softmax", "distill", "cwcl"}
+    assert set(aux_1["terms"]) == {"loss/softmax", "loss/distill", "loss/cwcl"}
     assert rel_err(loss_k, loss_1) <= 1e-5 and rel_err(flat(grads_k), flat(grads_1)) <= 1e-5
 
 

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from big_contrast.errors import ConfigError
 from big_contrast.evaluate.base import Encoders, Evaluator
+from big_contrast.evaluate.captioning import CaptioningEvaluator
 from big_contrast.evaluate.diagnostics import (
     DiagnosticsEvaluator, alignment, embedding_diagnostics, mean_pair_scores, modality_gap, uniformity)
 from big_contrast.evaluate.embed import (
@@ -28,7 +29,8 @@ from big_contrast.evaluate.retrieval import RetrievalEvaluator, recall_at_k, ret
 from big_contrast.evaluate.zero_shot import ZeroShotEvaluator, build_classifier, topk_accuracy
 
 EVALUATORS: dict[str, type[Evaluator]] = {
-    cls.TYPE: cls for cls in (ZeroShotEvaluator, RetrievalEvaluator, DiagnosticsEvaluator, FewShotEvaluator)}
+    cls.TYPE: cls for cls in (ZeroShotEvaluator, RetrievalEvaluator, DiagnosticsEvaluator, FewShotEvaluator,
+                              CaptioningEvaluator)}
 
 
 def build_evaluator(name: str, config: Mapping[str, Any] | Any) -> Evaluator:

@@ -40,6 +40,9 @@ class Encoders:
     batch_axes: str | tuple[str, ...] | None = None  # None: sharding.batch_axes(mesh)
     scale: float | None = None
     bias: float | None = None
+    # (images, texts) -> (greedy ids [B, L], token NLL sums [B], token counts [B]): the model's
+    # captioning decoder (SigLIP 2), or None without one; see evaluate/captioning.py.
+    caption: Callable[[Any, Any], Any] | None = None
 
 
 COMMON_DEFAULTS = {

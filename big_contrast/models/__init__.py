@@ -18,6 +18,7 @@ from big_contrast.models.registry import (
     create_image_tower,
     create_sharded,
     create_text_tower,
+    decoder_config,
     default_model_config,
     family,
     frozen_mask,
@@ -36,6 +37,6 @@ __all__ = [
     "LOSS_DEFAULTS", "SIZES", "Embeddings", "TextConfig", "TextTransformer", "TwoTowers", "ViT",
     "ViTConfig", "family", "image_config", "text_config",
     "abstract_model", "count_params", "create", "create_from_params", "create_image_tower",
-    "create_sharded", "create_text_tower", "decode_image_variant", "decode_text_variant", "default_model_config",
+    "create_sharded", "create_text_tower", "decode_image_variant", "decoder_config", "decode_text_variant", "default_model_config",
     "frozen_mask", "l2_normalize", "load_tower_params", "num_params", "resolve_config",
 ]

@@ -52,6 +52,7 @@ from flax import nnx
 from big_contrast import sharding
 from big_contrast.errors import ConfigError
 from big_contrast.models import variants
+from big_contrast.models.decoder import Decoder, DecoderConfig
 from big_contrast.models.text import TextConfig, TextTransformer
 from big_contrast.models.two_towers import TwoTowers
 from big_contrast.models.vit import ViT, ViTConfig
@@ -104,6 +105,7 @@ def _model_defaults(optional) -> dict:
         param_dtype="float32",
         remat="none",
         scan_layers=False,
+        decoder=None,  # SigLIP 2 / CapPa captioning decoder: a dict of DecoderConfig fields (decoder_config)
     )
 
 
@@ -184,6 +186,26 @@ def create_text_tower(cfg: Mapping | None, rngs: nnx.Rngs) -> TextTransformer:
     return TextTransformer(text_config(cfg), rngs=rngs)
 
 
+def decoder_config(config: Mapping | None) -> DecoderConfig | None:
+    """The captioning decoder of a model config (``config.decoder``: DecoderConfig fields), or
+    None. Unset fields follow the text tower (vocabulary, length, pad / EOS ids: the decoder
+    predicts the caption the text tower reads) and the image tower's width."""
+    cfg = resolve_config(config)
+    section = cfg["decoder"]
+    if section is None:
+        return None
+    section = dict(section.to_dict() if hasattr(section, "to_dict") else section)
+    known = {f.name for f in dataclasses.fields(DecoderConfig)}
+    if set(section) - known:
+        raise ConfigError(f"config.model.decoder has unknown fields {sorted(set(section) - known)}; "
+                          f"known: {sorted(known)}.")
+    text, image = text_config(cfg), image_config(cfg)
+    defaults = dict(vocab_size=text.vocab_size, max_len=text.max_len, pad_id=text.pad_id, bos_id=text.pad_id,
+                    eos_id=text.eos_id, encoder_width=image.width, dtype=cfg["dtype"],
+                    param_dtype=cfg["param_dtype"])
+    return DecoderConfig(**{**defaults, **section})
+
+
 def family(loss: str) -> str:
     """The released-model family a loss belongs to: 'siglip' (sigmoid) or 'clip' (softmax)."""
     if loss not in FAMILIES:
@@ -205,7 +227,12 @@ def create(config: Mapping | None = None,
                      text_head=cfg["text"]["head"],
                      head_bias=(cfg["image"]["head_bias"], cfg["text"]["head_bias"]),
                      lock_image=cfg["lock_image"],
-                     param_dtype=_dtype(cfg["param_dtype"]), rngs=rngs, **scalars)
+                     param_dtype=_dtype(cfg["param_dtype"]), decoder=_decoder(cfg, rngs), rngs=rngs, **scalars)
+
+
+def _decoder(cfg: dict, rngs: nnx.Rngs) -> Decoder | None:
+    config = decoder_config(cfg)
+    return None if config is None else Decoder(config, rngs=rngs)
 
 
 def create_sharded(config, mesh: jax.sharding.Mesh, seed: int | jax.Array = 0,
@@ -251,7 +278,8 @@ def count_params(model: TwoTowers) -> dict[str, int]:
     """Parameters per tower (each including its projection head) and in total."""
     image = num_params(model.image) + (num_params(model.image_head) if model.image_head else 0)
     text = num_params(model.text) + (num_params(model.text_head) if model.text_head else 0)
-    return dict(image=image, text=text, total=num_params(model))
+    decoder = {} if model.decoder is None else dict(decoder=num_params(model.decoder))  # SigLIP 2
+    return dict(image=image, text=text, **decoder, total=num_params(model))
 
 
 def frozen_mask(model: TwoTowers) -> nnx.State:

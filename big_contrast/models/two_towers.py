@@ -63,8 +63,10 @@ class TwoTowers(nnx.Module):
                  log_scale_init: float,
                  max_log_scale: float | None = None, bias_init: float | None = None,
                  lock_image: bool = False, frozen_patterns: tuple[str, ...] | None = None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, decoder: nnx.Module | None = None, rngs: nnx.Rngs):
         self.image, self.text = image, text
+        # SigLIP 2's captioning decoder (models/decoder.py) on the image tower's patch tokens, or None.
+        self.decoder = nnx.data(None) if decoder is None else decoder
         icfg, tcfg = image.config, text.config
         self.image_head = _head(icfg.width, embed_dim, image_head, head_bias[0], icfg.dtype,
                                 param_dtype, rngs)
@@ -96,6 +98,20 @@ class TwoTowers(nnx.Module):
         (training only; see ``ViT``)."""
         extra = () if patch_keys is None else (patch_keys,)
         return self._embed(self.image, self.image_head, images_bhwc, self.lock_image, *extra)
+
+    def embed_images_with_tokens(self, images_bhwc: jax.Array,
+                                 patch_keys: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """(zimg [B, embed_dim], the image tower's un-pooled patch tokens [B, N, width]) from one
+        forward pass: the decoder cross-attends to the tokens before pooling. Auto meshes only
+        (`call_with_auto_axes` returns one array)."""
+        extra = () if patch_keys is None else (patch_keys,)
+        encoded_bnd = self.image.encode(images_bhwc, *extra)
+        features_bd = self.image.pool_features(encoded_bnd)
+        tokens_bnd = self.image.patch_tokens(encoded_bnd)
+        if self.lock_image:
+            features_bd, tokens_bnd = jax.lax.stop_gradient((features_bd, tokens_bnd))
+        z_bd = features_bd if self.image_head is None else self.image_head(features_bd)
+        return constrain(l2_normalize(z_bd), EMBEDDINGS_LOGICAL), tokens_bnd
 
     def embed_texts(self, tokens_bl: jax.Array) -> jax.Array:
         return self._embed(self.text, self.text_head, tokens_bl, False)

@@ -128,10 +128,22 @@ class ViT(nnx.Module):
 
     def __call__(self, images_bhwc: jax.Array, patch_keys: jax.Array | None = None) -> jax.Array:
         """Pooled features; ``patch_keys`` [B] (PRNG keys) turn on patch dropout (training)."""
+        return self.pool_features(self.encode(images_bhwc, patch_keys))
+
+    def encode(self, images_bhwc: jax.Array, patch_keys: jax.Array | None = None) -> jax.Array:
+        """The encoder's output [B, L, D] before pooling (the class token first for ``'tok'``)."""
         x_bnd = self.tokens(images_bhwc, patch_keys)
         if self.ln_pre is not None:
             x_bnd = self.ln_pre(x_bnd)
-        x_bnd = self.encoder(x_bnd)
+        return self.encoder(x_bnd)
+
+    def patch_tokens(self, encoded_bnd: jax.Array) -> jax.Array:
+        """The un-pooled patch tokens [B, N, D] of ``encode``'s output (the class token dropped):
+        what a captioning decoder cross-attends to and a dense probe reads."""
+        return encoded_bnd[:, 1:] if self.pool == "tok" else encoded_bnd
+
+    def pool_features(self, x_bnd: jax.Array) -> jax.Array:
+        """``encode``'s output pooled to [B, D]."""
         if self.pool == "tok":
             return x_bnd[:, 0]
         if self.pool == "gap":

@@ -31,6 +31,8 @@ A config file (configs/*.py) returns `default_config()` updated with its own cho
                                  of the step (>= 1)
     config.profile_steps         (N, M): a jax.profiler trace of steps N..M in workdir/profile
                                  (empty: no trace)
+    config.caption_loss_weight   weight of the captioning loss when config.model.decoder is set
+                                 (SigLIP 2; train/siglip2.py)
     config.ema                   None (off) | dict(decay=0.999, start_step=0, every=1): an EMA of
                                  the parameters in the train state (train/ema.py), checkpointed
     config.loss_objective        None (config.model.loss) | e.g. "sigmoid + 0.5 * distill": a
@@ -78,6 +80,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.peak_flops_per_device = ml_collections.FieldReference(None, field_type=float)
     config.prefetch_batches = 2
     config.profile_steps = ()
+    config.caption_loss_weight = 1.0  # SigLIP 2's decoder (config.model.decoder), train/siglip2.py
     config.ema = ml_collections.FieldReference(None, field_type=dict)
     config.loss_objective = ml_collections.FieldReference(None, field_type=str)
     config.teacher = ml_collections.FieldReference(None, field_type=str)

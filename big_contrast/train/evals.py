@@ -28,6 +28,7 @@ from big_contrast.data import encode_fixed, make_pipeline, make_tokenizer
 from big_contrast.data.sources import is_labelled
 from big_contrast.evaluate.embed import VALID
 from big_contrast.data.device_ops import device_normalization, normalize_on_device
+from big_contrast.train import siglip2
 
 
 def build(config) -> list:
@@ -94,8 +95,9 @@ def make_encoders(run, params, config, image_norm=None) -> evaluate.Encoders:
         return np.stack([encode_fixed(tokenizer, t, max_len) for t in texts])
 
     bias = float(model.bias[...]) if model.bias is not None else None
+    caption = None if model.decoder is None else siglip2.caption_fn(run, params, image_norm)  # SigLIP 2
     return evaluate.Encoders(embed_images, embed_texts, tokenize, mesh=run.mesh,
-                             scale=float(model.scale()), bias=bias)
+                             scale=float(model.scale()), bias=bias, caption=caption)
 
 
 def run_one(evaluator, run, state, config) -> dict[str, float]:

@@ -51,6 +51,7 @@ from big_contrast.train import resample, staged
 from big_contrast.train.metrics import MetricWriter, StepProfile, Throughput
 from big_contrast.train.prefetch import Prefetcher
 from big_contrast.train.optimizer import learning_rate_schedule, make_optimizer
+from big_contrast.train import siglip2
 from big_contrast.train.ema import EmaConfig, ema_init
 from big_contrast.train.step import LossSpec, StepConfig, TrainState, train_step
 from big_contrast.workdir import Workdir, holds_checkpoints
@@ -172,6 +173,7 @@ def make_step_fn(run: Run, batch_sharding, lr_fn=None):
         axis=sharding.batch_axes(run.mesh),
         microbatches=train_config.microbatches(config, sharding.num_batch_shards(run.mesh)),
         seed=config.seed, image_norm=device_normalization(config.data.pp_train),
+        terms=siglip2.terms_from_config(config),  # SigLIP 2's extra terms (None: contrastive alone)
         ema=EmaConfig.from_config(config.get("ema")), teacher=train_objective.teacher_of(config),
     )
     step = functools.partial(train_step, config=fixed)  # `train_step` looked up now (tests patch it)

@@ -24,6 +24,7 @@ from flax import nnx
 
 from big_contrast import models, sharding
 from big_contrast.losses import ring
+from big_contrast.train import siglip2
 
 GIB = 2**30
 
@@ -59,6 +60,9 @@ def _activation_bytes_per_example(config, abstract) -> int:
 
     def towers(p, images, tokens):
         model = nnx.merge(graphdef, p, rest)
+        if model.decoder is not None:  # SigLIP 2: the decoder's activations count too (train/siglip2.py)
+            zimg, ztxt, sums = siglip2.Terms(caption_weight=1.0).embed(model, images, tokens, None)
+            return jnp.sum(zimg * ztxt) + sum(s.sum() for s in sums.values())
         return jnp.sum(model.embed_images(images) * model.embed_texts(tokens))
 
     temps = []
@@ -125,7 +129,8 @@ def format_plan(p: dict) -> str:
     fit = p["largest_fitting_microbatch"]
     lines = [
         f"mesh {p['mesh']} ({p['devices']} devices); global batch {p['batch']:,} = {p['per_device_batch']:,} per device",
-        f"parameters: image {p['params']['image']:,}  text {p['params']['text']:,}  total {p['params']['total']:,}",
+        f"parameters: image {p['params']['image']:,}  text {p['params']['text']:,}"
+        + (f"  decoder {p['params']['decoder']:,}" if "decoder" in p["params"] else "") + f"  total {p['params']['total']:,}",
         "per-device memory:",
         f"  parameters                     {gib(p['param_bytes'])}",
         f"  gradients                      {gib(p['grad_bytes'])}",

@@ -91,8 +91,8 @@ def _scale_and_bias(model):
 
 
 def _microbatches(x, k):
-    """[b, ...] -> [k, b/k, ...]: a device's own rows, cut into k micro-batches."""
-    return x.reshape(k, x.shape[0] // k, *x.shape[1:])
+    """[b, ...] -> [k, b/k, ...]: a device's own rows, cut into k micro-batches (each leaf of a tree)."""
+    return jax.tree.map(lambda a: a.reshape(k, a.shape[0] // k, *a.shape[1:]), x)
 
 
 def _from_microbatches(x):
@@ -108,7 +108,7 @@ def patch_keys(step, rows, seed=0):
 
 
 def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis, microbatches,
-                   step=None, seed=0, teacher_params=None, teacher_embeddings=None):
+                   step=None, seed=0, teacher_params=None, teacher_embeddings=None, terms=None):
     """(loss, aux, grads) for one global batch, in one pass or with gradient caching.
 
     `step` (the train step) seeds the image tower's patch dropout; None turns it off.
@@ -117,12 +117,17 @@ def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis,
     and without patch dropout, and their embeddings and scale feed the objective's teacher
     terms. `teacher_embeddings` ({"image": [B, D_t], "text": ...}, e.g. a frozen model's,
     computed outside the step or stored beside the data) feed them as they are, with the
-    student's scale as the teacher's. `aux["terms"]` holds the objective's per-term values.
+    student's scale as the teacher's. `terms` (a `siglip2.Terms`, or None): SigLIP 2's
+    per-example terms, added to the loss. `aux["terms"]` holds the extra metrics by name
+    (`loss/<objective term>`, `loss/caption`, `loss/contrastive`).
     """
+    n_out = 2 if terms is None else 3  # embed's outputs: zimg, ztxt (+ the terms' per-example sums)
 
-    def embed(p, images, texts, rows, dropout=True):
+    def embed(p, images, texts, rows, teacher=False):
         model = nnx.merge(graphdef, p, rest)
-        keys = None if step is None or not dropout else patch_keys(step, rows, seed)
+        keys = None if step is None or teacher else patch_keys(step, rows, seed)
+        if terms is not None and not teacher:  # SigLIP 2 (train/siglip2.py): + per-example sums
+            return terms.embed(model, images, texts, keys)
         return model.embed_images(images, keys), model.embed_texts(texts)
 
     def teacher_inputs(embedded):  # the teacher's embeddings and scale, no gradient to anything
@@ -132,54 +137,65 @@ def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis,
         return dict(teacher={"image": zimg_t, "text": ztxt_t},
                     teacher_scale=jax.lax.stop_gradient(scalars(teacher_params)[0]))
 
+    def with_terms(value, objective_terms, sums):
+        """The loss plus SigLIP 2's weighted extra terms, and every extra metric by name."""
+        metrics = {f"loss/{name}": v for name, v in objective_terms.items()}
+        if terms is None:
+            return value, metrics
+        extra, term_metrics = terms.total(sums, step)
+        return value + extra, {**metrics, **term_metrics, "loss/contrastive": value}
+
     def scalars(p):
         return _scale_and_bias(nnx.merge(graphdef, p, rest))
 
     inputs = (batch["image"], batch["text"], jnp.arange(batch["image"].shape[0], dtype=jnp.int32))
     if microbatches <= 1:
-        teacher = teacher_inputs(None if teacher_params is None else embed(teacher_params, *inputs, dropout=False))
+        teacher = teacher_inputs(None if teacher_params is None else embed(teacher_params, *inputs, teacher=True))
 
         def full_loss(p):
-            zimg, ztxt = embed(p, *inputs)
+            zimg, ztxt, *sums = embed(p, *inputs)
             scale, bias = scalars(p)
-            value, terms = loss(zimg, ztxt, scale, bias, mesh, axis, **teacher)
-            return value, (scale, bias, terms)
+            value, metrics = with_terms(*loss(zimg, ztxt, scale, bias, mesh, axis, **teacher), *sums or (None,))
+            return value, (scale, bias, metrics)
 
-        (value, (scale, bias, terms)), grads = jax.value_and_grad(full_loss, has_aux=True)(params)
-        return value, dict(scale=scale, bias=bias, terms=terms), grads
+        (value, (scale, bias, metrics)), grads = jax.value_and_grad(full_loss, has_aux=True)(params)
+        return value, dict(scale=scale, bias=bias, terms=metrics), grads
 
     on_devices = _OwnRows(mesh, axis, None if mesh is None else _param_specs(graphdef, params, rest, mesh))
 
     # 1. embeddings, micro-batch by micro-batch, no activations kept
-    def embed_all(params, *rows, dropout=True):
-        _, z_k = jax.lax.scan(lambda _, rows_c: (None, embed(params, *rows_c, dropout=dropout)), None,
+    def embed_all(params, *rows, teacher=False):
+        _, z_k = jax.lax.scan(lambda _, rows_c: (None, embed(params, *rows_c, teacher=teacher)), None,
                               tuple(_microbatches(x, microbatches) for x in rows))
         return jax.tree.map(_from_microbatches, z_k)
 
-    zimg, ztxt = on_devices(embed_all, params, inputs, reduce=False)
+    zimg, ztxt, *sums = on_devices(embed_all, params, inputs, reduce=False)
     teacher = teacher_inputs(None if teacher_params is None else on_devices(
-        functools.partial(embed_all, dropout=False), teacher_params, inputs, reduce=False))
+        functools.partial(embed_all, teacher=True), teacher_params, inputs, reduce=False))
 
     # 2. the loss over the whole global batch and its embedding / scalar gradients
     (scale, bias), scalars_vjp = jax.vjp(scalars, params)
-    (value, terms), (dzimg, dztxt, dscale, dbias) = jax.value_and_grad(
+    (value, objective_terms), (dzimg, dztxt, dscale, dbias) = jax.value_and_grad(
         lambda zi, zt, s, b: loss(zi, zt, s, b, mesh, axis, **teacher), argnums=(0, 1, 2, 3), has_aux=True
     )(zimg, ztxt, scale, bias)
     (grads,) = scalars_vjp((dscale, dbias))
+    value, metrics = with_terms(value, objective_terms, *sums or (None,))
+    # SigLIP 2: each row's cotangent of its per-example sums (weight / the global denominator)
+    dsums = [] if terms is None else [jax.grad(lambda s: terms.total(s, step)[0])(sums[0])]
 
     # 3. parameter gradients, micro-batch by micro-batch, reduced over the devices once
     def backprop_all(params, *rows):
         def backprop_one(grads, rows_c):
-            _, embed_vjp = jax.vjp(lambda p: embed(p, *rows_c[:-2]), params)
-            (grads_c,) = embed_vjp(tuple(rows_c[-2:]))
+            _, embed_vjp = jax.vjp(lambda p: embed(p, *rows_c[:-n_out]), params)
+            (grads_c,) = embed_vjp(tuple(rows_c[-n_out:]))
             return jax.tree.map(jnp.add, grads, on_devices.scatter(grads_c)), None
 
         zeros = on_devices.scattered_zeros(params)
         grads, _ = jax.lax.scan(backprop_one, zeros, tuple(_microbatches(x, microbatches) for x in rows))
         return grads
 
-    grads_embed = on_devices(backprop_all, params, (*inputs, dzimg, dztxt), reduce=True)
-    return value, dict(scale=scale, bias=bias, terms=terms), jax.tree.map(jnp.add, grads, grads_embed)
+    grads_embed = on_devices(backprop_all, params, (*inputs, dzimg, dztxt, *dsums), reduce=True)
+    return value, dict(scale=scale, bias=bias, terms=metrics), jax.tree.map(jnp.add, grads, grads_embed)
 
 
 def _param_specs(graphdef, params, rest, mesh):
@@ -305,6 +321,7 @@ class StepConfig:
     microbatches: int = 1
     seed: int = 0
     image_norm: Any = None
+    terms: Any = None  # SigLIP 2's extra terms (train/siglip2.py `Terms`), or None
     ema: EmaConfig | None = None  # config.ema: the state's EMA is updated after each optimizer update
     teacher: str | None = None  # "ema": the state's EMA is the objective's (momentum) teacher;
     # "data": the batch's `teacher_image` / `teacher_text` fields are the teacher's embeddings
@@ -321,7 +338,7 @@ def train_step(state: TrainState, batch, *, config: StepConfig):
     batch = {**batch, "image": normalize_on_device(batch["image"], c.image_norm)}
     value, aux, grads = loss_and_grads(
         c.graphdef, state.params, c.rest, batch, loss=c.loss, mesh=c.mesh, axis=c.axis,
-        microbatches=c.microbatches, step=state.step, seed=c.seed,
+        microbatches=c.microbatches, step=state.step, seed=c.seed, terms=c.terms,
         teacher_params=state.ema if c.teacher == "ema" else None,
         teacher_embeddings=({"image": batch["teacher_image"], "text": batch["teacher_text"]}
                             if c.teacher == "data" else None),
@@ -336,6 +353,6 @@ def train_step(state: TrainState, batch, *, config: StepConfig):
         grad_norm=optax.tree.norm(grads),
         param_norm=optax.tree.norm(params),
         learning_rate=c.lr_fn(state.step),
-        **{f"loss/{name}": value for name, value in aux["terms"].items()},
+        **aux["terms"],  # loss/<objective term>; SigLIP 2: loss/caption, loss/contrastive
     )
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
