@@ -11,7 +11,7 @@ TEST_STAMP := $(VENV)/.install-test-stamp
 # Eight simulated CPU devices, the mesh every test runs on.
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 
-.PHONY: install test demo bench-loss clean
+.PHONY: install test test-slow demo bench-loss clean
 
 install: $(STAMP)
 
@@ -26,9 +26,14 @@ $(TEST_STAMP): $(STAMP)
 	touch $(TEST_STAMP)
 
 # Two worker processes, one per core (much of the suite is single-threaded compilation);
-# each test file stays on one worker, so its module fixtures are built once.
+# each test file stays on one worker, so its module fixtures are built once. `make test` is
+# every test but the end-to-end runs marked `slow` (several trainings each: the demo smoke test,
+# two-process runs, kill -9 and stage resumes), which `make test-slow` runs; CI runs both.
 test: $(TEST_STAMP)
-	$(TEST_ENV) $(PY) -m pytest tests -n 2 --dist loadfile --durations=10
+	$(TEST_ENV) $(PY) -m pytest tests -n 2 --dist loadfile --durations=10 -m "not slow"
+
+test-slow: $(TEST_STAMP)
+	$(TEST_ENV) $(PY) -m pytest tests -n 2 --dist loadfile --durations=10 -m slow
 
 # Trains the demo config from scratch (a fresh workdir each time), evaluates zero-shot
 # classification and retrieval on the held-out demo split, prints the table, writes the plot.

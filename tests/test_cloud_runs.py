@@ -30,6 +30,7 @@ def objects(url, prefix=""):
     return sorted(found)
 
 
+@pytest.mark.slow
 def test_a_bucket_workdir_trains_resumes_after_kill_9_and_evaluates(gcs_emulator, tmp_path, monkeypatch, capfd):
     workdir, cwd = f"{gcs_emulator}/run", tmp_path / "cwd"
     cwd.mkdir()

@@ -19,6 +19,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))
 import demo  # noqa: E402
 
+pytestmark = pytest.mark.slow  # `make test-slow` (CI runs it after `make test`)
+
 STEPS = 200
 # Measured with this exact config, model seeds 0, 1, 2 (data seed 0): shape top-1 0.338, 0.388,
 # 0.371 after 200 steps with the demo's round-3 recipe (groups of 5, image depth 2, softmax;

@@ -60,6 +60,7 @@ def assert_same_steps(a, b, steps):
                 assert b[step][key] == pytest.approx(a[step][key], rel=1e-5), (step, key)
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_and_checkpoints_cross_layouts(tmp_path):
     one, two = tmp_path / "one_process", tmp_path / "two_processes"
     train_one_process(one, 2)

@@ -20,6 +20,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))
 import demo  # noqa: E402
 
+pytestmark = pytest.mark.slow  # `make test-slow` (CI runs it after `make test`)
+
 
 def learned_config(image_size=32, total_steps=2, evals=False):
     config = demo.get_config("sigmoid" if evals else "sigmoid,noeval")

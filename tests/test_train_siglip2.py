@@ -5,6 +5,7 @@ tiny run logs loss/caption."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from big_contrast import models
@@ -87,6 +88,7 @@ def test_gradient_caching_micro_batches_the_captioning_term_exactly():
     np.testing.assert_allclose(float(m1["loss/caption"]), float(expected), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_tiny_run_with_a_decoder_logs_the_captioning_loss(tmp_path):
     config = train_config(total_steps=2, checkpoint_every=100)
     config.model.decoder = dict(width=32, depth=1, num_heads=2, mlp_dim=64)
@@ -98,6 +100,7 @@ def test_a_tiny_run_with_a_decoder_logs_the_captioning_loss(tmp_path):
         np.testing.assert_allclose(r["loss"], r["loss/contrastive"] + r["loss/caption"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_the_demo_siglip2_variant_trains_and_its_decoder_captions_the_eval_images(tmp_path):
     """configs/demo.py:siglip2, shrunk: the captioning evaluator decodes greedy captions of the demo
     eval images and scores their colour / shape words (the rates are measured in
@@ -149,6 +152,7 @@ def test_the_encoder_of_a_model_with_a_decoder_exports_to_hf_and_the_decoder_sta
     np.testing.assert_allclose(theirs, np.asarray(model.embed_images(jnp.asarray(pixels))), atol=2e-5)
 
 
+@pytest.mark.slow
 def test_a_stopped_and_resumed_run_with_a_decoder_has_the_uninterrupted_losses(tmp_path):
     """Gradient caching and CapPa's parallel rows on: steps 3..4 after a stop at step 2 repeat the
     uninterrupted run's contrastive and captioning losses (the rows' draws come from the step)."""
