@@ -21,12 +21,12 @@ from big_contrast.workdir import CHECKPOINTS
 from conftest import free_port
 from test_data_streaming import write_shards
 
+pytestmark = pytest.mark.slow  # `make test-slow` (CI runs it after `make test`)
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS, EVERY = 6, 2
 CONFIG = f'''import importlib.util, os
 import ml_collections
-
-pytestmark = pytest.mark.slow  # `make test-slow` (CI runs it after `make test`)
 _spec = importlib.util.spec_from_file_location("demo_config", {str(REPO / "configs" / "demo.py")!r})
 demo = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(demo)

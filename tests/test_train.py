@@ -75,6 +75,7 @@ def final_params(workdir):
     return step, state["params"]
 
 
+@pytest.mark.slow
 def test_kill_9_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(tmp_path):
     steps = ["--config.total_steps=8", "--config.checkpoint_every=3"]
     straight = subprocess.run(cli(tmp_path / "straight", *steps), env=env(), capture_output=True, text=True)
@@ -270,6 +271,7 @@ def by_path(tree) -> dict:
     return {sharding.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+@pytest.mark.slow
 def test_resume_onto_a_different_mesh_shape(tmp_path):
     """A checkpoint written with parameters replicated over 8 data shards resumes with them
     FSDP-sharded over 4 devices (mesh 2 x 4) and continues like the uninterrupted run."""
