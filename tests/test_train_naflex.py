@@ -212,3 +212,29 @@ def test_a_naflex_demo_run_trains_with_gradient_caching_and_evaluates_through_th
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.2, losses
     assert results["colour/top1"] > 1 / 8 + 0.1, results  # 8 colours: above chance
     assert results["retrieval/i2t_recall@1"] > 0, results  # the NaFlex eval embeddings retrieve something
+
+
+def test_evaluators_embed_naflex_eval_batches_once_each_sharded_and_unpadded():
+    from big_contrast.evaluate.embed import VALID, embed_dataset
+    from big_contrast.train.evals import EvalData, eval_data_config
+
+    config = demo_config("naflex")
+    evaluator = type("Evaluator", (), dict(config={"data": config.evals.colour.data.to_dict()}))
+    data_config = eval_data_config(config, evaluator)
+    data_config.sources.demo.size = 40
+    batches = list(EvalData(data_config, 16))  # 40 images: 3 batches, the last one half padding
+    assert isinstance(batches[0]["image"], naflex.NaflexImages) and "patches" not in batches[0]
+    assert [int(b[VALID].sum()) for b in batches] == [16, 16, 8]
+    mesh = sharding.make_mesh((("data", -1), ("fsdp", 1), ("tensor", 1)))
+
+    def summary(images):  # stands in for the image tower: two numbers per image
+        assert all(x.sharding.spec[0] == ("data", "fsdp") for x in images)  # global, sharded over the batch
+        return jax.jit(lambda x: jnp.stack([x.patches.sum((1, 2)), x.patch_mask.sum(1) * 1.0], axis=1))(images)
+
+    out = embed_dataset(batches, {"z": ("image", summary)}, batch_size=16, mesh=mesh,
+                        keep=["label/colour"])
+    patches = np.concatenate([b["image"].patches[b[VALID]] for b in batches])
+    masks = np.concatenate([b["image"].patch_mask[b[VALID]] for b in batches])
+    assert out["z"].shape == (40, 2)
+    np.testing.assert_allclose(out["z"][:, 0], patches.sum((1, 2)), rtol=1e-5)
+    np.testing.assert_array_equal(out["z"][:, 1], masks.sum(1))
