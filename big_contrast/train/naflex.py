@@ -30,9 +30,10 @@ def validate(config) -> None:
         options = pp_options(config, key)
         if options is not None:
             _check_model(config, key, options)
-    if pp_options(config) is not None and config.model.get("decoder"):
-        raise ConfigError("SigLIP 2's captioning decoder does not take NaFlex batches yet (its cross-attention "
-                          "has no patch mask); drop config.model.decoder or use a fixed-size pp_train.")
+    naflex_keys = [key for key in ("pp_train", "pp_eval") if pp_options(config, key) is not None]
+    if naflex_keys and config.model.get("decoder"):
+        raise ConfigError(f"SigLIP 2's captioning decoder does not take NaFlex batches yet (its cross-attention "
+                          f"has no patch mask); drop config.model.decoder or use a fixed-size {naflex_keys[0]}.")
 
 
 def _check_model(config, key: str, options: dict) -> None:
