@@ -11,7 +11,8 @@ from big_contrast.errors import ConfigError
 def random_image(height, width, seed=0):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), np.uint8))
 
-NAFLEX_PP = "decode|random_resized_crop(None, scale=(0.5, 1.0), ratio=(0.5, 2.0))|naflex(patch_size=4, max_num_patches=12)"
+NAFLEX_PP = ("decode|random_resized_crop(None, scale=(0.5, 1.0), ratio=(0.5, 2.0))"
+             "|naflex(patch_size=4, max_num_patches=12)")
 
 
 def demo_naflex_config(pp=NAFLEX_PP, batch_size=8):

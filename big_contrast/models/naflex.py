@@ -40,7 +40,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from big_contrast.models import transformer as tfm
 from big_contrast.models.two_towers import EMBEDDINGS_LOGICAL, l2_normalize
