@@ -230,3 +230,37 @@ def test_a_rotary_table_for_an_encoder_without_rope_is_refused():
     vit = ViT(vit_config(posemb="learn", rope="none"), rngs=nnx.Rngs(0))
     with pytest.raises(ConfigError, match="built without RoPE"):
         vit.encoder(vit.tokens(images()), rotary=rope.rotary_table(vit.token_positions(), 16))
+
+
+@pytest.mark.slow  # `make test-slow`: a demo training run and an evaluation
+def test_a_rope_demo_tower_trains_with_patch_dropout_and_evaluates_at_another_resolution(
+        tmp_path, capfd):
+    import pathlib
+    import sys
+
+    from big_contrast.commands.eval import evaluate_checkpoint
+    from big_contrast.train import train
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "configs"))
+    import demo
+
+    def rope_config(image_size, evals):
+        config = demo.get_config("sigmoid" if evals else "sigmoid,noeval")
+        config.batch_size, config.total_steps, config.log_every = 32, 3, 1
+        config.checkpoint_every = 3
+        config.data.sources.demo.size = 500
+        config.optimizer.warmup_steps = 0
+        config.model.image.update(posemb="none", rope="2d", patch_dropout=0.5, image_size=image_size)
+        config.data.pp_train = f"decode|resize({image_size})|value_range(-1, 1)"
+        config.data.pp_eval = f"decode|resize({image_size})|value_range(-1, 1)"
+        return config
+
+    result = train(rope_config(32, evals=False), tmp_path, progress=False)
+    assert np.isfinite(result["loss"])
+    capfd.readouterr()
+    results, step = evaluate_checkpoint(rope_config(64, evals=True), tmp_path)
+    err = capfd.readouterr().err
+    assert step == 3 and "Resampled" not in err, err  # RoPE has nothing to resample
+    for key in ("shape/top1", "colour/top1", "retrieval/i2t_recall@1"):
+        assert 0.0 <= results[key] <= 1.0, results
+    print({k: round(v, 3) for k, v in results.items() if "top1" in k or "recall@1" in k})
