@@ -264,3 +264,29 @@ def test_a_rope_demo_tower_trains_with_patch_dropout_and_evaluates_at_another_re
     for key in ("shape/top1", "colour/top1", "retrieval/i2t_recall@1"):
         assert 0.0 <= results[key] <= 1.0, results
     print({k: round(v, 3) for k, v in results.items() if "top1" in k or "recall@1" in k})
+
+
+@pytest.mark.parametrize("axis_types", ["auto", "explicit"])
+def test_sharded_rope_forward_with_patch_dropout_matches_unsharded(axis_types):
+    from big_contrast import sharding
+
+    cfg = dict(image=dict(variant="mu/8", image_size=32, num_heads=4, pool="tok", rope="2d",
+                          patch_dropout=0.5), text=dict(variant="mu", vocab_size=50, max_len=8),
+               embed_dim=16)
+    graphdef, state = nnx.split(random_model(cfg))
+    x, keys = images(batch=8), jax.random.split(jax.random.key(6), 8)
+    forward = jax.jit(lambda state, x, keys: nnx.merge(graphdef, state).embed_images(x, keys))
+    expected = forward(state, x, keys)
+    mesh = sharding.make_mesh((("data", 2), ("fsdp", 2), ("tensor", 2)), axis_types=axis_types)
+    data = jax.device_put((x, keys), sharding.batch_sharding(mesh))
+    with jax.set_mesh(mesh):
+        out = forward(sharding.shard_state(state, mesh), *data)
+    assert max_rel_err(out, expected) < 1e-5
+
+
+def test_bfloat16_inputs_are_rotated_in_float32_and_returned_in_bfloat16():
+    x = jax.random.normal(jax.random.key(7), (2, 5, 2, 8))
+    table = rope.rotary_table(rope.grid_positions((1, 5), False)[None], 8)
+    got = rope.apply_rotary(x.astype(jnp.bfloat16), table)
+    assert got.dtype == jnp.bfloat16
+    assert max_rel_err(got, rope.apply_rotary(x, table)) < 1e-2
