@@ -209,6 +209,7 @@ def test_default_towers_have_no_rotation():
 @pytest.mark.parametrize("overrides,message", [
     (dict(width=24, num_heads=4), "head dimension .* divisible by 4 .*, got 6;"),
     (dict(width=40, num_heads=4), "divisible by 4 .*, got 10;"),
+    (dict(width=20, num_heads=4), "divisible by 4 .*, got 5;"),
     (dict(rope="3d"), "rope='3d' is unknown"),
     (dict(rope_theta=1.0), "rope_theta=1.0 must be greater than 1"),
     (dict(rope="none", posemb="none"), "without any position information; set rope='2d'"),
