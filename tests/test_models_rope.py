@@ -177,6 +177,9 @@ def test_another_resolution_recomputes_positions_and_resamples_nothing():
                             rope="2d"), text=dict(variant="mu", vocab_size=50, max_len=8), embed_dim=16)
     cfg64 = dict(cfg32, image=dict(cfg32["image"], image_size=64))
     assert posemb.geometry(cfg32) == posemb.geometry(cfg64)  # no table: not a resampling
+    sincos = {size: dict(cfg32, image=dict(cfg32["image"], image_size=size, posemb="sincos2d"))
+              for size in (32, 64)}
+    assert posemb.geometry(sincos[32]) == posemb.geometry(sincos[64])  # recomputed, the same rule
     params = nnx.to_pure_dict(nnx.state(random_model(cfg32), nnx.Param))
     adapted, changes = posemb.adapt_params(params, cfg32, cfg64)
     assert changes == []
