@@ -307,7 +307,8 @@ def _siglip2_config(cfg: dict, *, pad_id: int, eos_id: int | None) -> dict:
 
 
 def read(directory) -> "Imported":
-    """An HF SiglipModel / CLIPModel directory as an ``Imported`` (model, weights, tokenizer, pp)."""
+    """An HF SiglipModel / Siglip2Model / CLIPModel directory as an ``Imported`` (model, weights,
+    tokenizer, pp)."""
     from big_contrast.interop import preprocess
     from big_contrast.interop.imported import Imported, expected_shapes, finish_scalars
 
