@@ -207,6 +207,100 @@ def test_two_stages_resume_exactly_before_at_and_after_the_boundary(straight_two
         np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7)
 
 
+# A real SIGKILL of a staged `big-contrast train` (the tests above stop cleanly in-process).
+
+KILL_BOUNDARY, KILL_TOTAL = 4, 16
+SWITCH_LINE = f"Stage 1 (steps {KILL_BOUNDARY}..{KILL_TOTAL}): image 32x32"
+
+
+def killable_two_stage_config(arg=None):
+    """16 px + 8 tokens to step 4, then 32 px + 16 tokens to step 16, a checkpoint every 2 steps:
+    long enough after a checkpoint that a kill lands before the end (the CLI's config file)."""
+    del arg
+    config = learned_config(total_steps=KILL_TOTAL)
+    config.checkpoint_every = 2
+    config.stages = (dict(until_step=KILL_BOUNDARY, image_size=16, max_len=8,
+                          pp_train="decode|resize(16)|value_range(-1, 1)"),
+                     dict(until_step=KILL_TOTAL))
+    return config
+
+
+def staged_cli(workdir, config_file):
+    import os
+
+    command = [sys.executable, "-m", "big_contrast.cli", "train", "--config", str(config_file),
+               "--workdir", str(workdir), "--noplot"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    return command, env
+
+
+@pytest.fixture(scope="module")
+def killable_config_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("killable") / "two_stages.py"
+    path.write_text(f"import sys\nsys.path.insert(0, {str(REPO / 'tests')!r})\n"
+                    "from test_train_resample import killable_two_stage_config as get_config  # noqa: F401\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def straight_killable(killable_config_file, tmp_path_factory):
+    import subprocess
+
+    workdir = tmp_path_factory.mktemp("straight_killable")
+    command, env = staged_cli(workdir, killable_config_file)
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert SWITCH_LINE in done.stdout, done.stdout[-3000:]
+    return workdir
+
+
+def saved_steps(workdir):
+    return sorted(int(p.name) for p in (workdir / CHECKPOINTS).iterdir() if p.name.isdigit())
+
+
+def last_logged_losses(workdir):
+    """The last loss logged for each step (a resumed run re-logs the steps it redoes)."""
+    from big_contrast.train.metrics import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
+
+
+@pytest.mark.parametrize("kill_after", [2, 6], ids=["before_the_boundary", "after_the_boundary"])
+def test_sigkill_of_a_staged_run_resumes_with_the_uninterrupted_losses(straight_killable, killable_config_file,
+                                                                       tmp_path, kill_after):
+    import signal
+    import subprocess
+    import time
+
+    workdir = tmp_path / "killed"
+    command, env = staged_cli(workdir, killable_config_file)
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    while not (workdir / CHECKPOINTS / str(kill_after)).is_dir():
+        assert proc.poll() is None, f"training exited early with {proc.returncode}: {proc.stdout.read()[-3000:]}"
+        assert time.time() < deadline, "no checkpoint to kill after"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    killed_out = proc.communicate()[0]
+    assert proc.returncode == -signal.SIGKILL
+    restored = saved_steps(workdir)[-1]  # what the resume starts from (the newest checkpoint)
+    assert kill_after <= restored < KILL_TOTAL, (restored, killed_out[-2000:])
+    if kill_after > KILL_BOUNDARY:  # killed in stage 1: the killed run had switched and said so
+        assert SWITCH_LINE in killed_out, killed_out[-3000:]
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # A resume in stage 0 crosses the boundary itself and logs the switch; one in stage 1 does not.
+    assert (SWITCH_LINE in resumed.stdout) == (restored < KILL_BOUNDARY), resumed.stdout[-3000:]
+    want, got = last_logged_losses(straight_killable), last_logged_losses(workdir)
+    assert sorted(want) == sorted(got) == list(range(1, KILL_TOTAL + 1))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-5), (step, got[step], want[step])
+    a, b = saved_arrays(straight_killable, KILL_TOTAL)["params"], saved_arrays(workdir, KILL_TOTAL)["params"]
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7)
+
+
 def test_plan_reports_memory_per_stage():
     from big_contrast.train.staged import stage_plans
 

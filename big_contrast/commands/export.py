@@ -1,10 +1,11 @@
 """big-contrast export: a workdir's model in another layout.
 
-    big-contrast export --workdir W --to hf OUT     # transformers SiglipModel / CLIPModel
+    big-contrast export --workdir W --to hf OUT     # transformers SiglipModel / Siglip2Model / CLIPModel
     big-contrast export --workdir W --to npz OUT    # big_vision SigLIP .npz
 
 Reads the latest (or --step) checkpoint of W. A workdir that was not imported (trained from
-scratch) needs --config for its model options.
+scratch) needs --config for its model options. A SigLIP 2 NaFlex import (its preprocessing
+``resize='naflex'``) exports as a ``Siglip2Model``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Hugging Face ``SiglipModel`` / ``CLIPModel`` directories in and out.
+"""Hugging Face ``SiglipModel`` / ``Siglip2Model`` / ``CLIPModel`` directories in and out.
 
 A directory holds ``config.json``, ``model.safetensors`` (or sharded ``*.safetensors``,
 or a torch ``pytorch_model.bin``), its tokenizer files and ``preprocessor_config.json``.
@@ -11,6 +11,15 @@ no padding mask pooled at the last position, a biased text head, ``logit_scale``
 ``logit_bias``. CLIP: class-token ViT with ``ln_pre`` and a bias-free patch embedding,
 a causal text tower pooled at the first EOS (or the largest id, for configs with the
 legacy ``eos_token_id=2``), bias-free projections and ``logit_scale``.
+
+SigLIP 2 NaFlex (``Siglip2Model``, ``model_type='siglip2'``): SigLIP's towers and names, with
+two differences. The patch embedding is a Linear over patches flattened (row, column,
+channel), read as the ViT's convolution kernel; the learned position table holds
+``num_patches`` rows, a square grid ``g x g``, and is kept at that grid: the imported image
+tower is a ``posemb='learn'`` ViT at ``image_size = g * patch_size`` whose NaFlex forward
+(``models/naflex.py``) resizes the table per image as transformers does. The preprocessing
+is ``Siglip2ImageProcessor``'s (``interop/preprocess.py``, ``resize='naflex'``), which is what
+marks an imported model as NaFlex (and makes ``export`` write a ``Siglip2Model`` back).
 """
 from __future__ import annotations
 
@@ -25,6 +34,7 @@ from big_contrast.interop import weights as w
 from big_contrast.models import variants
 
 FAMILIES = ("siglip", "clip")
+NAFLEX_TYPE = "siglip2"  # Siglip2Model: imported as the 'siglip' family with NaFlex preprocessing
 ACTS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu",
         "quick_gelu": "quick_gelu"}
 _HF_ACT = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu"}
@@ -43,13 +53,26 @@ def read_config(directory) -> dict:
 
 def family_of(hf_config: dict) -> str:
     model_type = hf_config.get("model_type")
+    if model_type == NAFLEX_TYPE:
+        return "siglip"
     if model_type not in FAMILIES:
-        hint = (" (SigLIP 2 NaFlex checkpoints have variable resolution, which this project "
-                "does not build; use a fixed-resolution SigLIP 2 checkpoint)"
-                if model_type == "siglip2" else "")
-        raise ConfigError(f"config.json model_type={model_type!r} has no counterpart here{hint}; "
-                          f"supported: {FAMILIES}.")
+        raise ConfigError(f"config.json model_type={model_type!r} has no counterpart here; "
+                          f"supported: {(*FAMILIES, NAFLEX_TYPE)}.")
     return model_type
+
+
+def is_naflex(hf_config: dict) -> bool:
+    return hf_config.get("model_type") == NAFLEX_TYPE
+
+
+def _naflex_grid(v: dict) -> int:
+    """The side of a Siglip2 position table's square grid (``num_patches`` rows)."""
+    rows = int(v.get("num_patches", 256))
+    grid = math.isqrt(rows)
+    if grid * grid != rows:
+        raise ConfigError(f"config.json vision_config.num_patches={rows} is not a square grid; "
+                          "Siglip2's position table is g x g patches (e.g. 256).")
+    return grid
 
 
 def _act(tower_cfg: dict, where: str) -> str:
@@ -95,9 +118,12 @@ def model_config(hf_config: dict) -> dict:
     v = {**tower, **dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
                          image_size=224, num_channels=3, patch_size=16 if siglip else 32,
                          layer_norm_eps=eps), **hf_config.get("vision_config", {})}
+    naflex = is_naflex(hf_config)
+    if naflex:  # the table's own grid (Siglip2VisionConfig has num_patches, no image_size)
+        v["image_size"] = _naflex_grid(v) * v["patch_size"]
     t = {**tower, **dict(vocab_size=32000 if siglip else 49408,
                          max_position_embeddings=64 if siglip else 77, layer_norm_eps=eps,
-                         pad_token_id=1, eos_token_id=2 if siglip else 49407),
+                         pad_token_id=1, eos_token_id=2 if siglip and not naflex else 49407),
          **hf_config.get("text_config", {})}
     image = dict(**_vision_size(v), image_size=v["image_size"], channels=v["num_channels"],
                  posemb="learn", act=_act(v, "vision_config"), norm_eps=v["layer_norm_eps"])
@@ -133,13 +159,15 @@ def family_of_model(cfg: dict) -> str:
     return models.family(cfg["loss"])
 
 
-def rules(cfg: dict) -> list[w.Rule]:
-    """Weight name map between this project's params and an HF SiglipModel / CLIPModel."""
+def rules(cfg: dict, naflex: bool = False) -> list[w.Rule]:
+    """Weight name map between this project's params and an HF SiglipModel / CLIPModel, or with
+    ``naflex`` a Siglip2Model (its patch embedding a Linear over flattened patches)."""
     family = family_of_model(cfg)
     image_depth, text_depth = depths(cfg)
     R = w.Rule
     vm, tm = "vision_model", "text_model"
-    out = [R("image/embedding/kernel", f"{vm}.embeddings.patch_embedding.weight", "conv"),
+    # NaFlex: torch [D, p*p*C] <-> our kernel [p, p, C, D] read as [p*p*C, D] ('lin_out').
+    out = [R("image/embedding/kernel", f"{vm}.embeddings.patch_embedding.weight", "lin_out" if naflex else "conv"),
            R("image/posemb", f"{vm}.embeddings.position_embedding.weight", "lead1"),
            R("text/embedding/embedding", f"{tm}.embeddings.token_embedding.weight"),
            R("text/posemb", f"{tm}.embeddings.position_embedding.weight", "lead1"),
@@ -225,9 +253,12 @@ def check_exportable(cfg: dict) -> str:
     return family
 
 
-def hf_config(cfg: dict, *, pad_id: int, eos_id: int | None) -> dict:
-    """``config.json`` of the transformers model that ``cfg`` matches."""
+def hf_config(cfg: dict, *, pad_id: int, eos_id: int | None, naflex: bool = False) -> dict:
+    """``config.json`` of the transformers model that ``cfg`` matches (with ``naflex`` a
+    Siglip2Model, its position table at the image tower's grid)."""
     family = check_exportable(cfg)
+    if naflex:
+        return _siglip2_config(cfg, pad_id=pad_id, eos_id=eos_id)
     image, text = cfg["image"], cfg["text"]
     isize, tsize = models.image_config(cfg), models.text_config(cfg)
     patch = isize.patch_size[0]  # variants are square: 'B/16' -> (16, 16)
@@ -256,26 +287,55 @@ def hf_config(cfg: dict, *, pad_id: int, eos_id: int | None) -> dict:
                 vision_config=vision)
 
 
+def _siglip2_config(cfg: dict, *, pad_id: int, eos_id: int | None) -> dict:
+    siglip = hf_config(cfg, pad_id=pad_id, eos_id=eos_id)  # the same towers, SiglipModel's names
+    if siglip["model_type"] != "siglip":
+        raise ConfigError("a NaFlex export needs the sigmoid (SigLIP) model; this one is CLIP's softmax.")
+    vision, text = dict(siglip["vision_config"]), dict(siglip["text_config"])
+    grid = models.image_config(cfg).grid
+    if grid[0] != grid[1]:
+        raise ConfigError(f"the image tower's position table is {grid[0]}x{grid[1]}; Siglip2Model's is a "
+                          "square grid: use a square image_size.")
+    del vision["image_size"]
+    vision.update(num_patches=grid[0] * grid[1], model_type="siglip2_vision_model")
+    text.update(model_type="siglip2_text_model")
+    return dict(architectures=["Siglip2Model"], model_type=NAFLEX_TYPE, text_config=text,
+                vision_config=vision)
+
+
 # ----------------------------------------------------------------------------- import
 
 
 def read(directory) -> "Imported":
-    """An HF SiglipModel / CLIPModel directory as an ``Imported`` (model, weights, tokenizer, pp)."""
+    """An HF SiglipModel / Siglip2Model / CLIPModel directory as an ``Imported`` (model, weights,
+    tokenizer, pp)."""
     from big_contrast.interop import preprocess
     from big_contrast.interop.imported import Imported, expected_shapes, finish_scalars
 
     directory = epath.Path(directory)
     config = read_config(directory)
-    family = family_of(config)
+    family, naflex = family_of(config), is_naflex(config)
     cfg = model_config(config)
     state = read_state(directory)
-    params = w.to_ours(rules(cfg), state, expected_shapes(cfg), str(directory))
+    params = w.to_ours(rules(cfg, naflex), state, expected_shapes(cfg), str(directory))
     cfg = finish_scalars(cfg, params)
     pp_path = directory / "preprocessor_config.json"
     pp_config = json.loads(pp_path.read_text()) if pp_path.exists() else {}
-    pp = preprocess.from_hf_preprocessor(pp_config, family)
+    pp = (_naflex_preprocess(pp_config, config) if naflex else
+          preprocess.from_hf_preprocessor(pp_config, family))
     return Imported(family, str(directory), cfg, params,
                     tokenizer_of(directory, family, cfg["text"]["max_len"]), pp)
+
+
+def _naflex_preprocess(pp_config: dict, hf_config: dict) -> dict:
+    from big_contrast.interop import preprocess
+
+    pp = preprocess.from_hf_naflex_preprocessor(pp_config)
+    patch = hf_config.get("vision_config", {}).get("patch_size", 16)
+    if pp["patch_size"] != patch:
+        raise ConfigError(f"preprocessor_config.json patch_size={pp['patch_size']} differs from the "
+                          f"model's vision_config.patch_size={patch}; fix the processor's patch_size.")
+    return pp
 
 
 _TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json")
@@ -338,14 +398,15 @@ def export(record, cfg: dict, out) -> list[str]:
     from big_contrast.interop import preprocess
 
     family = check_exportable(cfg)
+    naflex = record.preprocess.get("resize") == "naflex"
     out = epath.Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    state = fuse(w.to_theirs(rules(cfg), record.params))
+    state = fuse(w.to_theirs(rules(cfg, naflex), record.params))
     w.write_safetensors(out / "model.safetensors", state, metadata={"format": "pt"})
     settings = (record.tokenizer or {}).get("settings", {})
     pad_id = settings.get("pad_id", cfg["text"]["pad_id"])
     eos_id = settings.get("eos_id", cfg["text"]["eos_id"])
-    (out / "config.json").write_text(json.dumps(hf_config(cfg, pad_id=pad_id, eos_id=eos_id),
+    (out / "config.json").write_text(json.dumps(hf_config(cfg, pad_id=pad_id, eos_id=eos_id, naflex=naflex),
                                                 indent=1))
     pp = preprocess.to_hf_preprocessor(record.preprocess, family)
     (out / "preprocessor_config.json").write_text(json.dumps(pp, indent=1))

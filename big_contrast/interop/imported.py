@@ -101,20 +101,29 @@ file). LiT: in another config, copy MODEL["image"] into config.model.image, set
 config.model.lock_image = True and config.init_towers = {{"image": "{workdir}"}}.
 Evaluation uses the tokenizer in tokenizer/ and, as data.pp_eval (and pp_train), the
 checkpoint's own preprocessing as an op string: the same pixels as `interop.load`'s transform
-and the reference's image processor.
+and the reference's image processor.{naflex_doc}
 """
 import json
 import pathlib
 
 from big_contrast.data import demo_class_names
-from big_contrast.train import apply_arg, default_config
+from big_contrast.train import apply_arg, default_config, split_arg
 
 HERE = pathlib.Path(__file__).resolve().parent
 INTEROP = json.loads((HERE / "{interop_json}").read_text())
 MODEL = INTEROP["model"]
+PP = {pp_eval!r}
+# SigLIP 2 NaFlex (a Siglip2Model import): its patch size and budget, and the data pipeline's
+# NaFlex op string (selected by the `naflex` argument); None for a fixed-resolution model.
+NAFLEX = {naflex!r}
+PP_NAFLEX = {pp_naflex!r}
 
 
 def get_config(arg=None):
+    options, _ = split_arg(arg, ("naflex",))
+    if "naflex" in options and PP_NAFLEX is None:
+        raise ValueError("config argument 'naflex': this workdir's model is not a SigLIP 2 NaFlex import.")
+    pp = PP_NAFLEX if "naflex" in options else PP
     config = default_config()
     for key, value in MODEL.items():
         if isinstance(value, dict):
@@ -129,17 +138,25 @@ def get_config(arg=None):
     config.data.tokenizer = {tokenizer}
     config.data.max_len = MODEL["text"]["max_len"]
     config.data.lowercase = False
-    config.data.pp_eval = {pp_eval!r}
-    config.data.pp_train = {pp_eval!r}
+    config.data.pp_eval = pp
+    config.data.pp_train = pp
     split = dict(kind="demo", split="eval", size=96, image_size=64)
     for task in ("shape", "colour"):
         config.evals[task] = dict(
             type="zero_shot", class_names=demo_class_names(task), templates=("a photo of a {{}}.",),
             label_field=f"label/{{task}}", batch_size=32, every_steps=0,
             data=dict(sources={{"demo": split}}, label_keys=(f"label/{{task}}",)))
-    apply_arg(config, arg)
+    apply_arg(config, arg, flags=("naflex",))
     return config
 '''
+
+_NAFLEX_DOC = """
+
+SigLIP 2 NaFlex: the image tower is a learned-position-table ViT at the table's own grid
+({grid}x{grid} patches of {patch} px, image_size {image_size}); NAFLEX records the patch budget. By
+default data.pp_eval / pp_train resize to that square ({image_size} px, Pillow bilinear), where the
+fixed-resolution forward equals NaFlex's on square images; `--config {workdir}/config.py:naflex`
+uses the pipeline's NaFlex op instead (aspect kept under max_num_patches={max_num_patches})."""
 
 
 def write_workdir(workdir, imported: Imported, save_checkpoint) -> Workdir:
@@ -164,10 +181,25 @@ def write_workdir(workdir, imported: Imported, save_checkpoint) -> Workdir:
     workdir.interop.write_text(json.dumps(info, indent=1))
     workdir.imported_config.write_text(_CONFIG_TEMPLATE.format(
         workdir=workdir, source=imported.source, family=imported.family, interop_json=workdir.interop.name,
-        tokenizer=tokenizer, pp_eval=preprocess.pp_string(imported.preprocess)))
+        tokenizer=tokenizer, **_pp_fields(imported, workdir)))
     config = load_config(workdir.imported_config)
     save_checkpoint(config, workdir, nest(imported.params))
     return workdir
+
+
+def _pp_fields(imported: Imported, workdir) -> dict:
+    """The config template's preprocessing: the checkpoint's op string; for NaFlex the square at
+    the position table's grid by default, the NaFlex op string and its options."""
+    settings = imported.preprocess
+    if settings["resize"] != "naflex":
+        return dict(pp_eval=preprocess.pp_string(settings), naflex=None, pp_naflex=None, naflex_doc="")
+    vit = models.image_config(imported.model_config)
+    naflex = dict(patch_size=int(settings["patch_size"]), max_num_patches=int(settings["max_num_patches"]))
+    doc = _NAFLEX_DOC.format(grid=vit.grid[0], patch=vit.patch_size[0], image_size=vit.image_size[0],
+                             workdir=workdir, max_num_patches=naflex["max_num_patches"])
+    square = preprocess.square_equivalent(settings, vit.image_size[0])
+    return dict(pp_eval=preprocess.pp_string(square), naflex=naflex, pp_naflex=preprocess.pp_string(settings),
+                naflex_doc=doc)
 
 
 def load_config(path):
