@@ -554,6 +554,9 @@ def test_what_has_no_counterpart_fails_with_a_sentence(hf_siglip, tmp_path):
     from big_contrast import models
     with pytest.raises(ValueError, match="image.pool='gap'"):
         hf.check_exportable(models.resolve_config(cfg))
+    cfg["image"].update(pool="map", rope="2d")  # a RoPE tower would export without its rotation
+    with pytest.raises(ValueError, match="image.rope='2d'"):
+        hf.check_exportable(models.resolve_config(cfg))
 
 
 def test_checkpoint_arrays_restore_on_fewer_devices_than_wrote_them(tmp_path):

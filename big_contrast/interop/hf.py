@@ -242,6 +242,8 @@ def check_exportable(cfg: dict) -> str:
                  text=dict(causal=True, pool="eos", head=True, head_bias=False)))
     wrong = [f"{tower}.{k}={cfg[tower][k]!r} (needs {v!r})" for tower, fields in want.items()
              for k, v in fields.items() if cfg[tower][k] != v]
+    if image.get("rope", "none") != "none":  # neither transformers model rotates q and k
+        wrong.append(f"image.rope={image['rope']!r} (needs 'none')")
     width = models.image_config(cfg).width
     if family == "siglip" and cfg.get("embed_dim") not in (None, width):
         wrong.append(f"embed_dim={cfg['embed_dim']} (needs the image width {width})")
