@@ -88,6 +88,68 @@ def test_gradient_caching_micro_batches_the_captioning_term_exactly():
     np.testing.assert_allclose(float(m1["loss/caption"]), float(expected), rtol=1e-5)
 
 
+def locca_batch(n, seed=4):
+    """A batch with LocCa's fields: rows of the three tasks, a forced prefix of 1-3 tokens each."""
+    batch = batch_of(n, seed)
+    rng = np.random.default_rng(seed)
+    targets = np.asarray(batch["text"]).copy()
+    task = np.arange(n, dtype=np.int32) % 3
+    mask = targets != 0
+    for row in range(n):
+        mask[row, :1 + task[row]] = False  # the task token (+ a prompt): input only
+    return dict(batch, decoder_targets=jnp.asarray(targets), decoder_mask=jnp.asarray(mask),
+                decoder_task=jnp.asarray(task))
+
+
+def test_gradient_caching_with_locca_targets_equals_one_pass_and_masks_the_prefix():
+    """The decoder's own targets and loss mask (LocCa) through 4 micro-batches equal one pass; the
+    value is the mean over the mask's tokens, with CapPa's parallel rows among caption rows only."""
+    cfg = tiny_model_config(parallel_fraction=0.5)
+    graphdef, params, rest = nnx.split(random_model(cfg), nnx.Param, ...)
+    params = nnx.to_pure_dict(params)
+    terms = siglip2.Terms(caption_weight=0.7, parallel_fraction=0.5, pad_id=0)
+    batch = locca_batch(12)
+
+    def run(micro):
+        value, aux, grads = loss_and_grads(graphdef, params, rest, batch, loss=LossSpec("sigmoid", "dense"),
+                                           mesh=None, axis=None, microbatches=micro, step=jnp.int32(5),
+                                           seed=1, terms=terms)
+        return value, aux["terms"], grads
+
+    (v1, m1, g1), (v4, m4, g4) = (jax.jit(run, static_argnums=0, compiler_options=FAST)(k) for k in (1, 4))
+    assert rel_err(float(v4), float(v1)) < 1e-5
+    assert rel_err(float(m4["loss/caption"]), float(m1["loss/caption"])) < 1e-5
+    flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])  # noqa: E731
+    assert rel_err(flat(g4), flat(g1)) < 1e-4
+
+    model = nnx.merge(graphdef, params, rest)
+    _, tokens = model.embed_images_with_tokens(batch["image"])
+    keys = jax.vmap(lambda k: jax.random.fold_in(k, siglip2.DECODER_STREAM))(
+        jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(jax.random.key(1), 5), r))(jnp.arange(12)))
+    drawn = dec.parallel_rows(keys, 0.5)
+    parallel = drawn & (batch["decoder_task"] == 0)
+    assert bool(jnp.any(parallel)) and bool(jnp.any(drawn & (batch["decoder_task"] != 0)))  # the rule bites
+    logits = model.decoder(tokens, batch["decoder_targets"], parallel_b=parallel)
+    sums, counts = dec.caption_loss_sums(logits, batch["decoder_targets"], 0, batch["decoder_mask"])
+    np.testing.assert_allclose(float(m1["loss/caption"]), float(sums.sum() / counts.sum()), rtol=1e-5)
+    unmasked = dec.caption_loss(logits, batch["decoder_targets"], 0)
+    assert abs(float(unmasked) - float(m1["loss/caption"])) > 1e-3  # the prefix is really left out
+
+
+def test_locca_targets_need_a_decoder_that_holds_their_tokens():
+    from big_contrast.errors import ConfigError
+
+    config = demo.get_config("siglip2,locca,noeval")
+    assert config.model.decoder.vocab_size == siglip2.decoder_vocab_size(config.data) == 128 + 32 + 3
+    assert siglip2.terms_from_config(config).caption_weight == 1.0
+    config.model.decoder.vocab_size = 128
+    with pytest.raises(ConfigError, match="vocab_size=128 is too small .* set it to 163"):
+        siglip2.terms_from_config(config)
+    config.model.decoder = None
+    with pytest.raises(ConfigError, match="needs a decoder"):
+        siglip2.terms_from_config(config)
+
+
 @pytest.mark.slow
 def test_a_tiny_run_with_a_decoder_logs_the_captioning_loss(tmp_path):
     config = train_config(total_steps=2, checkpoint_every=100)
