@@ -62,6 +62,10 @@ def test_the_three_task_sequences_and_their_loss_masks():
         assert out["decoder_targets"].max() < vocab.vocab_size
         np.testing.assert_array_equal(out["decoder_box"], np.float32(region[0]) if task != "caption" else 0)
     assert targets(caption)["decoder_targets"].tolist()[:len(words) + 2] == expected["caption"][0]  # no regions
+    joint = LocationTargets(TOKENIZER, 16, num_bins=100, task_weights={"grounded": 1}, grounded_predicts_box=True)
+    out = joint(caption, [region], np.random.default_rng(0))  # LocCa's joint GCAP: the box is predicted too
+    sequence = expected["grounded"][0]
+    assert out["decoder_mask"].tolist() == [1 <= i < len(sequence) for i in range(16)]
 
 
 def test_captioning_alone_is_the_text_towers_encoding():

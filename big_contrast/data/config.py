@@ -39,7 +39,7 @@
                        retries, timeout_s, backoff_s (see `streaming/pipeline.py`)
     decoder_targets    None, or LocCa's decoder targets (`location_targets.py`): dict(num_bins=1024,
                        task_weights={'caption': 1, 'referring': 1, 'grounded': 1},
-                       text_vocab_size=None); batches then hold 'decoder_targets' [L],
+                       text_vocab_size=None, grounded_predicts_box=False); batches then hold 'decoder_targets' [L],
                        'decoder_mask' [L], 'decoder_task', 'decoder_box' [4] from each
                        record's caption and `boxes` (sources: manifest `boxes_key`, demo `boxes`)
     keep_freed_memory  tune glibc malloc in the decoding processes (the workers, or this

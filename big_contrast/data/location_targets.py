@@ -9,7 +9,9 @@ tasks told apart by a task prefix (here one token, first in the sequence):
     grounded     <gnd>  y0 x0 y1 x1   phrase words    EOS     loss on: phrase words, EOS
 
 (the task token and the prompt -- a referring expression's phrase, a grounded caption's box --
-are forced inputs: given, not predicted; `decoder_mask` is False on them). A box is
+are forced inputs: given, not predicted; `decoder_mask` is False on them). LocCa's GCAP predicts
+box and caption jointly; `grounded_predicts_box=True` puts the grounded box tokens in the loss
+for that reading (the box is then predicted, not a prompt). A box is
 (ymin, xmin, ymax, xmax) in [0, 1] of the image, PaLI / PaliGemma's order; each coordinate is
 quantised into `num_bins` uniform bins (bin = floor(c * N), clipped to N - 1; its value back is
 the bin's centre, so a round trip is within half a bin) and written as the token
@@ -191,12 +193,15 @@ class LocationTargets:
       task_prefix: False: captioning alone, no task token (then regions are an error).
       boxes_key, phrases_key: the record fields `from_record` reads.
       text_vocab_size: where the location tokens start (>= the tokenizer's vocabulary; default it).
+      grounded_predicts_box: grounded captions predict their box too (LocCa's joint GCAP).
     """
 
     def __init__(self, tokenizer, max_len: int, *, num_bins: int = 1024,
                  task_weights: Mapping[str, float] | None = None, task_prefix: bool = True,
-                 boxes_key: str = "boxes", phrases_key: str = "phrases", text_vocab_size: int | None = None):
+                 boxes_key: str = "boxes", phrases_key: str = "phrases", text_vocab_size: int | None = None,
+                 grounded_predicts_box: bool = False):
         self.tokenizer, self.max_len, self.task_prefix = tokenizer, int(max_len), bool(task_prefix)
+        self.grounded_predicts_box = bool(grounded_predicts_box)
         self.boxes_key, self.phrases_key = boxes_key, phrases_key
         text_vocab_size = int(tokenizer.vocab_size) if text_vocab_size is None else text_vocab_size
         if text_vocab_size < tokenizer.vocab_size:
@@ -231,7 +236,7 @@ class LocationTargets:
         words = self._words(phrase, self.max_len - 6)
         if task == "referring":
             return prefix + words + loc + [eos], 1 + len(words)
-        return prefix + loc + words + [eos], 1 + len(loc)
+        return prefix + loc + words + [eos], 1 if self.grounded_predicts_box else 1 + len(loc)
 
     def __call__(self, caption: str, regions: Sequence = (), rng: np.random.Generator | None = None) -> dict:
         task, region = "caption", None
@@ -262,7 +267,7 @@ class LocationTargets:
 
 # `config.data.decoder_targets`: None (the decoder predicts the text tower's caption tokens, as
 # before) or a dict of these fields; its max_len is `config.data.max_len`.
-TARGETS_FIELDS = {"num_bins": 1024, "task_weights": None, "text_vocab_size": None}
+TARGETS_FIELDS = {"num_bins": 1024, "task_weights": None, "text_vocab_size": None, "grounded_predicts_box": False}
 
 
 def targets_from_config(section, tokenizer, max_len: int) -> LocationTargets | None:
