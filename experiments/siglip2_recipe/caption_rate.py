@@ -11,6 +11,8 @@ so each colour and each shape is equally frequent). Prints, and writes to
 caption_rate.json: `names_colour` / `names_shape` / `names_all` (the greedy caption names exactly
 the reference's colour / shape / both), the n-gram score and the teacher-forced loss, beside the
 rates a blind guesser reaches (1/8, 1/6, 1/48). The README's SigLIP 2 section quotes the result.
+`--arg siglip2,locca` trains LocCa's three tasks on the demo's boxes and adds the referring
+evaluator's box IoU / accuracy@0.5 (`refer/*`).
 """
 from __future__ import annotations
 
@@ -29,16 +31,17 @@ import demo  # noqa: E402
 from big_contrast.train import train  # noqa: E402
 from big_contrast.train.metrics import read_metrics  # noqa: E402
 
-CHANCE = {"names_colour": 1 / 8, "names_shape": 1 / 6, "names_all": 1 / 48}
+CHANCE = {"captions/names_colour": 1 / 8, "captions/names_shape": 1 / 6, "captions/names_all": 1 / 48}
 
 
 def caption_config(steps: int, seed: int, arg: str = "siglip2"):
     config = demo.get_config(arg)
     config.update(total_steps=steps, log_every=max(steps // 10, 1), checkpoint_every=10 * steps, seed=seed)
     config.optimizer.warmup_steps = min(50, max(steps // 10, 1))
-    captions = config.evals.captions
-    captions.every_steps = 0  # once, at the end
-    config.evals = dict(captions=captions)
+    kept = {name: config.evals[name] for name in ("captions", "refer") if name in config.evals}  # refer: LocCa
+    for evaluator in kept.values():
+        evaluator.every_steps = 0  # once, at the end
+    config.evals = kept
     return config
 
 
@@ -54,10 +57,10 @@ def main():
         workdir = args.workdir or scratch
         train(caption_config(args.steps, args.seed, args.arg), workdir, progress=False)
         rows = read_metrics(workdir)
-    metrics = {k.split("/", 1)[1]: v for r in rows for k, v in r.items() if k.startswith("captions/")}
+    metrics = {k: v for r in rows for k, v in r.items() if k.startswith(("captions/", "refer/"))}
     result = dict(arg=args.arg, steps=args.steps, seed=args.seed, wall_s=round(time.time() - start),
                   chance=CHANCE, **metrics)
-    (HERE / "caption_rate.json").write_text(json.dumps(result, indent=1) + "\n")
+    (HERE / f"caption_rate_{args.arg.replace(',', '_')}_{args.steps}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 
 
