@@ -117,6 +117,7 @@ def decoder_vocab_size(data_config, text_vocab_size: int | None = None) -> int:
     if text_vocab_size is not None:
         section["text_vocab_size"] = text_vocab_size
     tokenizer = make_tokenizer(data_config.tokenizer, data_config.lowercase)
+    # (the length does not change the vocabulary; at least 7 so a short max_len fails in the pipeline, not here)
     return targets_from_config(section, tokenizer, max(data_config.max_len, 7)).vocab.vocab_size
 
 
