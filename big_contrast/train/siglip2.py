@@ -107,6 +107,11 @@ def terms_from_config(config) -> Terms | None:
     return Terms(caption_weight=weight, parallel_fraction=decoder.parallel_fraction, pad_id=decoder.pad_id)
 
 
+def batch_fields_of(config) -> tuple[str, ...]:
+    """The batch fields LocCa adds to what the train step reads (none without decoder targets)."""
+    return DECODER_FIELDS if config.data.get("decoder_targets") is not None else ()
+
+
 def decoder_vocab_size(data_config, text_vocab_size: int | None = None) -> int:
     """The decoder vocabulary LocCa's targets need (text + location + task tokens) for a data
     section with `decoder_targets`; `text_vocab_size` overrides the section's (a config helper)."""
