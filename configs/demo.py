@@ -5,7 +5,8 @@ Tiny two towers on the built-in demo shapes; trains on a 2-core CPU in about 4 m
 Softmax (CLIP) loss with the ring engine over the simulated devices (`make demo` sets
 XLA_FLAGS to one device per core). The argument is a comma-separated list:
 `configs/demo.py:sigmoid` trains the SigLIP loss instead, `:siglip2` the sigmoid loss with SigLIP 2's
-captioning decoder (LocCa / CapPa, `siglip2()` below; README "SigLIP 2"), `:naflex` feeds SigLIP 2's
+captioning decoder (LocCa / CapPa, `siglip2()` below; README "SigLIP 2"), `:siglip2,locca` adds LocCa's
+referring-expression and grounded-caption targets from the shapes' boxes (`locca()` below), `:naflex` feeds SigLIP 2's
 NaFlex inputs (each crop at its own aspect ratio under a 16-patch budget, `naflex()` below;
 README "Resolution"), `:noeval` skips the evaluators (e.g.
 `configs/demo.py:sigmoid,noeval`), `:short_prompts` evaluates with one short prompt per value
@@ -30,7 +31,7 @@ import ml_collections
 from big_contrast.data import demo_class_names, demo_templates
 from big_contrast.train import apply_arg, default_config, split_arg
 
-FLAGS = ("sigmoid", "softmax", "noeval", "short_prompts", "siglip2", "naflex")
+FLAGS = ("sigmoid", "softmax", "noeval", "short_prompts", "siglip2", "locca", "naflex")
 # One core of this machine's AVX-512 EPYC per simulated device: 2 FMA pipes x 8 f32 lanes x
 # 2 flops x ~3 GHz. Set your chip's peak when you run elsewhere.
 PEAK_FLOPS_PER_CORE = 100e9
@@ -39,8 +40,9 @@ PP_TRAIN = f"decode|random_resized_crop({IMAGE_SIZE}, scale=(0.6, 1.0), ratio=(0
 PP_EVAL = f"decode|resize({IMAGE_SIZE})|value_range(-1, 1)"
 
 
-def eval_split(label_keys=(), pairs="all", size=480):
-    return dict(sources={"demo": dict(kind="demo", split="eval", size=size, image_size=IMAGE_SIZE, pairs=pairs)},
+def eval_split(label_keys=(), pairs="all", size=480, **source):
+    return dict(sources={"demo": dict(kind="demo", split="eval", size=size, image_size=IMAGE_SIZE, pairs=pairs,
+                                      **source)},
                 label_keys=tuple(label_keys))
 
 
@@ -55,6 +57,8 @@ def get_config(arg=None):
     if {"sigmoid", "softmax"} <= options:
         raise ValueError("configs/demo.py takes one of 'sigmoid' and 'softmax', not both")
     loss = "sigmoid" if options & {"sigmoid", "siglip2"} else "softmax"
+    if "locca" in options and "siglip2" not in options:
+        raise ValueError("configs/demo.py: 'locca' adds targets to SigLIP 2's decoder; use 'siglip2,locca'")
     config = default_config()
     config.seed = 0
     config.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
@@ -83,6 +87,8 @@ def get_config(arg=None):
         naflex(config)
     if "siglip2" in options:
         siglip2(config, every=0)
+    if "locca" in options:
+        locca(config, every=0)
     if "noeval" in options:
         apply_arg(config, arg, flags=FLAGS)
         return config
@@ -94,6 +100,8 @@ def get_config(arg=None):
                                   data=eval_split())
     if "siglip2" in options:
         siglip2(config, every)
+    if "locca" in options:
+        locca(config, every)
     apply_arg(config, arg, flags=FLAGS)
     return config
 
@@ -119,3 +127,30 @@ def siglip2(config, every):
         config.evals.captions = dict(type="captioning", text_field="text", length=config.data.max_len,
                                      batch_size=96, every_steps=every, data=eval_split(),
                                      names=dict(colour=demo_class_names("colour"), shape=demo_class_names("shape")))
+
+
+LOCCA_BINS = 32  # one bin per pixel of the 32 px demo images (PaliGemma uses 1024)
+
+
+def locca_targets(**task_weights):
+    """`config.data.decoder_targets` of the demo: location tokens after the text tower's 128 ids."""
+    return dict(num_bins=LOCCA_BINS, text_vocab_size=128, task_weights=task_weights or None)
+
+
+def locca(config, every):
+    """LocCa's three tasks at demo size: the demo source emits each shape's box with its phrase
+    ("red circle"), each example draws captioning, referring expression or grounded captioning
+    (equal odds), the decoder's vocabulary grows by the location and task tokens, and training
+    resizes without cropping (boxes are fractions of the whole image). With `every` > 0 the
+    captioning evaluator captions from the task token and a `referring` evaluator scores boxes."""
+    from big_contrast.train.siglip2 import decoder_vocab_size
+
+    config.data.sources.demo.boxes = True
+    config.data.pp_train = PP_EVAL
+    config.data.decoder_targets = locca_targets()
+    config.model.decoder.vocab_size = decoder_vocab_size(config.data)
+    if every:
+        config.evals.captions.data = dict(eval_split(), decoder_targets=locca_targets(caption=1))
+        config.evals.refer = dict(type="referring", num_bins=LOCCA_BINS, text_vocab_size=128, batch_size=96,
+                                  every_steps=every, data=dict(eval_split(boxes=True),
+                                                               decoder_targets=locca_targets(referring=1)))

@@ -10,7 +10,7 @@ from big_contrast.data.demo import demo_vocabulary
 from big_contrast.data.errors import REASON_INDEX, SkipCounter, SkipRecord
 from big_contrast.data.location_targets import (TASKS, LocationTargets, LocationVocab, box_iou, box_tokens,
                                                 check_pp_keeps_boxes, dequantize, parse_regions, quantize,
-                                                tokens_to_box)
+                                                targets_from_config, tokens_to_box)
 from big_contrast.data.tokenizer import PAD_ID, WordTokenizer, encode_fixed
 
 TOKENIZER = WordTokenizer(demo_vocabulary())
@@ -49,7 +49,7 @@ def test_the_three_task_sequences_and_their_loss_masks():
     expected = {
         "caption": ([vocab.task_id("caption")] + words + [EOS], 1),
         "referring": ([vocab.task_id("referring")] + phrase + loc + [EOS], 1 + len(phrase)),
-        "grounded": ([vocab.task_id("grounded")] + loc + phrase + [EOS], 1),
+        "grounded": ([vocab.task_id("grounded")] + loc + phrase + [EOS], 5),  # the box is the prompt
     }
     for task, (sequence, first_loss) in expected.items():
         weights = {t: float(t == task) for t in TASKS}
@@ -60,7 +60,12 @@ def test_the_three_task_sequences_and_their_loss_masks():
         assert out["decoder_mask"].tolist() == [first_loss <= i < len(sequence) for i in range(16)]
         assert int(out["decoder_task"]) == TASKS.index(task)
         assert out["decoder_targets"].max() < vocab.vocab_size
+        np.testing.assert_array_equal(out["decoder_box"], np.float32(region[0]) if task != "caption" else 0)
     assert targets(caption)["decoder_targets"].tolist()[:len(words) + 2] == expected["caption"][0]  # no regions
+    joint = LocationTargets(TOKENIZER, 16, num_bins=100, task_weights={"grounded": 1}, grounded_predicts_box=True)
+    out = joint(caption, [region], np.random.default_rng(0))  # LocCa's joint GCAP: the box is predicted too
+    sequence = expected["grounded"][0]
+    assert out["decoder_mask"].tolist() == [1 <= i < len(sequence) for i in range(16)]
 
 
 def test_captioning_alone_is_the_text_towers_encoding():
@@ -164,6 +169,8 @@ def test_box_iou_against_hand_values():
     (lambda: LocationTargets(TOKENIZER, 16, task_weights={"caption": 0}), "task_weights"),
     (lambda: LocationTargets(TOKENIZER, 16, num_bins=0), "num_bins"),
     (lambda: LocationVocab(10).task_id("detect"), "unknown decoder task"),
+    (lambda: LocationTargets(TOKENIZER, 16, text_vocab_size=TOKENIZER.vocab_size - 1), "text_vocab_size"),
+    (lambda: targets_from_config({"bins": 8}, TOKENIZER, 16), "unknown field"),
     (lambda: check_pp_keeps_boxes("decode|random_resized_crop(224)|value_range(-1, 1)"), "move the boxes"),
     (lambda: check_pp_keeps_boxes("decode|resize(224)|flip_lr"), "move the boxes"),
 ])
@@ -172,3 +179,14 @@ def test_bad_options_fail_with_one_sentence(call, words):
         call()
     assert "\n" not in str(error.value) and str(error.value).endswith(".")
     check_pp_keeps_boxes("decode|resize(224)|value_range(-1, 1)")  # SigLIP's training pp keeps them
+
+
+def test_location_tokens_may_start_after_the_text_towers_vocabulary():
+    """A run sets text_vocab_size to the text tower's vocabulary (128 on the demo), so the decoder's
+    size follows from the model config; the config section builds the same targets."""
+    targets = targets_from_config({"num_bins": 32, "text_vocab_size": 128, "task_weights": {"referring": 1}},
+                                  TOKENIZER, 16)
+    assert targets.vocab.vocab_size == 128 + 32 + 3 and targets_from_config(None, TOKENIZER, 16) is None
+    out = targets("a red circle", [((0.0, 0.5, 0.5, 1.0), "red circle")], np.random.default_rng(0))
+    assert out["decoder_targets"][3:7].tolist() == [128 + 0, 128 + 16, 128 + 16, 128 + 31]
+    assert int(out["decoder_task"]) == TASKS.index("referring")

@@ -124,6 +124,50 @@ def test_greedy_captions_equal_argmax_decoding_one_position_at_a_time():
         np.testing.assert_array_equal(captions[row], tokens)
 
 
+def test_a_loss_mask_keeps_a_forced_prefix_out_of_the_loss():
+    """LocCa: the task token and a referring phrase are inputs only; the mask narrows the padding rule."""
+    rng = np.random.default_rng(7)
+    logits = rng.normal(size=(3, LENGTH, VOCAB)).astype(np.float32)
+    targets = rng.integers(1, VOCAB, size=(3, LENGTH))
+    targets[1, 5:] = 0
+    mask = np.zeros((3, LENGTH), bool)
+    mask[0, 2:] = True
+    mask[1, 3:] = True  # reaches into row 1's padding: padding still counts for nothing
+    mask[2, 1] = True
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+    counted = mask & (targets != 0)
+    sums, counts = caption_loss_sums(jnp.asarray(logits), jnp.asarray(targets), 0, jnp.asarray(mask))
+    np.testing.assert_array_equal(counts, counted.sum(1))
+    np.testing.assert_allclose(sums, np.where(counted, nll, 0).sum(1), rtol=1e-5)
+    moved = logits.copy()
+    moved[~counted] += 5.0  # logits at prefix / padding positions do not move the loss
+    np.testing.assert_allclose(caption_loss_sums(jnp.asarray(moved), jnp.asarray(targets), 0, jnp.asarray(mask))[0],
+                               sums, rtol=1e-6)
+
+
+def test_greedy_decoding_after_a_forced_prefix_equals_argmax_one_position_at_a_time():
+    """Rows copy their prefix (an EOS in it does not stop them), then continue by argmax; a row
+    with an empty prefix decodes as without one."""
+    decoder = random_decoder(seed=8, eos_id=3)
+    encoded, prompts = inputs(8, batch=3)
+    prompts = prompts.at[0, 1].set(3)  # an EOS inside row 0's prefix
+    prefix_len = jnp.asarray([3, 0, 2], jnp.int32)
+    captions = np.asarray(jax.jit(lambda e, p, n: greedy_captions(decoder, e, LENGTH, prefix_bl=p, prefix_len_b=n))(
+        encoded, prompts, prefix_len))
+    for row in range(3):
+        tokens, done = [int(x) for x in prompts[row, :int(prefix_len[row])]], False
+        for t in range(len(tokens), LENGTH):
+            if done:
+                tokens.append(0)
+                continue
+            padded = jnp.asarray([tokens + [0] * (LENGTH - t)], jnp.int32)
+            tokens.append(int(jnp.argmax(decoder(encoded[row:row + 1], padded)[0, t])))
+            done = tokens[-1] == 3
+        np.testing.assert_array_equal(captions[row], tokens)
+    np.testing.assert_array_equal(captions[1], np.asarray(greedy_captions(decoder, encoded, LENGTH))[1])
+
+
 def test_cross_attention_ignores_masked_patch_tokens(decoder):
     encoded, targets = inputs(6)
     valid = jnp.asarray([[True] * 3 + [False] * 2] * 3)

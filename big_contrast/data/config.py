@@ -37,6 +37,11 @@
                        (fixed per run; must divide B and be a multiple of the host count),
                        shuffle_buffer, interleave, read_ahead, chunk_bytes, max_requests,
                        retries, timeout_s, backoff_s (see `streaming/pipeline.py`)
+    decoder_targets    None, or LocCa's decoder targets (`location_targets.py`): dict(num_bins=1024,
+                       task_weights={'caption': 1, 'referring': 1, 'grounded': 1},
+                       text_vocab_size=None, grounded_predicts_box=False); batches then hold 'decoder_targets' [L],
+                       'decoder_mask' [L], 'decoder_task', 'decoder_box' [4] from each
+                       record's caption and `boxes` (sources: manifest `boxes_key`, demo `boxes`)
     keep_freed_memory  tune glibc malloc in the decoding processes (the workers, or this
                        process when num_workers=0) to keep freed memory instead of returning
                        it to the OS: ~25% less CPU per 224 px image (`memory.py`)
@@ -74,6 +79,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.max_skip_fraction = 0.1
     config.min_seen = 1000
     config.keep_freed_memory = True
+    config.decoder_targets = None  # LocCa (location_targets.py): box targets for the SigLIP 2 decoder
     from big_contrast.data.streaming.pipeline import STREAMING_DEFAULTS
 
     config.streaming = ml_collections.ConfigDict(STREAMING_DEFAULTS)  # used by kind='stream' sources

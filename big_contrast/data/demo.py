@@ -24,6 +24,10 @@ shuffles (`group_size` in `sources.py`), so each batch holds about B / G such gr
 them almost every in-batch negative already differs from its positive in colour, size or
 position once those are learnt, and shape gets about one negative per row to learn from
 (experiments/demo_recipe).
+`boxes=True` adds the shape's bounding box, a LocCa region (`data/location_targets.py`):
+`'boxes': [{'box': [ymin, xmin, ymax, xmax], 'phrase': '<colour> <shape>'}]`, fractions of the
+image side, computed from the same geometry the drawing uses (`shape_box`); it holds for the
+whole image, so train with a pp that does not crop (`resize`).
 `captions='names'` replaces the five captions by the colour-shape class name alone ("red
 circle"): 42 distinct training captions, so most in-batch negatives repeat the positive's
 caption (the duplicate-caption case of experiments/loss_vs_batch). `colours=('red',)` keeps
@@ -178,7 +182,7 @@ class DemoSource:
 
     def __init__(self, split: str = "train", size: int | None = None, image_size: int = 64,
                  pairs: str = "all", captions: str = "full", colours: tuple[str, ...] | None = None,
-                 group_size: int = 1):
+                 group_size: int = 1, boxes: bool = False):
         if split not in _SPLIT_SEEDS:
             raise ConfigError(f"demo split must be one of {sorted(_SPLIT_SEEDS)}, got {split!r}")
         if pairs not in ("all", "held_out") or (pairs == "held_out" and split != "eval"):
@@ -195,6 +199,7 @@ class DemoSource:
         self.split, self.image_size, self.caption_style = split, image_size, captions
         self.size = size or DEFAULT_SIZES[split]
         self.group_size = int(group_size)
+        self.boxes = bool(boxes)  # LocCa regions: the shape's box (shape_box)
         self._encoded: dict[int, bytes] = {}
         held_out = set(HELD_OUT)
         all_pairs = [(c, s) for c in COLOURS for s in SHAPES]
@@ -282,7 +287,8 @@ class DemoSource:
         index = int(index)
         attributes = self.attributes(index)
         colour, shape, size, position, _ = attributes
-        return {
+        regions = {"boxes": [{"box": shape_box(self, index), "phrase": f"{colour} {shape}"}]} if self.boxes else {}
+        return {**regions,
             "image": self._encoded_image(index, attributes),
             "captions": self._captions(colour, shape, size, position),
             "key": f"demo-{self.split}-{index}",
@@ -300,9 +306,9 @@ class DemoSource:
 
 def demo_source(split: str = "train", size: int | None = None, image_size: int = 64,
                 pairs: str = "all", captions: str = "full",
-                colours: tuple[str, ...] | None = None, group_size: int = 1) -> DemoSource:
+                colours: tuple[str, ...] | None = None, group_size: int = 1, boxes: bool = False) -> DemoSource:
     """The demo data as a random-access source (`len`, `[i]`)."""
-    return DemoSource(split, size, image_size, pairs, captions, colours, group_size)
+    return DemoSource(split, size, image_size, pairs, captions, colours, group_size, boxes)
 
 
 # Per-patch labels for dense-feature probes (evaluate/dense_probe.py). Added beside the drawing
@@ -322,6 +328,18 @@ def shape_geometry(source: DemoSource, index: int) -> tuple[str, float, float, f
     cx, cy = np.array(POSITIONS[position]) + rng.uniform(-0.04, 0.04, size=2)
     r = SIZES[size] * rng.uniform(0.92, 1.08) / 2
     return shape, float(cx), float(cy), float(r)
+
+
+def shape_box(source: DemoSource, index: int) -> list[float]:
+    """[ymin, xmin, ymax, xmax] of example `index`'s shape, fractions of the image side: the
+    extent of the circle or polygon `draw_shape` fills, clipped to the image."""
+    shape, cx, cy, r = shape_geometry(source, index)
+    if shape == "circle":
+        xs, ys = [cx - r, cx + r], [cy - r, cy + r]
+    else:
+        xs, ys = zip(*_polygon(shape, cx, cy, r))
+    clip = lambda v: float(min(max(v, 0.0), 1.0))  # noqa: E731
+    return [clip(min(ys)), clip(min(xs)), clip(max(ys)), clip(max(xs))]
 
 
 def shape_coverage(source: DemoSource, index: int, grid: int | tuple[int, int]) -> np.ndarray:

@@ -6,13 +6,17 @@ tasks told apart by a task prefix (here one token, first in the sequence):
 
     caption      <cap>  caption words                 EOS     loss on: words, EOS
     referring    <ref>  phrase words  y0 x0 y1 x1     EOS     loss on: the 4 box tokens, EOS
-    grounded     <gnd>  y0 x0 y1 x1   phrase words    EOS     loss on: box tokens, words, EOS
+    grounded     <gnd>  y0 x0 y1 x1   phrase words    EOS     loss on: phrase words, EOS
 
-(the phrase of a referring expression is the prompt: given, not predicted). A box is
+(the task token and the prompt -- a referring expression's phrase, a grounded caption's box --
+are forced inputs: given, not predicted; `decoder_mask` is False on them). LocCa's GCAP predicts
+box and caption jointly; `grounded_predicts_box=True` puts the grounded box tokens in the loss
+for that reading (the box is then predicted, not a prompt). A box is
 (ymin, xmin, ymax, xmax) in [0, 1] of the image, PaLI / PaliGemma's order; each coordinate is
 quantised into `num_bins` uniform bins (bin = floor(c * N), clipped to N - 1; its value back is
 the bin's centre, so a round trip is within half a bin) and written as the token
-`text_vocab_size + bin`. The task tokens follow the location tokens, so the decoder's
+`text_vocab_size + bin` (`text_vocab_size` defaults to the tokenizer's; a run may set it to the
+text tower's vocabulary so the decoder's size follows from the model config). The task tokens follow the location tokens, so the decoder's
 vocabulary is `text_vocab_size + num_bins + 3` (`LocationVocab.vocab_size`; its mask token for
 parallel prediction is one more, as `DecoderConfig.mask_id` says). Without regions an example
 is captioned; `task_prefix=False` (a captioning-only run) drops the task token, and the target
@@ -176,8 +180,10 @@ def check_pp_keeps_boxes(image_pp: str) -> None:
 
 class LocationTargets:
     """`targets(caption, regions, rng) -> {'decoder_targets': int32 [L], 'decoder_mask': bool [L],
-    'decoder_task': int32}`: one task's sequence, padded with PAD_ID; `decoder_mask` marks the
-    tokens in the loss (not the task token, not a referring prompt, not padding).
+    'decoder_task': int32, 'decoder_box': float32 [4]}`: one task's sequence, padded with PAD_ID;
+    `decoder_mask` marks the tokens in the loss (not the task token, not the prompt, not padding);
+    `decoder_box` is the drawn region's box (zeros for a caption), what a referring-expression
+    evaluator scores the decoded box against.
 
     Args:
       tokenizer: the text tokenizer (`encode`, `eos_id`, `vocab_size`).
@@ -186,14 +192,23 @@ class LocationTargets:
       task_weights: relative frequencies of (caption, referring, grounded) for examples with regions.
       task_prefix: False: captioning alone, no task token (then regions are an error).
       boxes_key, phrases_key: the record fields `from_record` reads.
+      text_vocab_size: where the location tokens start (>= the tokenizer's vocabulary; default it).
+      grounded_predicts_box: grounded captions predict their box too (LocCa's joint GCAP).
     """
 
     def __init__(self, tokenizer, max_len: int, *, num_bins: int = 1024,
                  task_weights: Mapping[str, float] | None = None, task_prefix: bool = True,
-                 boxes_key: str = "boxes", phrases_key: str = "phrases"):
+                 boxes_key: str = "boxes", phrases_key: str = "phrases", text_vocab_size: int | None = None,
+                 grounded_predicts_box: bool = False):
         self.tokenizer, self.max_len, self.task_prefix = tokenizer, int(max_len), bool(task_prefix)
+        self.grounded_predicts_box = bool(grounded_predicts_box)
         self.boxes_key, self.phrases_key = boxes_key, phrases_key
-        self.vocab = LocationVocab(int(tokenizer.vocab_size), num_bins)
+        text_vocab_size = int(tokenizer.vocab_size) if text_vocab_size is None else text_vocab_size
+        if text_vocab_size < tokenizer.vocab_size:
+            raise ConfigError(f"decoder_targets.text_vocab_size={text_vocab_size} is below the tokenizer's "
+                              f"{tokenizer.vocab_size} ids; location tokens must follow them (use >= "
+                              f"{tokenizer.vocab_size}).")
+        self.vocab = LocationVocab(text_vocab_size, num_bins)
         if self.max_len < (7 if task_prefix else 2):
             raise ConfigError(f"decoder max_len={max_len} is too short: a box target needs a task token, one word, "
                               "4 box tokens and EOS (>= 7).")
@@ -221,7 +236,7 @@ class LocationTargets:
         words = self._words(phrase, self.max_len - 6)
         if task == "referring":
             return prefix + words + loc + [eos], 1 + len(words)
-        return prefix + loc + words + [eos], 1
+        return prefix + loc + words + [eos], 1 if self.grounded_predicts_box else 1 + len(loc)
 
     def __call__(self, caption: str, regions: Sequence = (), rng: np.random.Generator | None = None) -> dict:
         task, region = "caption", None
@@ -240,9 +255,28 @@ class LocationTargets:
         targets[:len(tokens)] = tokens
         mask = np.zeros((self.max_len,), bool)
         mask[first_loss:len(tokens)] = True
-        return {"decoder_targets": targets, "decoder_mask": mask, "decoder_task": np.int32(TASKS.index(task))}
+        box = np.zeros((4,), np.float32) if region is None else np.asarray(region[0], np.float32)
+        return {"decoder_targets": targets, "decoder_mask": mask, "decoder_task": np.int32(TASKS.index(task)),
+                "decoder_box": box}
 
     def from_record(self, raw: Mapping, caption: str, rng: np.random.Generator) -> dict:
         """The targets of a raw record: its regions parsed (`SkipRecord('malformed_box')` on a bad
         one), then a task drawn; `caption` is the caption the text tower gets this step."""
         return self(caption, parse_regions(raw.get(self.boxes_key), raw.get(self.phrases_key)), rng)
+
+
+# `config.data.decoder_targets`: None (the decoder predicts the text tower's caption tokens, as
+# before) or a dict of these fields; its max_len is `config.data.max_len`.
+TARGETS_FIELDS = {"num_bins": 1024, "task_weights": None, "text_vocab_size": None, "grounded_predicts_box": False}
+
+
+def targets_from_config(section, tokenizer, max_len: int) -> LocationTargets | None:
+    """The `LocationTargets` of a `config.data.decoder_targets` section (None: off)."""
+    if section is None:
+        return None
+    section = dict(section.to_dict() if hasattr(section, "to_dict") else section)
+    unknown = sorted(set(section) - set(TARGETS_FIELDS))
+    if unknown:
+        raise ConfigError(f"config.data.decoder_targets has unknown field(s) {unknown}; its fields are "
+                          f"{sorted(TARGETS_FIELDS)}.")
+    return LocationTargets(tokenizer, max_len, **{**TARGETS_FIELDS, **section})

@@ -13,6 +13,13 @@ indices or class names, the latter mapped through `class_names` (the evaluator's
 over by the eval glue). Its captions are optional: without the caption column(s) the rows
 have an image and a label only (a zero-shot / few-shot eval set).
 
+With `boxes_key=COLUMN`, the column's value of a row becomes the record's `boxes` (LocCa regions
+for the decoder's referring-expression / grounded-caption targets, `data/location_targets.py`):
+a list of `{"box": [ymin, xmin, ymax, xmax], "phrase": "..."}` with coordinates in [0, 1] of the
+image, as JSON text in a CSV / TSV cell or as the list itself in JSONL; an empty cell is a row
+without boxes (captioned only). A malformed value is skipped and counted (`malformed_box`) when
+the pipeline reads it.
+
 The manifest is read once, at construction, so a missing column or a bad label fails before
 anything runs; image files are read lazily in `__getitem__` (a missing one is skipped and counted).
 Manifest and images may be local or in a bucket (`gs://`, `s3://`, through `paths`); a relative
@@ -76,7 +83,8 @@ class ManifestSource:
 
     def __init__(self, path: str, image_key: str = "filepath",
                  caption_key: str | Sequence[str] = "title", separator: str | None = None,
-                 label_key: str | None = None, class_names: Sequence[str] | None = None):
+                 label_key: str | None = None, class_names: Sequence[str] | None = None,
+                 boxes_key: str | None = None):
         if paths.is_remote(path):
             paths.check_readable(path)  # endpoint, credentials, bucket, object: one sentence, in seconds
             self.path = paths.validate(path)
@@ -93,8 +101,8 @@ class ManifestSource:
             raise ConfigError(f"manifest {path!r} has no rows")
         if label_key and not any(k in columns for k in self.caption_keys):
             self.caption_keys = ()  # a labelled eval manifest without captions
-        missing = [k for k in (image_key, *self.caption_keys, *([label_key] if label_key else []))
-                   if k not in columns]
+        missing = [k for k in (image_key, *self.caption_keys, *([label_key] if label_key else []),
+                               *([boxes_key] if boxes_key else [])) if k not in columns]
         if missing:
             raise ConfigError(
                 f"manifest {path!r} has no column(s) {missing}; its columns are {columns}. "
@@ -103,6 +111,7 @@ class ManifestSource:
         # Keep only what __getitem__ needs: (image path, caption values) per row.
         self._rows = [(row.get(image_key), [row.get(k) for k in self.caption_keys]) for row in rows]
         self._labels = self._read_labels(rows, label_key, class_names) if label_key else None
+        self._boxes = [row.get(boxes_key) or None for row in rows] if boxes_key else None  # LocCa regions
 
     def _read_labels(self, rows, label_key, class_names) -> list[int]:
         inverse = {name: i for i, name in enumerate(class_names)} if class_names is not None else None
@@ -141,6 +150,8 @@ class ManifestSource:
             example["captions"] = self.captions(index)
         if self._labels is not None:
             example["label"] = self._labels[index]
+        if self._boxes is not None and self._boxes[index] is not None:
+            example["boxes"] = self._boxes[index]
         return example
 
     def __repr__(self) -> str:

@@ -169,10 +169,12 @@ def build_dataset(config, *, train: bool, per_process_batch: int, process_index:
     if not train and len(names) > 1:
         raise ConfigError(f"evaluation reads one source; config has {len(names)}: {names}")
     pp = host_spec(config.pp_train if train else config.pp_eval, config.get("device_normalize", False))
-    processor = ProcessExample(pp, make_tokenizer(config.tokenizer, config.lowercase),
+    tokenizer = make_tokenizer(config.tokenizer, config.lowercase)
+    decoder_targets = location_targets(config, tokenizer, train)  # LocCa's decoder targets, or None
+    processor = ProcessExample(pp, tokenizer,
                                config.max_len, tuple(config.label_keys),
                                max_captions=None if train else config.get("max_captions"),
-                               captions_optional=not train)
+                               captions_optional=not train, decoder_targets=decoder_targets)
     datasets, weights, largest_share = _source_datasets(
         config, train=train, process_index=process_index, process_count=process_count, seed=seed)
     ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
@@ -198,6 +200,17 @@ def build_dataset(config, *, train: bool, per_process_batch: int, process_index:
     elif config.keep_freed_memory:  # decoding happens in this process
         keep_freed_memory()
     return iter_ds, names, largest_share
+
+
+def location_targets(config, tokenizer, train: bool):
+    """`config.decoder_targets` (LocCa, `location_targets.py`) built for this pipeline, or None;
+    boxes are fractions of the whole image, so the pp must not crop or flip."""
+    from big_contrast.data.location_targets import check_pp_keeps_boxes, targets_from_config
+
+    targets = targets_from_config(config.get("decoder_targets"), tokenizer, config.max_len)
+    if targets is not None:
+        check_pp_keeps_boxes(config.pp_train if train else config.pp_eval)
+    return targets
 
 
 class DataIterator:
@@ -354,6 +367,9 @@ def make_pipeline(config, sharding=None, *, train: bool = True, global_batch_siz
     per_process_batch = global_batch // process_count
     from big_contrast.data.streaming import is_streaming, make_streaming_iterator
 
+    if is_streaming(config) and config.get("decoder_targets") is not None:  # LocCa
+        raise ConfigError("config.data.decoder_targets (LocCa's box targets) is not supported with kind='stream' "
+                          "sources yet; convert the data with `big-contrast data convert` or unset it.")
     if is_streaming(config):  # kind='stream' sources: tar shards read in order (data/streaming/)
         return make_streaming_iterator(config, sharding, train=train, per_process_batch=per_process_batch,
                                        process_index=process_index, process_count=process_count, seed=seed,

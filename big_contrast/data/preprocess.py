@@ -91,32 +91,41 @@ class ProcessExample(grain.transforms.RandomMap):
     `captions_optional` (evaluation), a record without a `captions` field (a labelled source
     without captions) gives no text fields; in training it is skipped as `empty_caption`.
     The random draws (caption choice, then image ops) come from grain's per-index generator,
-    so an example is processed the same way whichever worker handles it.
+    so an example is processed the same way whichever worker handles it. With `decoder_targets`
+    (a `location_targets.LocationTargets`: LocCa), the decoder's target fields are added from the
+    chosen caption and the record's `boxes`, their task drawn last from the same generator (so the
+    earlier draws are unchanged and a resumed run draws the same task per example).
     """
 
     def __init__(self, image_pp: str, tokenizer, max_len: int, label_keys: Sequence[str] = (),
-                 max_captions: int | None = None, captions_optional: bool = False):
+                 max_captions: int | None = None, captions_optional: bool = False, decoder_targets=None):
         if max_len < 2:
             raise ConfigError(f"max_len={max_len} leaves no room for a token before EOS; use >= 2")
         self.image_pp = parse_image_pp(image_pp)
         self.tokenizer, self.max_len = tokenizer, max_len
         self.label_keys = tuple(label_keys)
         self.max_captions, self.captions_optional = max_captions, captions_optional
+        self.decoder_targets = decoder_targets
 
-    def _text(self, raw: dict, rng: np.random.Generator) -> dict:
+    def _text(self, raw: dict, rng: np.random.Generator) -> tuple[dict, str]:
+        """(text fields, the caption they hold: the decoder's captioning target)."""
         if "captions" not in raw and self.captions_optional:
-            return {}
+            return {}, ""
         if self.max_captions:
-            return all_captions(raw.get("captions"), self.max_captions, self.tokenizer, self.max_len)
-        return {"text": encode_fixed(self.tokenizer, choose_caption(raw.get("captions"), rng), self.max_len)}
+            fields = all_captions(raw.get("captions"), self.max_captions, self.tokenizer, self.max_len)
+            return fields, usable_captions(raw.get("captions"))[0]
+        caption = choose_caption(raw.get("captions"), rng)
+        return {"text": encode_fixed(self.tokenizer, caption, self.max_len)}, caption
 
     def random_map(self, raw: dict, rng: np.random.Generator) -> dict:
         source = raw["_source"]
         if "_skip" in raw:
             return {"_skip": REASON_INDEX[raw["_skip"]], "_source": source}
         try:
-            text = self._text(raw, rng)
+            text, caption = self._text(raw, rng)
             image = self.image_pp(raw.get("image"), rng)
+            if self.decoder_targets is not None:  # LocCa: decoder_targets / _mask / _task / _box
+                text.update(self.decoder_targets.from_record(raw, caption, rng))
         except SkipRecord as e:
             return {"_skip": REASON_INDEX[e.reason], "_source": source}
         fields = image if isinstance(image, dict) else {"image": image}  # a dict: NaFlex fields (issue 22)

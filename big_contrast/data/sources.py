@@ -42,10 +42,10 @@ from big_contrast.errors import ConfigError
 
 SOURCE_FIELDS = {
     "demo": {"split": "train", "size": None, "image_size": 64, "pairs": "all", "captions": "full",
-             "colours": None, "group_size": 1},
+             "colours": None, "group_size": 1, "boxes": False},
     "array_record": {"path": None, "cache_dir": None},
     "manifest": {"path": None, "image_key": "filepath", "caption_key": "title", "separator": None,
-                 "label_key": None, "class_names": None},
+                 "label_key": None, "class_names": None, "boxes_key": None},
     "tfds": {"name": None, "split": "train", "data_dir": None, "image_key": "image",
              "caption_key": "captions", "label_key": None, "class_names": None},
     "image_folder": {"path": None, "class_names": None},

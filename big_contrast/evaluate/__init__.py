@@ -19,6 +19,7 @@ from big_contrast.evaluate.diagnostics import (
     DiagnosticsEvaluator, alignment, embedding_diagnostics, mean_pair_scores, modality_gap, uniformity)
 from big_contrast.evaluate.embed import (
     batches_from_arrays, batches_from_source, embed_dataset, embed_image_text_pairs, pad_batch)
+from big_contrast.evaluate.referring import ReferringEvaluator
 from big_contrast.evaluate.prompts import (
     IMAGENET_TEMPLATES, PHOTO_TEMPLATE, SIMPLE_IMAGENET_TEMPLATES, canonicalize_class_name, resolve_class_names,
     resolve_templates)
@@ -30,7 +31,7 @@ from big_contrast.evaluate.zero_shot import ZeroShotEvaluator, build_classifier,
 
 EVALUATORS: dict[str, type[Evaluator]] = {
     cls.TYPE: cls for cls in (ZeroShotEvaluator, RetrievalEvaluator, DiagnosticsEvaluator, FewShotEvaluator,
-                              CaptioningEvaluator)}
+                              CaptioningEvaluator, ReferringEvaluator)}
 
 
 def build_evaluator(name: str, config: Mapping[str, Any] | Any) -> Evaluator:
@@ -48,7 +49,7 @@ def build_evaluators(evals_config: Mapping[str, Any] | Any) -> dict[str, Evaluat
 
 
 __all__ = [
-    "Encoders", "Evaluator", "EVALUATORS", "build_evaluator", "build_evaluators",
+    "Encoders", "Evaluator", "EVALUATORS", "ReferringEvaluator", "build_evaluator", "build_evaluators",
     "ZeroShotEvaluator", "RetrievalEvaluator", "DiagnosticsEvaluator", "FewShotEvaluator", "fewshot_accuracy",
     "build_classifier", "topk_accuracy", "recall_at_k", "retrieval_ranks",
     "alignment", "uniformity", "modality_gap", "mean_pair_scores", "embedding_diagnostics",

@@ -10,6 +10,11 @@ It needs `Encoders.caption` (the trainer provides it when the model has a decode
 per-example token counts [B])`. Attribute words are compared as token-id sequences (the
 tokenizer need not decode): a caption names a word when the word's ids occur contiguously in it;
 an attribute is right when the caption names exactly the reference's (non-empty) set of its words.
+
+LocCa: when the batches hold the decoder's own targets (`decoder_targets`, `decoder_mask`, from
+`config.data.decoder_targets`; give the evaluator's data caption-only task weights), those are
+the references, the tokens before a row's first loss position (its task token) are a forced
+prefix, and captions and references are compared after it.
 """
 from __future__ import annotations
 
@@ -33,12 +38,14 @@ class CaptioningEvaluator(Evaluator):
         nll, count, candidates, references = 0.0, 0.0, [], []
         for batch in data:
             valid = np.asarray(batch.get(VALID, np.ones(len(batch[self.config["image_field"]]), bool)))
-            texts = np.asarray(batch[self.config["text_field"]])
-            tokens, nll_b, count_b = (np.asarray(x) for x in encoders.caption(batch[self.config["image_field"]], texts))
+            texts, mask = _targets(batch, self.config["text_field"])
+            tokens, nll_b, count_b = (np.asarray(x) for x in encoders.caption(batch[self.config["image_field"]],
+                                                                              texts, *mask))
+            start = np.argmax(mask[0] & (texts != 0), axis=1) if mask else np.zeros(len(texts), int)
             nll += float(nll_b[valid].sum())
             count += float(count_b[valid].sum())
-            candidates += [_strip(t) for t in tokens[valid]]
-            references += [_strip(t) for t in texts[valid]]
+            candidates += [_strip(t[s:]) for t, s in zip(tokens[valid], start[valid])]
+            references += [_strip(t[s:]) for t, s in zip(texts[valid], start[valid])]
         metrics = dict(loss=nll / max(count, 1.0), ngram=ngram_overlap(candidates, references, self.config["max_n"]),
                        count=float(len(candidates)))
         for attribute, ids in words.items():
@@ -53,6 +60,13 @@ class CaptioningEvaluator(Evaluator):
         if names and encoders.tokenize is None:
             raise ConfigError(f"{self.context}: `names` needs a tokenizer in the encoders.")
         return {attribute: [_strip(t) for t in encoders.tokenize(list(values))] for attribute, values in names.items()}
+
+
+def _targets(batch, text_field: str) -> tuple[np.ndarray, tuple]:
+    """(targets [B, L], (loss mask,) or ()): LocCa's decoder targets when the batch has them."""
+    if "decoder_targets" in batch:
+        return np.asarray(batch["decoder_targets"]), (np.asarray(batch["decoder_mask"], bool),)
+    return np.asarray(batch[text_field]), ()
 
 
 def _strip(tokens, pad_id: int = 0, eos_id: int = 1) -> list[int]:

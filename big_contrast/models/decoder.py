@@ -173,12 +173,16 @@ def parallel_rows(keys_b: jax.Array, fraction: float) -> jax.Array:
     return jax.vmap(lambda key: jax.random.uniform(key) < fraction)(keys_b)
 
 
-def caption_loss_sums(logits_blv, targets_bl, pad_id: int) -> tuple[jax.Array, jax.Array]:
+def caption_loss_sums(logits_blv, targets_bl, pad_id: int, loss_mask_bl=None) -> tuple[jax.Array, jax.Array]:
     """Per-example (sum of token cross-entropies, number of tokens), padding excluded, float32.
 
     The captioning loss of a batch is ``sums.sum() / counts.sum()``: a mean over real tokens,
-    so a short caption weighs by its length, as in big_vision's generative trainer."""
+    so a short caption weighs by its length, as in big_vision's generative trainer.
+    ``loss_mask_bl`` (bool [B, L], LocCa) narrows the tokens further: a forced prefix (task token,
+    referring phrase, grounded box) is input only, outside the loss."""
     valid_bl = targets_bl != pad_id
+    if loss_mask_bl is not None:
+        valid_bl = valid_bl & loss_mask_bl.astype(bool)
     logp_blv = jax.nn.log_softmax(logits_blv.astype(jnp.float32), axis=-1)
     token_nll_bl = -jnp.take_along_axis(logp_blv, targets_bl[..., None], axis=-1)[..., 0]
     return jnp.where(valid_bl, token_nll_bl, 0.0).sum(axis=1), valid_bl.sum(axis=1).astype(jnp.float32)
@@ -190,24 +194,33 @@ def caption_loss(logits_blv, targets_bl, pad_id: int) -> jax.Array:
     return sums_b.sum() / jnp.maximum(counts_b.sum(), 1.0)
 
 
-def greedy_captions(decoder: Decoder, encoded_bpd, length: int, *, encoded_valid_bp=None) -> jax.Array:
+def greedy_captions(decoder: Decoder, encoded_bpd, length: int, *, encoded_valid_bp=None,
+                    prefix_bl=None, prefix_len_b=None) -> jax.Array:
     """int32 [B, length]: argmax decoding, one position at a time; after a row's EOS every later
     token is ``pad_id``. Position t's logits depend only on tokens < t (the causal mask), so the
-    not-yet-decoded positions of the running sequence can hold anything."""
+    not-yet-decoded positions of the running sequence can hold anything.
+
+    A forced prefix (LocCa: a task token, then a referring phrase or a grounded box) is
+    ``prefix_bl[:, :prefix_len_b]`` (int [B, >= length], int [B]): those positions copy it and
+    decoding continues after them (an EOS inside the prefix does not stop the row)."""
     config = decoder.config
     if not 1 <= length <= config.max_len:
         raise ConfigError(f"caption length {length} must be in [1, config.decoder.max_len={config.max_len}].")
     batch = encoded_bpd.shape[0]
     tokens_bl = jnp.full((batch, length), config.pad_id, jnp.int32)
     done_b = jnp.zeros((batch,), bool)
+    if prefix_bl is None:
+        prefix_bl, prefix_len_b = tokens_bl, jnp.zeros((batch,), jnp.int32)
 
     def position(t, carry):
         tokens_bl, done_b = carry
         logits_blv = decoder(encoded_bpd, tokens_bl, encoded_valid_bp=encoded_valid_bp)
         next_b = jnp.argmax(logits_blv[:, t], axis=-1).astype(jnp.int32)
         next_b = jnp.where(done_b, config.pad_id, next_b)
+        forced_b = t < prefix_len_b
+        next_b = jnp.where(forced_b, prefix_bl[:, t].astype(jnp.int32), next_b)
         if config.eos_id is not None:
-            done_b = done_b | (next_b == config.eos_id)
+            done_b = done_b | ((next_b == config.eos_id) & ~forced_b)
         return tokens_bl.at[:, t].set(next_b), done_b
 
     tokens_bl, _ = jax.lax.fori_loop(0, length, position, (tokens_bl, done_b))

@@ -60,6 +60,11 @@ from big_contrast.workdir import Workdir, holds_checkpoints
 BATCH_FIELDS = ("image", "text") + NAFLEX_FIELDS  # a NaFlex batch (issue 22): patches, patch_mask, spatial_shapes
 
 
+def batch_fields(config) -> tuple[str, ...]:
+    """The batch fields the step reads: images, texts (+ LocCa's decoder targets, train/siglip2.py)."""
+    return BATCH_FIELDS + siglip2.batch_fields_of(config)
+
+
 class NonFiniteLoss(BigContrastError, RuntimeError):
     """The loss became NaN or Inf; the message names the step and the last good checkpoint."""
 
@@ -178,7 +183,7 @@ def make_step_fn(run: Run, batch_sharding, lr_fn=None):
         ema=EmaConfig.from_config(config.get("ema")), teacher=train_objective.teacher_of(config),
     )
     step = functools.partial(train_step, config=fixed)  # `train_step` looked up now (tests patch it)
-    batch_shardings = batch_sharding  # every field of the batch (image or NaFlex's, text) alike
+    batch_shardings = batch_sharding  # every field of the batch (image or NaFlex's, text, LocCa's targets) alike
     return jax.jit(step, in_shardings=(run.state_shardings, batch_shardings),
                    out_shardings=(run.state_shardings, None), donate_argnums=(0,))
 
@@ -226,7 +231,7 @@ def train(config, workdir, *, mesh=None, progress=True, stop_after_steps=None) -
         writer = MetricWriter(workdir, total_steps=config.total_steps, initial_step=int(state.step),
                               progress=progress)
         # Input pipeline: a thread keeps batches on the devices ahead of the step.
-        batches = Prefetcher(data, depth=config.get("prefetch_batches", 2), fields=BATCH_FIELDS)
+        batches = Prefetcher(data, depth=config.get("prefetch_batches", 2), fields=batch_fields(config))
         batches = staged.SwitchablePrefetcher(batches) if plan.active else batches
         return _loop(run, state, batches, ckpt, writer, evaluators,
                      make_step_fn(run, batch_sharding, plan.lr_fn()), stop_after_steps, workdir,
@@ -321,7 +326,7 @@ def _next_stage(plan, step, run, state, batches, writer, throughput):
     run, state, line = plan.switch(step, run, state, lambda cfg: build(cfg, mesh=run.mesh))
     stage, batch_sharding = plan.current, sharding.batch_sharding(run.mesh)
     data = train_pipeline(run.config, batch_sharding, start_batch=plan.start_batch(stage))
-    batches.switch(Prefetcher(data, depth=run.config.get("prefetch_batches", 2), fields=BATCH_FIELDS))
+    batches.switch(Prefetcher(data, depth=run.config.get("prefetch_batches", 2), fields=batch_fields(run.config)))
     throughput.batch_size = stage.batch_size
     writer.print(plan.describe(stage) + (f" {line}" if line else ""))
     return run, state, make_step_fn(run, batch_sharding, plan.lr_fn())

@@ -124,11 +124,11 @@ def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis,
     """
     n_out = 2 if terms is None else 3  # embed's outputs: zimg, ztxt (+ the terms' per-example sums)
 
-    def embed(p, images, texts, rows, teacher=False):
+    def embed(p, images, texts, rows, *decoder_fields, teacher=False):  # decoder_fields: LocCa's targets
         model = nnx.merge(graphdef, p, rest)
         keys = None if step is None or teacher else patch_keys(step, rows, seed)
         if terms is not None and not teacher:  # SigLIP 2 (train/siglip2.py): + per-example sums
-            return terms.embed(model, images, texts, keys)
+            return terms.embed(model, images, texts, keys, *decoder_fields)
         return model.embed_images(images, keys), model.embed_texts(texts)
 
     def teacher_inputs(embedded):  # the teacher's embeddings and scale, no gradient to anything
@@ -151,6 +151,7 @@ def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis,
 
     images = image_input(batch)  # batch["image"], or a NaFlex batch's NaflexImages (issue 22)
     inputs = (images, batch["text"], jnp.arange(batch["text"].shape[0], dtype=jnp.int32))
+    inputs += () if terms is None else terms.batch_fields(batch)  # LocCa: the decoder's target fields
     if microbatches <= 1:
         teacher = teacher_inputs(None if teacher_params is None else embed(teacher_params, *inputs, teacher=True))
 
