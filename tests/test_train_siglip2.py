@@ -139,8 +139,9 @@ def test_gradient_caching_with_locca_targets_equals_one_pass_and_masks_the_prefi
 def test_the_loop_hands_locca_fields_to_the_step_only_when_configured():
     from big_contrast.train import loop
 
-    assert loop.batch_fields(demo.get_config("siglip2,noeval")) == ("image", "text")
-    assert loop.batch_fields(demo.get_config("siglip2,locca,noeval")) == ("image", "text", *siglip2.DECODER_FIELDS)
+    assert loop.batch_fields(demo.get_config("siglip2,noeval")) == loop.BATCH_FIELDS
+    assert loop.batch_fields(demo.get_config("siglip2,locca,noeval")) == (*loop.BATCH_FIELDS, *siglip2.DECODER_FIELDS)
+    assert not set(siglip2.DECODER_FIELDS) & set(loop.BATCH_FIELDS)
 
 
 def test_locca_targets_need_a_decoder_that_holds_their_tokens():
