@@ -37,6 +37,8 @@
                        (fixed per run; must divide B and be a multiple of the host count),
                        shuffle_buffer, interleave, read_ahead, chunk_bytes, max_requests,
                        retries, timeout_s, backoff_s (see `streaming/pipeline.py`)
+    local_crops        None (off) | dict(count, size, scale, ratio, pp): SILC's local crops of each
+                       training image, batch field 'local_images' [B, V, h, w, 3] (`multicrop.py`)
     keep_freed_memory  tune glibc malloc in the decoding processes (the workers, or this
                        process when num_workers=0) to keep freed memory instead of returning
                        it to the OS: ~25% less CPU per 224 px image (`memory.py`)
@@ -74,6 +76,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.max_skip_fraction = 0.1
     config.min_seen = 1000
     config.keep_freed_memory = True
+    config.local_crops = ml_collections.FieldReference(None, field_type=dict)  # SILC (multicrop.py)
     from big_contrast.data.streaming.pipeline import STREAMING_DEFAULTS
 
     config.streaming = ml_collections.ConfigDict(STREAMING_DEFAULTS)  # used by kind='stream' sources

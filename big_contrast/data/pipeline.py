@@ -49,6 +49,7 @@ from big_contrast.data.config import check_data_config
 from big_contrast.data.device_ops import host_spec
 from big_contrast.data.errors import SkipCounter
 from big_contrast.data.memory import keep_freed_memory, worker_init
+from big_contrast.data.multicrop import training_multicrop
 from big_contrast.data.preprocess import ProcessExample
 from big_contrast.data.sources import TaggedSource, open_source
 from big_contrast.data.tokenizer import make_tokenizer
@@ -171,7 +172,8 @@ def build_dataset(config, *, train: bool, per_process_batch: int, process_index:
     processor = ProcessExample(pp, make_tokenizer(config.tokenizer, config.lowercase),
                                config.max_len, tuple(config.label_keys),
                                max_captions=None if train else config.get("max_captions"),
-                               captions_optional=not train)
+                               captions_optional=not train,
+                               multicrop=training_multicrop(config) if train else None)  # SILC's local crops
     datasets, weights, largest_share = _source_datasets(
         config, train=train, process_index=process_index, process_count=process_count, seed=seed)
     ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)

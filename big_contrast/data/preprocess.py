@@ -93,13 +93,14 @@ class ProcessExample(grain.transforms.RandomMap):
     """
 
     def __init__(self, image_pp: str, tokenizer, max_len: int, label_keys: Sequence[str] = (),
-                 max_captions: int | None = None, captions_optional: bool = False):
+                 max_captions: int | None = None, captions_optional: bool = False, multicrop=None):
         if max_len < 2:
             raise ConfigError(f"max_len={max_len} leaves no room for a token before EOS; use >= 2")
         self.image_pp = parse_image_pp(image_pp)
         self.tokenizer, self.max_len = tokenizer, max_len
         self.label_keys = tuple(label_keys)
         self.max_captions, self.captions_optional = max_captions, captions_optional
+        self.multicrop = multicrop  # SILC: a data.multicrop.MultiCrop adds 'local_images' [V, h, w, 3]
 
     def _text(self, raw: dict, rng: np.random.Generator) -> dict:
         if "captions" not in raw and self.captions_optional:
@@ -114,10 +115,14 @@ class ProcessExample(grain.transforms.RandomMap):
             return {"_skip": REASON_INDEX[raw["_skip"]], "_source": source}
         try:
             text = self._text(raw, rng)
-            image = self.image_pp(raw.get("image"), rng)
+            if self.multicrop is None:
+                image, views = self.image_pp(raw.get("image"), rng), {}
+            else:  # SILC (data/multicrop.py): the same global view first, then the local crops
+                views = self.multicrop(raw.get("image"), rng)
+                image = views.pop("image")
         except SkipRecord as e:
             return {"_skip": REASON_INDEX[e.reason], "_source": source}
-        out = {"image": image, **text, "_source": source}
+        out = {"image": image, **views, **text, "_source": source}
         for key in self.label_keys:
             if key not in raw:
                 raise ConfigError(
