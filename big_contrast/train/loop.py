@@ -51,7 +51,7 @@ from big_contrast.train import resample, staged
 from big_contrast.train.metrics import MetricWriter, StepProfile, Throughput
 from big_contrast.train.prefetch import Prefetcher
 from big_contrast.train.optimizer import learning_rate_schedule, make_optimizer
-from big_contrast.train import siglip2
+from big_contrast.train import self_distill, siglip2
 from big_contrast.train.ema import EmaConfig, ema_init
 from big_contrast.train.step import LossSpec, StepConfig, TrainState, train_step
 from big_contrast.workdir import Workdir, holds_checkpoints
@@ -176,10 +176,14 @@ def make_step_fn(run: Run, batch_sharding, lr_fn=None):
         terms=siglip2.terms_from_config(config),  # SigLIP 2's extra terms (None: contrastive alone)
         ema=EmaConfig.from_config(config.get("ema")), teacher=train_objective.teacher_of(config),
     )
-    step = functools.partial(train_step, config=fixed)  # `train_step` looked up now (tests patch it)
-    batch_shardings = {k: batch_sharding for k in BATCH_FIELDS}
-    return jax.jit(step, in_shardings=(run.state_shardings, batch_shardings),
-                   out_shardings=(run.state_shardings, None), donate_argnums=(0,))
+    batch_shardings = {k: batch_sharding for k in self_distill.batch_fields(config, BATCH_FIELDS)}
+
+    def jitted(fixed):
+        step = functools.partial(train_step, config=fixed)  # `train_step` looked up now (tests patch it)
+        return jax.jit(step, in_shardings=(run.state_shardings, batch_shardings),
+                       out_shardings=(run.state_shardings, None), donate_argnums=(0,))
+
+    return self_distill.phased_step(config, fixed, jitted)  # SILC / TIPS: one compiled step per phase
 
 
 @contextlib.contextmanager
@@ -225,7 +229,8 @@ def train(config, workdir, *, mesh=None, progress=True, stop_after_steps=None) -
         writer = MetricWriter(workdir, total_steps=config.total_steps, initial_step=int(state.step),
                               progress=progress)
         # Input pipeline: a thread keeps batches on the devices ahead of the step.
-        batches = Prefetcher(data, depth=config.get("prefetch_batches", 2), fields=BATCH_FIELDS)
+        batches = Prefetcher(data, depth=config.get("prefetch_batches", 2),
+                             fields=self_distill.batch_fields(config, BATCH_FIELDS))  # + SILC's local crops
         batches = staged.SwitchablePrefetcher(batches) if plan.active else batches
         return _loop(run, state, batches, ckpt, writer, evaluators,
                      make_step_fn(run, batch_sharding, plan.lr_fn()), stop_after_steps, workdir,
@@ -286,7 +291,7 @@ def _loop(run, state, batches, ckpt, writer, evaluators, step_fn, stop_after_ste
                 run, state, step_fn = _next_stage(plan, step, run, state, batches, writer, throughput)
                 compiled = None
             consumed = next(batches)
-            if compiled is None:
+            if compiled is None or step in getattr(step_fn, "switch_steps", ()):  # SILC / TIPS phases
                 compiled = _compile(step_fn, state, consumed.arrays)
                 throughput.flops_per_step = _flops(compiled)
             profile.before(step + 1)
@@ -320,7 +325,8 @@ def _next_stage(plan, step, run, state, batches, writer, throughput):
     run, state, line = plan.switch(step, run, state, lambda cfg: build(cfg, mesh=run.mesh))
     stage, batch_sharding = plan.current, sharding.batch_sharding(run.mesh)
     data = train_pipeline(run.config, batch_sharding, start_batch=plan.start_batch(stage))
-    batches.switch(Prefetcher(data, depth=run.config.get("prefetch_batches", 2), fields=BATCH_FIELDS))
+    batches.switch(Prefetcher(data, depth=run.config.get("prefetch_batches", 2),
+                              fields=self_distill.batch_fields(run.config, BATCH_FIELDS)))
     throughput.batch_size = stage.batch_size
     writer.print(plan.describe(stage) + (f" {line}" if line else ""))
     return run, state, make_step_fn(run, batch_sharding, plan.lr_fn())

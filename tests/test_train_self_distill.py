@@ -1,0 +1,163 @@
+"""SigLIP 2's SILC / TIPS in the train step (train/self_distill.py): the tower at another patch grid
+and with a mask token, the terms against references built from the losses module, the teacher gets
+no gradient, gradient caching is exact, and each term starts at its step with one compile per phase."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from big_contrast import models
+from big_contrast.errors import ConfigError
+from big_contrast.losses.self_distillation import (
+    masked_patch_loss, patch_mask, self_distillation_loss, sinkhorn_targets)
+from big_contrast.models import posemb
+from big_contrast.train import self_distill as sd
+from big_contrast.train import siglip2
+from big_contrast.train.step import LossSpec, loss_and_grads, patch_keys
+from conftest import random_model, rel_err
+
+FAST = dict(xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True)
+SETTINGS = sd.SelfDistillConfig(silc_weight=0.6, tips_weight=0.3, mask_ratio=0.5)
+
+
+def tiny_model_config(pool="tok", decoder=False):
+    cfg = models.default_model_config()
+    cfg.image.update(variant="mu/8", image_size=16, pool=pool, posemb="learn")
+    cfg.text.update(variant="mu", vocab_size=50, max_len=8)
+    cfg.update(embed_dim=16, distill_head=dict(hidden=24, bottleneck=8, prototypes=12))
+    if decoder:
+        cfg.decoder = dict(width=32, depth=1, num_heads=2, mlp_dim=64)
+    return cfg
+
+
+def batch_of(n, seed=1, views=2):
+    rng = np.random.default_rng(seed)
+    return dict(image=jnp.asarray(rng.normal(size=(n, 16, 16, 3)), jnp.float32),
+                text=jnp.asarray(rng.integers(2, 50, size=(n, 8)), jnp.int32),
+                local_images=jnp.asarray(rng.normal(size=(n, views, 8, 8, 3)), jnp.float32))
+
+
+def test_a_model_holds_the_head_and_mask_token_only_when_configured():
+    plain = tiny_model_config()
+    plain.distill_head = None
+    assert models.abstract_model(plain).distill_head is None
+    model = models.abstract_model(tiny_model_config())
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    assert params["mask_token"].shape == (32,) and params["distill_head"]["prototypes"].shape == (8, 12)
+    assert model.distill_head.config.input_width == 32  # the image tower's width
+
+
+@pytest.mark.parametrize("pool", ["tok", "map"])
+def test_the_tower_at_its_own_grid_is_the_vit_and_at_another_grid_uses_the_resampled_table(pool):
+    model = random_model(tiny_model_config(pool))
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(3, 16, 16, 3)), jnp.float32)
+    np.testing.assert_allclose(sd.encode_views(model.image, images), model.image.encode(images), rtol=1e-5, atol=1e-5)
+    # At 24 px (3 x 3 patches): the ViT of that size with posemb.py's resampled table, run alike.
+    big = tiny_model_config(pool)
+    big.image.image_size = 24
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    table = np.asarray(params["image"]["posemb"])
+    params["image"]["posemb"] = posemb.resample_image_posemb(table, (2, 2), (3, 3), class_token=pool == "tok")
+    other = models.create_from_params(big, params)
+    crops = jnp.asarray(np.random.default_rng(1).normal(size=(2, 4, 24, 24, 3)), jnp.float32)
+    expected = other.image(crops.reshape(8, 24, 24, 3)).reshape(2, 4, -1)
+    np.testing.assert_allclose(sd.local_features(model.image, crops), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_mask_token_replaces_exactly_the_masked_patch_embeddings():
+    model = random_model(tiny_model_config("gap"))
+    images = jnp.asarray(np.random.default_rng(2).normal(size=(2, 16, 16, 3)), jnp.float32)
+    none = jnp.zeros((2, 4), bool)
+    token = jnp.arange(32, dtype=jnp.float32)
+    np.testing.assert_allclose(sd.encode_views(model.image, images, none, token), model.image.encode(images), rtol=1e-5)
+    mask = jnp.asarray([[True, False, False, True], [False, False, False, False]])
+    masked = sd.encode_views(model.image, images, mask, token)
+    np.testing.assert_allclose(masked[1], model.image.encode(images)[1], rtol=1e-5, atol=1e-6)  # row 1 unmasked
+    changed = sd.encode_views(model.image, images.at[0].set(0.0), mask, token)  # pixels of row 0 changed
+    assert not np.allclose(changed[0], masked[0])
+
+
+def run_terms(cfg, terms, batch, micro, teacher_params=None, step=5, seed=2, params=None):
+    graphdef, state_params, rest = nnx.split(random_model(cfg), nnx.Param, ...)
+    params = nnx.to_pure_dict(state_params) if params is None else params
+    teacher = jax.tree.map(lambda x: x * 0.9, params) if teacher_params is None else teacher_params
+    value, aux, grads = loss_and_grads(graphdef, params, rest, batch, loss=LossSpec("sigmoid", "dense"), mesh=None,
+                                       axis=None, microbatches=micro, step=jnp.int32(step), seed=seed, terms=terms,
+                                       self_distill_teacher=teacher)
+    return value, aux["terms"], grads
+
+
+def test_the_terms_equal_references_from_the_losses_module():
+    cfg = tiny_model_config()
+    terms = sd.SelfDistillTerms(None, SETTINGS, ("silc", "tips"))
+    batch = batch_of(4)
+    value, metrics, _ = jax.jit(lambda: run_terms(cfg, terms, batch, 1), compiler_options=FAST)()
+    model = random_model(cfg)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    teacher = nnx.merge(graphdef, jax.tree.map(lambda x: x * 0.9, params), rest)
+    encoded_t = teacher.image.encode(batch["image"])
+    global_targets = sinkhorn_targets(teacher.distill_head(teacher.image.pool_features(encoded_t)), 0.04)
+    tokens_t = teacher.distill_head(encoded_t[:, 1:])  # [4, 4 patches, K]
+    patch_targets = sinkhorn_targets(tokens_t.reshape(16, -1), 0.04).reshape(tokens_t.shape)
+    local = sd.local_features(model.image, batch["local_images"])  # [4, 2, D]
+    silc = self_distillation_loss(jnp.swapaxes(model.distill_head(local), 0, 1), global_targets, 0.1)
+    mask = patch_mask(jax.vmap(lambda k: jax.random.fold_in(k, sd.TIPS_STREAM))(patch_keys(5, jnp.arange(4), 2)), 4, 0.5)
+    student = model.distill_head(sd.encode_views(model.image, batch["image"], mask, params["mask_token"])[:, 1:])
+    tips = masked_patch_loss(student, patch_targets, mask, 0.1)
+    np.testing.assert_allclose(float(metrics["loss/silc"]), float(silc), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["loss/tips"]), float(tips), rtol=1e-5)
+    np.testing.assert_allclose(float(value), float(metrics["loss/contrastive"]) + 0.6 * float(silc)
+                               + 0.3 * float(tips), rtol=1e-5)
+
+
+def test_the_ema_teacher_receives_no_gradient_but_shapes_the_loss():
+    cfg = tiny_model_config()
+    terms = sd.SelfDistillTerms(None, SETTINGS, ("silc", "tips"))
+    batch = batch_of(4)
+    params = nnx.to_pure_dict(nnx.state(random_model(cfg), nnx.Param))
+
+    def loss_of_teacher(teacher):
+        return run_terms(cfg, terms, batch, 1, teacher_params=teacher, params=params)[0]
+
+    teacher = jax.tree.map(lambda x: x * 0.9, params)
+    grads = jax.jit(jax.grad(loss_of_teacher), compiler_options=FAST)(teacher)
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+    other = jax.tree.map(lambda x: x * 0.5, params)
+    assert abs(float(loss_of_teacher(other)) - float(loss_of_teacher(teacher))) > 1e-4
+
+
+def test_gradient_caching_micro_batches_silc_tips_and_captioning_exactly():
+    cfg = tiny_model_config(decoder=True)
+    base = siglip2.Terms(caption_weight=0.7, parallel_fraction=0.5, pad_id=0)
+    terms = sd.SelfDistillTerms(base, SETTINGS, ("silc", "tips"))
+    batch = batch_of(8)
+    (v1, m1, g1), (v4, m4, g4) = (jax.jit(lambda k=k: run_terms(cfg, terms, batch, k), compiler_options=FAST)()
+                                  for k in (1, 4))
+    assert rel_err(float(v4), float(v1)) < 1e-5
+    for key in ("loss/silc", "loss/tips", "loss/caption", "loss/contrastive"):
+        assert rel_err(float(m4[key]), float(m1[key])) < 1e-5, key
+    flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])  # noqa: E731
+    assert rel_err(flat(g4), flat(g1)) < 1e-4
+    assert np.linalg.norm(flat(g1["distill_head"])) > 0 and np.linalg.norm(g1["mask_token"]) > 0
+    np.testing.assert_allclose(float(v1), float(m1["loss/contrastive"]) + 0.7 * float(m1["loss/caption"])
+                               + 0.6 * float(m1["loss/silc"]) + 0.3 * float(m1["loss/tips"]), rtol=1e-5)
+
+
+def test_phases_start_each_term_at_its_fraction():
+    settings = sd.SelfDistillConfig(silc_start_fraction=0.5, tips_start_fraction=0.8)
+    assert sd.phases(settings, 10) == [(0, ()), (5, ("silc",)), (8, ("silc", "tips"))]
+    assert sd.phases(sd.SelfDistillConfig(), 10) == [(0, ()), (8, ("silc", "tips"))]  # SigLIP 2: 2 compiles
+    assert sd.phases(sd.SelfDistillConfig(tips_weight=0.0), 10) == [(0, ()), (8, ("silc",))]
+
+
+@pytest.mark.parametrize("section, match", [
+    (dict(silc_weight=-1.0), "silc_weight"), (dict(tips_start_fraction=1.0), "tips_start_fraction"),
+    (dict(mask_ratio=0.0), "mask_ratio"), (dict(teacher_temperature=0.0), "teacher_temperature"),
+    (dict(bogus=1), "unknown fields"),
+])
+def test_bad_settings_are_one_sentence(section, match):
+    with pytest.raises(ConfigError, match=match):
+        sd.SelfDistillConfig.from_config(section)
