@@ -161,3 +161,50 @@ def test_phases_start_each_term_at_its_fraction():
 def test_bad_settings_are_one_sentence(section, match):
     with pytest.raises(ConfigError, match=match):
         sd.SelfDistillConfig.from_config(section)
+
+
+def demo_config(**overrides):
+    from test_train import demo
+
+    config = demo.get_config("siglip2,self_distill,noeval,total_steps=4")
+    config.update(batch_size=16, log_every=1, checkpoint_every=100, **overrides)
+    config.data.sources.demo.size = 200
+    config.model.decoder = None  # keep it small: the decoder is covered by the micro-batch test above
+    config.self_distillation.update(silc_start_fraction=0.5, tips_start_fraction=0.75)
+    config.ema = dict(decay=0.9, start_step=2)
+    return config
+
+
+def test_validation_names_what_is_missing():
+    from big_contrast.train.config import validate
+
+    for where, key, value, match in [((), "ema", None, "config.ema"),
+                                     (("model",), "distill_head", None, "distill_head"),
+                                     (("data",), "local_crops", None, "local_crops"),
+                                     (("data",), "local_crops", dict(size=12), "multiple of the patch"),
+                                     ((), "ema", dict(start_step=3), "teacher would be the student")]:
+        config = demo_config()
+        node = config if not where else config[where[0]]
+        with node.ignore_type():
+            setattr(node, key, value)
+        with pytest.raises(ConfigError, match=match):
+            validate(config, 8)
+
+
+@pytest.mark.slow
+def test_each_term_is_absent_before_its_step_and_present_after_with_one_compile_per_phase(tmp_path, monkeypatch):
+    from big_contrast.train import loop, train
+    from big_contrast.train.metrics import read_metrics
+
+    compiles = []
+    real = loop._compile
+    monkeypatch.setattr(loop, "_compile", lambda fn, state, batch: compiles.append(int(state.step)) or real(fn, state, batch))
+    train(demo_config(), tmp_path, progress=False)
+    rows = {r["step"]: r for r in read_metrics(tmp_path) if "loss" in r}
+    assert sorted(rows) == [1, 2, 3, 4]
+    # SILC from step index 2 (logged as step 3), TIPS from index 3 (step 4): 3 phases, 3 compiles.
+    assert "loss/silc" not in rows[1] and "loss/silc" not in rows[2] and "loss/tips" not in rows[3]
+    assert rows[3]["loss/silc"] > 0 and rows[4]["loss/silc"] > 0 and rows[4]["loss/tips"] > 0
+    np.testing.assert_allclose(rows[4]["loss"], rows[4]["loss/contrastive"] + rows[4]["loss/silc"]
+                               + 0.25 * rows[4]["loss/tips"], rtol=1e-5)
+    assert compiles == [0, 2, 3]

@@ -290,6 +290,12 @@ def validate(config) -> None:
     if not config.get("ema"):
         raise ConfigError("config.self_distillation's teacher is the EMA of the parameters; set config.ema, "
                           "e.g. dict(decay=0.999, start_step=<the terms' start step>).")
+    first = min(settings.start_step(name, config.total_steps) for name in settings.names)
+    ema_start = dict(config.ema).get("start_step", 0)
+    if ema_start > first:
+        raise ConfigError(f"config.ema.start_step={ema_start} is after SILC / TIPS start (step {first} of "
+                          f"{config.total_steps}), so their teacher would be the student itself; set it to "
+                          f"{first} (SigLIP 2 starts the teacher from the student there) or less.")
     if "silc" in settings.names:
         _check_local_crops(config, image_config(config.model).patch_size)
     if any(source.get("kind") == "stream" for source in config.data.sources.values()):
