@@ -208,3 +208,40 @@ def test_each_term_is_absent_before_its_step_and_present_after_with_one_compile_
     np.testing.assert_allclose(rows[4]["loss"], rows[4]["loss/contrastive"] + rows[4]["loss/silc"]
                                + 0.25 * rows[4]["loss/tips"], rtol=1e-5)
     assert compiles == [0, 2, 3]
+
+
+@pytest.mark.slow
+def test_kill_9_with_decoder_silc_tips_and_ema_then_resume_matches_an_uninterrupted_run(tmp_path):
+    """Every SigLIP 2 term on from step index 2; killed after the checkpoint of step 3 (inside the
+    SILC / TIPS phase), the resumed run logs the uninterrupted run's losses of every term."""
+    import signal
+    import subprocess
+    import sys
+
+    from big_contrast.train.metrics import read_metrics
+    from big_contrast.workdir import CHECKPOINTS
+    from test_train import REPO, env, wait_for
+
+    def cli(workdir):
+        return [sys.executable, "-m", "big_contrast.cli", "train", "--config",
+                str(REPO / "configs/demo.py:siglip2,self_distill,noeval,total_steps=7"), "--workdir", str(workdir),
+                "--noplot", "--config.batch_size=16", "--config.log_every=1", "--config.checkpoint_every=3",
+                "--config.data.sources.demo.size=200", "--config.self_distillation.silc_start_fraction=0.3",
+                "--config.self_distillation.tips_start_fraction=0.3", "--config.ema.start_step=2"]
+
+    straight = subprocess.run(cli(tmp_path / "straight"), env=env(), capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cli(killed), env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: (killed / CHECKPOINTS / "3").is_dir(), proc, timeout=600)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = subprocess.run(cli(killed), env=env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    by_step = lambda rows: {r["step"]: r for r in rows if "loss" in r}  # noqa: E731
+    straight_rows, killed_rows = by_step(read_metrics(tmp_path / "straight")), by_step(read_metrics(killed))
+    assert sorted(straight_rows) == sorted(killed_rows) == list(range(1, 8))
+    for step, row in straight_rows.items():
+        keys = ("loss", "loss/contrastive", "loss/caption") + (("loss/silc", "loss/tips") if step >= 3 else ())
+        for key in keys:
+            assert rel_err(killed_rows[step][key], row[key]) <= 1e-5, (step, key)
