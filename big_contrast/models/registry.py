@@ -302,7 +302,9 @@ def count_params(model: TwoTowers) -> dict[str, int]:
     image = num_params(model.image) + (num_params(model.image_head) if model.image_head else 0)
     text = num_params(model.text) + (num_params(model.text_head) if model.text_head else 0)
     decoder = {} if model.decoder is None else dict(decoder=num_params(model.decoder))  # SigLIP 2
-    return dict(image=image, text=text, **decoder, total=num_params(model))
+    distill = {} if model.distill_head is None else dict(  # SILC / TIPS: the head and the mask token
+        distill_head=num_params(model.distill_head) + model.mask_token.get_value().size)
+    return dict(image=image, text=text, **decoder, **distill, total=num_params(model))
 
 
 def frozen_mask(model: TwoTowers) -> nnx.State:

@@ -277,6 +277,40 @@ def batch_fields(config, fields: tuple[str, ...]) -> tuple[str, ...]:
     return fields + (("local_images",) if settings is not None and "silc" in settings.names else ())
 
 
+def _plan_terms(config):
+    settings = SelfDistillConfig.from_config(config.get("self_distillation"))
+    return None if settings is None or not settings.names else SelfDistillTerms(None, settings, settings.names)
+
+
+def activation_probe(config, model, images):
+    """A scalar through everything SILC / TIPS run per example (the teacher's forward and targets,
+    the local crops' and the masked view's student passes, the heads), for `plan` to measure the
+    activations of; 0 without them. The model stands in for its EMA."""
+    terms = _plan_terms(config)
+    if terms is None:
+        return jnp.zeros((), jnp.float32)
+    crops = dict(config.data.get("local_crops") or {})
+    size = crops.get("size", 96)
+    h, w = (size, size) if isinstance(size, int) else size
+    b = images.shape[0]
+    local = jnp.zeros((b, crops.get("count", 8), h, w, images.shape[-1]), images.dtype)
+    extras = terms.row_inputs(dict(local_images=local), terms.teacher_scores(model, images))
+    keys = jax.vmap(lambda row: jax.random.fold_in(jax.random.key(0), row))(jnp.arange(b))
+    return sum(s.sum() for s in terms.student_sums(model, images, extras, keys).values())
+
+
+def target_bytes(config, per_device_batch: int) -> int:
+    """Bytes of the teacher's scores and targets of a device's rows (float32)."""
+    from big_contrast.models.registry import distill_head_config, image_config
+
+    terms = _plan_terms(config)
+    if terms is None:
+        return 0
+    grid = image_config(config.model).grid
+    per_row = ("silc" in terms.active) + ("tips" in terms.active) * grid[0] * grid[1]
+    return 2 * per_device_batch * per_row * distill_head_config(config.model).prototypes * 4
+
+
 def validate(config) -> None:
     """One sentence for a SILC / TIPS config that cannot train."""
     from big_contrast.models.registry import distill_head_config, image_config
