@@ -245,3 +245,15 @@ def test_kill_9_with_decoder_silc_tips_and_ema_then_resume_matches_an_uninterrup
         keys = ("loss", "loss/contrastive", "loss/caption") + (("loss/silc", "loss/tips") if step >= 3 else ())
         for key in keys:
             assert rel_err(killed_rows[step][key], row[key]) <= 1e-5, (step, key)
+
+
+def test_the_siglip2_b16_config_trains_silc_and_tips_from_80_percent():
+    from big_contrast.train.config import validate
+    from test_configs import load_like_the_cli
+
+    config = load_like_the_cli("siglip2_b16")
+    validate(config, 256)
+    settings = sd.SelfDistillConfig.from_config(config.self_distillation)
+    assert sd.phases(settings, config.total_steps) == [(0, ()), (102_400, ("silc", "tips"))]
+    assert config.ema["start_step"] == 102_400 and (settings.silc_weight, settings.tips_weight) == (0.25, 0.0625)
+    assert models.abstract_model(config.model).distill_head.config.input_width == 768
