@@ -124,6 +124,9 @@ def encode_views(vit, images_bhwc, mask_bn=None, mask_token=None) -> jax.Array:
     """`ViT.encode` for images of any size that the patch divides (no patch dropout); where
     `mask_bn` is True the patch embedding is replaced by `mask_token` before the position
     embedding is added (TIPS)."""
+    if getattr(vit.config, "rope", "none") != "none":  # a rotary tower needs its positions per grid
+        raise NotImplementedError("SILC / TIPS on a tower with rotary embeddings (rope) are not built; "
+                                  "use rope='none'.")
     x = vit.embedding(images_bhwc.astype(vit.dtype))
     grid = x.shape[1:3]
     x_bnd = x.reshape(x.shape[0], -1, vit.width)
@@ -330,6 +333,9 @@ def validate(config) -> None:
         raise ConfigError(f"config.ema.start_step={ema_start} is after SILC / TIPS start (step {first} of "
                           f"{config.total_steps}), so their teacher would be the student itself; set it to "
                           f"{first} (SigLIP 2 starts the teacher from the student there) or less.")
+    if getattr(image_config(config.model), "rope", "none") != "none":
+        raise ConfigError("config.self_distillation with a rotary image tower (config.model.image.rope) is not "
+                          "built: the crops' and masked views' forward adds absolute position embeddings only.")
     if "silc" in settings.names:
         _check_local_crops(config, image_config(config.model).patch_size)
     if any(source.get("kind") == "stream" for source in config.data.sources.values()):
