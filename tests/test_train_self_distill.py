@@ -122,11 +122,14 @@ def test_the_ema_teacher_receives_no_gradient_but_shapes_the_loss():
     def loss_of_teacher(teacher):
         return run_terms(cfg, terms, batch, 1, teacher_params=teacher, params=params)[0]
 
-    teacher = jax.tree.map(lambda x: x * 0.9, params)
-    grads = jax.jit(jax.grad(loss_of_teacher), compiler_options=FAST)(teacher)
+    def both(teacher, other):
+        value, grads = jax.value_and_grad(loss_of_teacher)(teacher)
+        return grads, value, loss_of_teacher(other)
+
+    grads, value, other_value = jax.jit(both, compiler_options=FAST)(
+        jax.tree.map(lambda x: x * 0.9, params), jax.tree.map(lambda x: x * 0.5, params))
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
-    other = jax.tree.map(lambda x: x * 0.5, params)
-    assert abs(float(loss_of_teacher(other)) - float(loss_of_teacher(teacher))) > 1e-4
+    assert abs(float(other_value) - float(value)) > 1e-4  # the teacher does shape the loss
 
 
 def test_gradient_caching_micro_batches_silc_tips_and_captioning_exactly():
