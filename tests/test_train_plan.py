@@ -21,3 +21,23 @@ def test_nothing_is_gathered_without_fsdp_sharding():
     shape = {"data": 8, "fsdp": 1, "tensor": 1}
     replicated = _per_device_bytes(nnx.state(abstract, nnx.Param), shape)
     assert _gathered_param_bytes(abstract, shape, replicated) == 0
+
+
+def test_plan_counts_the_distill_head_the_crops_and_the_teacher_targets():
+    import sys
+
+    sys.path.insert(0, "configs")
+    import demo
+
+    base = demo.get_config("siglip2,noeval")
+    config = demo.get_config("siglip2,self_distill,noeval")
+    without, with_sd = (plan(c, device_memory_bytes=2**30, num_devices=8) for c in (base, config))
+    head = with_sd["params"]["distill_head"]
+    assert head == (64 * 128 + 128) + (128 * 128 + 128) + (128 * 32 + 32) + 32 * 256 + 64  # + the mask token
+    assert with_sd["params"]["total"] == without["params"]["total"] + head
+    # 16 rows per device, (1 pooled + 16 patch) targets of 256 prototypes, scores + targets, float32
+    assert with_sd["self_distill_target_bytes"] == 2 * 16 * 17 * 256 * 4
+    # 4 local crops and a masked view through the tower, the heads, the teacher's forward
+    assert with_sd["activation_bytes_per_example"] > 1.5 * without["activation_bytes_per_example"]
+    text = format_plan(with_sd)
+    assert "distill head" in text and "SILC / TIPS teacher targets" in text

@@ -42,6 +42,8 @@
                        text_vocab_size=None, grounded_predicts_box=False); batches then hold 'decoder_targets' [L],
                        'decoder_mask' [L], 'decoder_task', 'decoder_box' [4] from each
                        record's caption and `boxes` (sources: manifest `boxes_key`, demo `boxes`)
+    local_crops        None (off) | dict(count, size, scale, ratio, pp): SILC's local crops of each
+                       training image, batch field 'local_images' [B, V, h, w, 3] (`multicrop.py`)
     keep_freed_memory  tune glibc malloc in the decoding processes (the workers, or this
                        process when num_workers=0) to keep freed memory instead of returning
                        it to the OS: ~25% less CPU per 224 px image (`memory.py`)
@@ -80,6 +82,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.min_seen = 1000
     config.keep_freed_memory = True
     config.decoder_targets = None  # LocCa (location_targets.py): box targets for the SigLIP 2 decoder
+    config.local_crops = ml_collections.FieldReference(None, field_type=dict)  # SILC (multicrop.py)
     from big_contrast.data.streaming.pipeline import STREAMING_DEFAULTS
 
     config.streaming = ml_collections.ConfigDict(STREAMING_DEFAULTS)  # used by kind='stream' sources

@@ -148,3 +148,19 @@ def multicrop_from_config(image_pp: str, local_crops: Mapping | None) -> MultiCr
     if unknown:
         raise ConfigError(f"data.local_crops has unknown keys {unknown}; the known ones are {list(_KEYS)}.")
     return MultiCrop(image_pp, **{**SILC_LOCAL_CROPS, **settings})
+
+
+def training_multicrop(data_config) -> MultiCrop | None:
+    """The `MultiCrop` of a data config's training pipeline (None without `local_crops`). With
+    `device_normalize` the final value op runs on the device for both views, so it is dropped
+    from the crops' `pp` as from `pp_train` (the step normalises 'local_images' like 'image')."""
+    from big_contrast.data.device_ops import host_spec
+
+    local_crops = data_config.get("local_crops")
+    if not local_crops:
+        return None
+    on_device = data_config.get("device_normalize", False)
+    settings = dict(local_crops.to_dict() if hasattr(local_crops, "to_dict") else local_crops)
+    if settings.get("pp"):
+        settings["pp"] = host_spec(f"decode|{settings['pp']}", on_device).partition("|")[2]
+    return multicrop_from_config(host_spec(data_config.pp_train, on_device), settings)

@@ -50,6 +50,7 @@ from big_contrast.data.config import check_data_config
 from big_contrast.data.device_ops import host_spec
 from big_contrast.data.errors import SkipCounter
 from big_contrast.data.memory import keep_freed_memory, worker_init
+from big_contrast.data.multicrop import training_multicrop
 from big_contrast.data.preprocess import ProcessExample
 from big_contrast.data.sources import TaggedSource, open_source
 from big_contrast.data.tokenizer import make_tokenizer
@@ -174,7 +175,8 @@ def build_dataset(config, *, train: bool, per_process_batch: int, process_index:
     processor = ProcessExample(pp, tokenizer,
                                config.max_len, tuple(config.label_keys),
                                max_captions=None if train else config.get("max_captions"),
-                               captions_optional=not train, decoder_targets=decoder_targets)
+                               captions_optional=not train, decoder_targets=decoder_targets,
+                               multicrop=training_multicrop(config) if train else None)  # SILC's local crops
     datasets, weights, largest_share = _source_datasets(
         config, train=train, process_index=process_index, process_count=process_count, seed=seed)
     ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)

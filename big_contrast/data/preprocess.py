@@ -98,7 +98,8 @@ class ProcessExample(grain.transforms.RandomMap):
     """
 
     def __init__(self, image_pp: str, tokenizer, max_len: int, label_keys: Sequence[str] = (),
-                 max_captions: int | None = None, captions_optional: bool = False, decoder_targets=None):
+                 max_captions: int | None = None, captions_optional: bool = False, decoder_targets=None,
+                 multicrop=None):
         if max_len < 2:
             raise ConfigError(f"max_len={max_len} leaves no room for a token before EOS; use >= 2")
         self.image_pp = parse_image_pp(image_pp)
@@ -106,6 +107,7 @@ class ProcessExample(grain.transforms.RandomMap):
         self.label_keys = tuple(label_keys)
         self.max_captions, self.captions_optional = max_captions, captions_optional
         self.decoder_targets = decoder_targets
+        self.multicrop = multicrop  # SILC: a data.multicrop.MultiCrop adds 'local_images' [V, h, w, 3]
 
     def _text(self, raw: dict, rng: np.random.Generator) -> tuple[dict, str]:
         """(text fields, the caption they hold: the decoder's captioning target)."""
@@ -123,13 +125,17 @@ class ProcessExample(grain.transforms.RandomMap):
             return {"_skip": REASON_INDEX[raw["_skip"]], "_source": source}
         try:
             text, caption = self._text(raw, rng)
-            image = self.image_pp(raw.get("image"), rng)
+            if self.multicrop is None:
+                image, views = self.image_pp(raw.get("image"), rng), {}
+            else:  # SILC (data/multicrop.py): the same global view first, then the local crops
+                views = self.multicrop(raw.get("image"), rng)
+                image = views.pop("image")
             if self.decoder_targets is not None:  # LocCa: decoder_targets / _mask / _task / _box
                 text.update(self.decoder_targets.from_record(raw, caption, rng))
         except SkipRecord as e:
             return {"_skip": REASON_INDEX[e.reason], "_source": source}
         fields = image if isinstance(image, dict) else {"image": image}  # a dict: NaFlex fields (issue 22)
-        out = {**fields, **text, "_source": source}
+        out = {**fields, **views, **text, "_source": source}
         for key in self.label_keys:
             if key not in raw:
                 raise ConfigError(

@@ -29,7 +29,7 @@ class DistillHeadConfig:
         for name in ("input_width", "hidden", "bottleneck", "prototypes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"config.self_distillation.head.{name}={value!r} must be a positive integer.")
+                raise ConfigError(f"config.model.distill_head.{name}={value!r} must be a positive integer.")
 
 
 class DistillHead(nnx.Module):

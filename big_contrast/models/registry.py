@@ -53,6 +53,7 @@ from big_contrast import sharding
 from big_contrast.errors import ConfigError
 from big_contrast.models import variants
 from big_contrast.models.decoder import Decoder, DecoderConfig
+from big_contrast.models.distill_head import DistillHead, DistillHeadConfig
 from big_contrast.models.text import TextConfig, TextTransformer
 from big_contrast.models.two_towers import TwoTowers
 from big_contrast.models.vit import ViT, ViTConfig
@@ -106,6 +107,7 @@ def _model_defaults(optional) -> dict:
         remat="none",
         scan_layers=False,
         decoder=None,  # SigLIP 2 / CapPa captioning decoder: a dict of DecoderConfig fields (decoder_config)
+        distill_head=None,  # SigLIP 2's SILC / TIPS head + mask token: DistillHeadConfig fields but input_width
     )
 
 
@@ -227,12 +229,33 @@ def create(config: Mapping | None = None,
                      text_head=cfg["text"]["head"],
                      head_bias=(cfg["image"]["head_bias"], cfg["text"]["head_bias"]),
                      lock_image=cfg["lock_image"],
-                     param_dtype=_dtype(cfg["param_dtype"]), decoder=_decoder(cfg, rngs), rngs=rngs, **scalars)
+                     param_dtype=_dtype(cfg["param_dtype"]), decoder=_decoder(cfg, rngs),
+                     distill_head=_distill_head(cfg, rngs), rngs=rngs, **scalars)
 
 
 def _decoder(cfg: dict, rngs: nnx.Rngs) -> Decoder | None:
     config = decoder_config(cfg)
     return None if config is None else Decoder(config, rngs=rngs)
+
+
+def distill_head_config(config: Mapping | None) -> DistillHeadConfig | None:
+    """The SILC / TIPS head of a model config (``config.distill_head``: hidden, bottleneck,
+    prototypes), or None; its input is the image tower's width (pooled and patch features)."""
+    cfg = resolve_config(config)
+    section = cfg["distill_head"]
+    if section is None:
+        return None
+    section = dict(section.to_dict() if hasattr(section, "to_dict") else section)
+    known = {f.name for f in dataclasses.fields(DistillHeadConfig)} - {"input_width"}
+    if set(section) - known:
+        raise ConfigError(f"config.model.distill_head has unknown fields {sorted(set(section) - known)}; "
+                          f"known: {sorted(known)}.")
+    return DistillHeadConfig(input_width=image_config(cfg).width, **section)
+
+
+def _distill_head(cfg: dict, rngs: nnx.Rngs) -> DistillHead | None:
+    config = distill_head_config(cfg)
+    return None if config is None else DistillHead(config, rngs=rngs)
 
 
 def create_sharded(config, mesh: jax.sharding.Mesh, seed: int | jax.Array = 0,
@@ -279,7 +302,9 @@ def count_params(model: TwoTowers) -> dict[str, int]:
     image = num_params(model.image) + (num_params(model.image_head) if model.image_head else 0)
     text = num_params(model.text) + (num_params(model.text_head) if model.text_head else 0)
     decoder = {} if model.decoder is None else dict(decoder=num_params(model.decoder))  # SigLIP 2
-    return dict(image=image, text=text, **decoder, total=num_params(model))
+    distill = {} if model.distill_head is None else dict(  # SILC / TIPS: the head and the mask token
+        distill_head=num_params(model.distill_head) + model.mask_token.get_value().size)
+    return dict(image=image, text=text, **decoder, **distill, total=num_params(model))
 
 
 def frozen_mask(model: TwoTowers) -> nnx.State:

@@ -63,10 +63,16 @@ class TwoTowers(nnx.Module):
                  log_scale_init: float,
                  max_log_scale: float | None = None, bias_init: float | None = None,
                  lock_image: bool = False, frozen_patterns: tuple[str, ...] | None = None,
-                 param_dtype=jnp.float32, decoder: nnx.Module | None = None, rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, decoder: nnx.Module | None = None,
+                 distill_head: nnx.Module | None = None, rngs: nnx.Rngs):
         self.image, self.text = image, text
         # SigLIP 2's captioning decoder (models/decoder.py) on the image tower's patch tokens, or None.
         self.decoder = nnx.data(None) if decoder is None else decoder
+        # SigLIP 2's SILC / TIPS (train/self_distill.py): the DINO head (models/distill_head.py) and
+        # TIPS's learned mask token, which replaces masked patch embeddings (zeros at init, as iBOT).
+        self.distill_head = nnx.data(None) if distill_head is None else distill_head
+        self.mask_token = (nnx.data(None) if distill_head is None else
+                           nnx.Param(jnp.zeros((image.config.width,), param_dtype), **tfm.logical("embed")))
         icfg, tcfg = image.config, text.config
         self.image_head = _head(icfg.width, embed_dim, image_head, head_bias[0], icfg.dtype,
                                 param_dtype, rngs)

@@ -38,6 +38,8 @@ A config file (configs/*.py) returns `default_config()` updated with its own cho
     config.loss_objective        None (config.model.loss) | e.g. "sigmoid + 0.5 * distill": a
                                  weighted sum of loss terms (train/objective.py, losses/objectives.py)
     config.teacher               None | "ema": the teacher of distill / cwcl terms
+    config.self_distillation     None (off) | dict(silc_weight, tips_weight, *_start_fraction, ...):
+                                 SigLIP 2's SILC / TIPS against the EMA (train/self_distill.py)
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from big_contrast.errors import ConfigError
 from big_contrast.models import default_model_config
 from big_contrast.train import naflex as train_naflex
 from big_contrast.train import objective as train_objective
+from big_contrast.train import self_distill
 from big_contrast.train.ema import EmaConfig
 
 
@@ -85,6 +88,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.ema = ml_collections.FieldReference(None, field_type=dict)
     config.loss_objective = ml_collections.FieldReference(None, field_type=str)
     config.teacher = ml_collections.FieldReference(None, field_type=str)
+    config.self_distillation = ml_collections.FieldReference(None, field_type=dict)  # SILC / TIPS
     return config
 
 
@@ -117,6 +121,7 @@ def validate(config, num_batch_shards: int) -> None:
     EmaConfig.from_config(config.get("ema"))  # one sentence per bad field
     train_objective.validate(config)
     train_naflex.validate(config)  # a pp ending in naflex(...) (issue 22)
+    self_distill.validate(config)  # SigLIP 2's SILC / TIPS (train/self_distill.py)
 
 
 def _validate_profile_steps(steps) -> None:

@@ -52,7 +52,7 @@ from big_contrast.train import resample, staged
 from big_contrast.train.metrics import MetricWriter, StepProfile, Throughput
 from big_contrast.train.prefetch import Prefetcher
 from big_contrast.train.optimizer import learning_rate_schedule, make_optimizer
-from big_contrast.train import siglip2
+from big_contrast.train import self_distill, siglip2
 from big_contrast.train.ema import EmaConfig, ema_init
 from big_contrast.train.step import LossSpec, StepConfig, TrainState, train_step
 from big_contrast.workdir import Workdir, holds_checkpoints
@@ -61,8 +61,9 @@ BATCH_FIELDS = ("image", "text") + NAFLEX_FIELDS  # a NaFlex batch (issue 22): p
 
 
 def batch_fields(config) -> tuple[str, ...]:
-    """The batch fields the step reads: images, texts (+ LocCa's decoder targets, train/siglip2.py)."""
-    return BATCH_FIELDS + siglip2.batch_fields_of(config)
+    """The batch fields the step reads: images, texts (+ LocCa's decoder targets, train/siglip2.py;
+    + SILC's local crops, train/self_distill.py)."""
+    return self_distill.batch_fields(config, BATCH_FIELDS + siglip2.batch_fields_of(config))
 
 
 class NonFiniteLoss(BigContrastError, RuntimeError):
@@ -182,10 +183,14 @@ def make_step_fn(run: Run, batch_sharding, lr_fn=None):
         terms=siglip2.terms_from_config(config),  # SigLIP 2's extra terms (None: contrastive alone)
         ema=EmaConfig.from_config(config.get("ema")), teacher=train_objective.teacher_of(config),
     )
-    step = functools.partial(train_step, config=fixed)  # `train_step` looked up now (tests patch it)
-    batch_shardings = batch_sharding  # every field of the batch (image or NaFlex's, text, LocCa's targets) alike
-    return jax.jit(step, in_shardings=(run.state_shardings, batch_shardings),
-                   out_shardings=(run.state_shardings, None), donate_argnums=(0,))
+    batch_shardings = batch_sharding  # every field of the batch (image or NaFlex's, text, LocCa's targets, crops) alike
+
+    def jitted(fixed):
+        step = functools.partial(train_step, config=fixed)  # `train_step` looked up now (tests patch it)
+        return jax.jit(step, in_shardings=(run.state_shardings, batch_shardings),
+                       out_shardings=(run.state_shardings, None), donate_argnums=(0,))
+
+    return self_distill.phased_step(config, fixed, jitted)  # SILC / TIPS: one compiled step per phase
 
 
 @contextlib.contextmanager
@@ -292,7 +297,7 @@ def _loop(run, state, batches, ckpt, writer, evaluators, step_fn, stop_after_ste
                 run, state, step_fn = _next_stage(plan, step, run, state, batches, writer, throughput)
                 compiled = None
             consumed = next(batches)
-            if compiled is None:
+            if compiled is None or step in getattr(step_fn, "switch_steps", ()):  # SILC / TIPS phases
                 compiled = _compile(step_fn, state, consumed.arrays)
                 throughput.flops_per_step = _flops(compiled)
             profile.before(step + 1)

@@ -12,6 +12,10 @@
 * the loss engine's per-device memory: the ring's measured bound, 5 * b * D * 4 bytes plus
   its tiles of `ring.default_block()` on this backend unless `config.loss_block` says
   (experiments/loss_scaling), or b * B logits for the all-gather and dense schemes;
+* SigLIP 2's SILC / TIPS (`train/self_distill.py`): the local crops' and the masked view's tower
+  passes and the distill heads in the activations per example, the teacher's forward with them
+  (it runs a micro-batch at a time, before the student's passes), and the teacher's targets of the
+  device's rows (b x (1 + P) x K floats, with its scores) as fixed bytes;
 * the largest micro-batch (a divisor of the per-device batch) that fits `device_memory_bytes`.
 """
 
@@ -26,7 +30,7 @@ from flax import nnx
 from big_contrast import models, sharding
 from big_contrast.losses import ring
 from big_contrast.train import naflex as train_naflex
-from big_contrast.train import siglip2
+from big_contrast.train import self_distill, siglip2
 
 GIB = 2**30
 
@@ -64,8 +68,10 @@ def _activation_bytes_per_example(config, abstract) -> int:
         model = nnx.merge(graphdef, p, rest)
         if model.decoder is not None:  # SigLIP 2: the decoder's activations count too (train/siglip2.py)
             zimg, ztxt, sums = siglip2.Terms(caption_weight=1.0).embed(model, images, tokens, None)
-            return jnp.sum(zimg * ztxt) + sum(s.sum() for s in sums.values())
-        return jnp.sum(model.embed_images(images) * model.embed_texts(tokens))
+            value = jnp.sum(zimg * ztxt) + sum(s.sum() for s in sums.values())
+        else:
+            value = jnp.sum(model.embed_images(images) * model.embed_texts(tokens))
+        return value + self_distill.activation_probe(config, model, images)  # SILC / TIPS: crops, heads, teacher
 
     temps = []
     for micro in (1, 2):
@@ -105,6 +111,8 @@ def plan(config, *, device_memory_bytes: int, num_devices: int | None = None) ->
     fixed = 4 * param_bytes + 2 * gathered + loss_bytes + 4 * per_device_batch * dim * 4  # params, grads, 2 moments
     ema_bytes, teacher_bytes = _ema_and_teacher_bytes(config, param_bytes, per_device_batch, dim)
     fixed += ema_bytes + teacher_bytes
+    targets_bytes = self_distill.target_bytes(config, per_device_batch)  # SILC / TIPS: the teacher's targets
+    fixed += targets_bytes
     room = device_memory_bytes - fixed
     fitting = [d for d in range(1, per_device_batch + 1) if per_device_batch % d == 0 and d * per_example <= room]
     return dict(
@@ -115,6 +123,7 @@ def plan(config, *, device_memory_bytes: int, num_devices: int | None = None) ->
         loss_bytes=loss_bytes, device_memory_bytes=device_memory_bytes,
         largest_fitting_microbatch=max(fitting) if fitting else None,
         ema_bytes=ema_bytes, teacher_bytes=teacher_bytes, image_sequence=_image_sequence(config),
+        self_distill_target_bytes=targets_bytes,
     )
 
 
@@ -144,7 +153,8 @@ def format_plan(p: dict) -> str:
     lines = [
         f"mesh {p['mesh']} ({p['devices']} devices); global batch {p['batch']:,} = {p['per_device_batch']:,} per device",
         f"parameters: image {p['params']['image']:,}  text {p['params']['text']:,}"
-        + (f"  decoder {p['params']['decoder']:,}" if "decoder" in p["params"] else "") + f"  total {p['params']['total']:,}",
+        + (f"  decoder {p['params']['decoder']:,}" if "decoder" in p["params"] else "")
+        + (f"  distill head {p['params']['distill_head']:,}" if "distill_head" in p["params"] else "") + f"  total {p['params']['total']:,}",
         *([f"image input: {p['image_sequence']}"] if p.get("image_sequence") else []),
         "per-device memory:",
         f"  parameters                     {gib(p['param_bytes'])}",
@@ -152,6 +162,8 @@ def format_plan(p: dict) -> str:
         f"  AdamW moments                  {gib(p['optimizer_bytes'])}",
         *([f"  EMA of the parameters          {gib(p['ema_bytes'])}"] if p.get("ema_bytes") else []),
         *([f"  teacher embeddings             {gib(p['teacher_bytes'])}"] if p.get("teacher_bytes") else []),
+        *([f"  SILC / TIPS teacher targets    {gib(p['self_distill_target_bytes'])}"]
+          if p.get("self_distill_target_bytes") else []),
         *([f"  gathered parameters + grads    {gib(2 * p['gathered_param_bytes'])}"] if p["gathered_param_bytes"] else []),
         f"  activations / example          {gib(p['activation_bytes_per_example'])}",
         f"  activations, micro-batch {p['microbatch']:<6,}{gib(p['activation_bytes_per_microbatch'])}",

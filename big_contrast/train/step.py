@@ -109,7 +109,8 @@ def patch_keys(step, rows, seed=0):
 
 
 def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis, microbatches,
-                   step=None, seed=0, teacher_params=None, teacher_embeddings=None, terms=None):
+                   step=None, seed=0, teacher_params=None, teacher_embeddings=None, terms=None,
+                   self_distill_teacher=None):
     """(loss, aux, grads) for one global batch, in one pass or with gradient caching.
 
     `step` (the train step) seeds the image tower's patch dropout; None turns it off.
@@ -120,15 +121,16 @@ def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis,
     computed outside the step or stored beside the data) feed them as they are, with the
     student's scale as the teacher's. `terms` (a `siglip2.Terms`, or None): SigLIP 2's
     per-example terms, added to the loss. `aux["terms"]` holds the extra metrics by name
-    (`loss/<objective term>`, `loss/caption`, `loss/contrastive`).
+    (`loss/<objective term>`, `loss/caption`, `loss/contrastive`). `self_distill_teacher` (the
+    EMA's parameters, with `terms` a `self_distill.SelfDistillTerms`): SILC / TIPS's teacher.
     """
     n_out = 2 if terms is None else 3  # embed's outputs: zimg, ztxt (+ the terms' per-example sums)
 
-    def embed(p, images, texts, rows, *decoder_fields, teacher=False):  # decoder_fields: LocCa's targets
+    def embed(p, images, texts, rows, *extras, teacher=False):  # extras: LocCa's targets, SILC / TIPS row inputs
         model = nnx.merge(graphdef, p, rest)
         keys = None if step is None or teacher else patch_keys(step, rows, seed)
         if terms is not None and not teacher:  # SigLIP 2 (train/siglip2.py): + per-example sums
-            return terms.embed(model, images, texts, keys, *decoder_fields)
+            return terms.embed(model, images, texts, keys, *extras)
         return model.embed_images(images, keys), model.embed_texts(texts)
 
     def teacher_inputs(embedded):  # the teacher's embeddings and scale, no gradient to anything
@@ -152,6 +154,8 @@ def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis,
     images = image_input(batch)  # batch["image"], or a NaFlex batch's NaflexImages (issue 22)
     inputs = (images, batch["text"], jnp.arange(batch["text"].shape[0], dtype=jnp.int32))
     inputs += () if terms is None else terms.batch_fields(batch)  # LocCa: the decoder's target fields
+    if self_distill_teacher is not None:  # SILC / TIPS (train/self_distill.py): the teacher's targets per row
+        inputs += (_self_distill_inputs(graphdef, rest, terms, self_distill_teacher, batch, mesh, axis, microbatches),)
     if microbatches <= 1:
         teacher = teacher_inputs(None if teacher_params is None else embed(teacher_params, *inputs, teacher=True))
 
@@ -199,6 +203,24 @@ def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis,
 
     grads_embed = on_devices(backprop_all, params, (*inputs, dzimg, dztxt, *dsums), reduce=True)
     return value, dict(scale=scale, bias=bias, terms=metrics), jax.tree.map(jnp.add, grads, grads_embed)
+
+
+def _self_distill_inputs(graphdef, rest, terms, teacher, batch, mesh, axis, microbatches):
+    """SILC / TIPS: the EMA teacher's head scores of every row (a micro-batch at a time on each
+    device's own rows under gradient caching), then its targets over the global batch."""
+    def scores(p, images):
+        return terms.teacher_scores(nnx.merge(graphdef, p, rest), images)
+
+    if microbatches > 1:
+        def scores_all(p, images):
+            _, s_k = jax.lax.scan(lambda _, x: (None, scores(p, x)), None, _microbatches(images, microbatches))
+            return jax.tree.map(_from_microbatches, s_k)
+
+        on_devices = _OwnRows(mesh, axis, None if mesh is None else _param_specs(graphdef, teacher, rest, mesh))
+        teacher_scores = on_devices(scores_all, teacher, (batch["image"],), reduce=False)
+    else:
+        teacher_scores = scores(teacher, batch["image"])
+    return terms.row_inputs(batch, teacher_scores)
 
 
 def _param_specs(graphdef, params, rest, mesh):
@@ -340,12 +362,15 @@ def train_step(state: TrainState, batch, *, config: StepConfig):
     c = config
     if "image" in batch:  # a NaFlex batch (issue 22) holds normalised patches instead
         batch = {**batch, "image": normalize_on_device(batch["image"], c.image_norm)}
+    if "local_images" in batch:  # SILC's local crops (train/self_distill.py), normalised like the images
+        batch["local_images"] = normalize_on_device(batch["local_images"], c.image_norm)
     value, aux, grads = loss_and_grads(
         c.graphdef, state.params, c.rest, batch, loss=c.loss, mesh=c.mesh, axis=c.axis,
         microbatches=c.microbatches, step=state.step, seed=c.seed, terms=c.terms,
         teacher_params=state.ema if c.teacher == "ema" else None,
         teacher_embeddings=({"image": batch["teacher_image"], "text": batch["teacher_text"]}
                             if c.teacher == "data" else None),
+        self_distill_teacher=state.ema if hasattr(c.terms, "teacher_scores") else None,  # SILC / TIPS
     )
     updates, opt_state = c.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -1,16 +1,17 @@
-"""SigLIP 2's terms on the demo data at equal compute: sigmoid alone vs sigmoid + decoder.
+"""SigLIP 2's terms on the demo data at equal steps: sigmoid alone vs + decoder vs + decoder + SD + MP.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python experiments/siglip2_recipe/run.py --steps 600
 
-Each row trains `configs/demo.py:sigmoid` or `configs/demo.py:siglip2` with the real trainer for the
+Each row trains `configs/demo.py:sigmoid`, `configs/demo.py:siglip2` or `configs/demo.py:siglip2,self_distill`
+(+ SILC + TIPS for the last 20 % of the steps, README "SigLIP 2") with the real trainer for the
 same number of steps and batch (equal examples; the decoder's extra FLOPs are the cost reported
 as step time), then runs the demo's evaluators once at the end: zero-shot shape and colour,
 the 6 held-out colour-shape pairs, retrieval recall@1, and for the decoder row its captions
 (captioning loss, n-gram score, how often a greedy caption names the right colour / shape).
 Step time is the trainer's mean `step_time_s` after the first logged window (compilation
 excluded); memory is the `plan` activation bytes per example. Results go to results.json and
-a markdown table (results.md) that README.md quotes. The self-distillation and masked-prediction
-rows are not run: those terms are not wired into the trainer yet.
+a markdown table (results.md) that README.md quotes. `--rows NAME ...` reruns only those rows and
+keeps the others' results.
 """
 from __future__ import annotations
 
@@ -35,13 +36,13 @@ from big_contrast.train import train  # noqa: E402
 from big_contrast.train.metrics import read_metrics  # noqa: E402
 from big_contrast.train.plan import plan  # noqa: E402
 
-ROWS = {"sigmoid": "sigmoid", "sigmoid + decoder": "siglip2"}
+ROWS = {"sigmoid": "sigmoid", "sigmoid + decoder": "siglip2", "+ decoder + SD + MP": "siglip2,self_distill"}
 KEYS = ("dense/foreground_accuracy", "dense/miou", "shape/top1", "colour/top1", "heldout/top1", "retrieval/i2t_recall@1", "retrieval/t2i_recall@1", "captions/loss",
         "captions/ngram", "captions/names_colour", "captions/names_shape", "captions/names_all")
 
 
 def config_of(arg, steps, seed):
-    config = demo.get_config(arg)
+    config = demo.get_config(f"{arg},total_steps={steps}")  # self_distill's EMA start follows total_steps
     config.update(total_steps=steps, log_every=max(steps // 6, 1), checkpoint_every=10 * steps, seed=seed)
     config.optimizer.warmup_steps = min(50, steps // 10)
     for evaluator in config.evals.values():
@@ -95,9 +96,17 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), help="row names to (re)run; the others are kept")
     args = parser.parse_args()
-    results = [run_row(name, arg, args.steps, seed) for seed in args.seeds for name, arg in ROWS.items()]
-    (HERE / "results.json").write_text(json.dumps(results, indent=1))
+    path = HERE / "results.json"
+    kept = json.loads(path.read_text()) if path.exists() else []
+    for seed in args.seeds:
+        for name in args.rows:
+            new = run_row(name, ROWS[name], args.steps, seed)
+            kept = [r for r in kept if (r["row"], r["seed"]) != (name, seed)] + [new]
+            path.write_text(json.dumps(kept, indent=1))  # after every row: a stopped run keeps what it measured
+    order = list(ROWS)
+    results = sorted(kept, key=lambda r: (order.index(r["row"]), r["seed"]))
     (HERE / "results.md").write_text(table(results) + "\n")
     print(table(results))
 
