@@ -39,6 +39,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from big_contrast import losses, sharding
 from big_contrast.data.device_ops import normalize_on_device
 from big_contrast.train.ema import EmaConfig, ema_update
+from big_contrast.train.teacher import Bound  # issue 23: a frozen teacher of another workdir
 
 
 @dataclasses.dataclass
@@ -108,7 +109,8 @@ def patch_keys(step, rows, seed=0):
 
 
 def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis, microbatches,
-                   step=None, seed=0, teacher_params=None, teacher_embeddings=None, terms=None):
+                   step=None, seed=0, teacher_params=None, teacher_embeddings=None, terms=None,
+                   frozen_teacher=None):
     """(loss, aux, grads) for one global batch, in one pass or with gradient caching.
 
     `step` (the train step) seeds the image tower's patch dropout; None turns it off.
@@ -119,7 +121,9 @@ def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis,
     computed outside the step or stored beside the data) feed them as they are, with the
     student's scale as the teacher's. `terms` (a `siglip2.Terms`, or None): SigLIP 2's
     per-example terms, added to the loss. `aux["terms"]` holds the extra metrics by name
-    (`loss/<objective term>`, `loss/caption`, `loss/contrastive`).
+    (`loss/<objective term>`, `loss/caption`, `loss/contrastive`). `frozen_teacher` (a
+    `train.teacher.Bound`: another workdir's model and its parameters) embeds the batch without
+    gradient, micro-batch by micro-batch under gradient caching; its own scale is the teacher's.
     """
     n_out = 2 if terms is None else 3  # embed's outputs: zimg, ztxt (+ the terms' per-example sums)
 
@@ -132,6 +136,8 @@ def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis,
 
     def teacher_inputs(embedded):  # the teacher's embeddings and scale, no gradient to anything
         if teacher_params is None:
+            if frozen is not None:  # issue 23: a frozen teacher of another workdir (train/teacher.py)
+                return dict(teacher=frozen[0], teacher_scale=frozen[1])
             return {} if teacher_embeddings is None else dict(teacher=jax.lax.stop_gradient(teacher_embeddings))
         zimg_t, ztxt_t = jax.lax.stop_gradient(embedded)
         return dict(teacher={"image": zimg_t, "text": ztxt_t},
@@ -149,6 +155,8 @@ def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis,
         return _scale_and_bias(nnx.merge(graphdef, p, rest))
 
     inputs = (batch["image"], batch["text"], jnp.arange(batch["image"].shape[0], dtype=jnp.int32))
+    frozen = None if frozen_teacher is None else frozen_teacher.embeddings(  # issue 23: train/teacher.py
+        batch["image"], batch["text"], mesh=mesh, axis=axis, microbatches=microbatches)
     if microbatches <= 1:
         teacher = teacher_inputs(None if teacher_params is None else embed(teacher_params, *inputs, teacher=True))
 
@@ -325,6 +333,7 @@ class StepConfig:
     ema: EmaConfig | None = None  # config.ema: the state's EMA is updated after each optimizer update
     teacher: str | None = None  # "ema": the state's EMA is the objective's (momentum) teacher;
     # "data": the batch's `teacher_image` / `teacher_text` fields are the teacher's embeddings
+    frozen_teacher: Any = None  # issue 23: a big_contrast.teacher.FrozenTeacher (its params: the step's 3rd argument)
 
 
 def make_train_step(config: StepConfig):
@@ -332,8 +341,9 @@ def make_train_step(config: StepConfig):
     return functools.partial(train_step, config=config)
 
 
-def train_step(state: TrainState, batch, *, config: StepConfig):
-    """One optimizer step; returns the new state and scalar metrics."""
+def train_step(state: TrainState, batch, teacher_params=None, *, config: StepConfig):
+    """One optimizer step; returns the new state and scalar metrics. `teacher_params`: the
+    frozen teacher's parameters (`config.frozen_teacher`), passed in, never updated."""
     c = config
     batch = {**batch, "image": normalize_on_device(batch["image"], c.image_norm)}
     value, aux, grads = loss_and_grads(
@@ -342,6 +352,7 @@ def train_step(state: TrainState, batch, *, config: StepConfig):
         teacher_params=state.ema if c.teacher == "ema" else None,
         teacher_embeddings=({"image": batch["teacher_image"], "text": batch["teacher_text"]}
                             if c.teacher == "data" else None),
+        frozen_teacher=None if c.frozen_teacher is None else Bound(c.frozen_teacher, teacher_params),
     )
     updates, opt_state = c.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
