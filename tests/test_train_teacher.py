@@ -225,3 +225,71 @@ def test_training_with_a_frozen_teacher_records_it_and_resumes_exactly(teacher_d
     state, _ = ckpt.restore_arrays()
     ckpt.close()
     assert set(state) == {"step", "params", "opt_state"}
+
+
+# ----------------------------------------------------------------------------- precomputed columns
+
+
+@pytest.fixture(scope="module")
+def teacher_shards(teacher_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("with_teacher")
+    from big_contrast.data.teacher_columns import write_teacher_columns
+
+    summary = write_teacher_columns(dict(kind="demo", split="train", size=40, image_size=32), teacher_dir, str(out),
+                                    batch_size=16, examples_per_shard=25)
+    return out, summary
+
+
+def test_teacher_columns_hold_the_teachers_embeddings_of_each_record(teacher_dir, teacher_shards):
+    from big_contrast.data.image_ops import parse_image_pp
+    from big_contrast.data.sources import open_source
+    from big_contrast.data.tokenizer import encode_fixed, make_tokenizer
+
+    out, summary = teacher_shards
+    assert summary["records"] == 40 and summary["skipped"] == 0 and len(summary["shards"]) == 2
+    assert summary["dim"] == 24 and summary["step"] == 1
+    written = open_source("w", dict(kind="array_record", path=str(out)))
+    original = open_source("o", dict(kind="demo", split="train", size=40, image_size=32))
+    record = frozen.read_record(teacher_dir)
+    mesh = sharding.make_mesh((("data", 1), ("fsdp", 1), ("tensor", 1)), devices=jax.devices()[:1])
+    teacher, params = frozen.load_teacher(record, mesh, towers=("image", "text"), student_pp=record.pp)
+    for i in (0, 17, 39):
+        got, raw = written[i], original[i]
+        assert got["image"] == raw["image"] and got["captions"] == raw["captions"]
+        assert got["label/shape"] == raw["label/shape"]  # the other fields kept
+        image = parse_image_pp(record.pp)(raw["image"], None)[None]
+        text = encode_fixed(make_tokenizer(record.tokenizer, record.lowercase), raw["captions"][0], record.max_len)[None]
+        want, _ = frozen.embed(teacher, params, image, text)
+        np.testing.assert_allclose(got["teacher_image"], np.asarray(want["image"][0]), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got["teacher_text"], np.asarray(want["text"][0]), rtol=1e-5, atol=1e-6)
+
+
+def test_the_pipeline_carries_the_teacher_columns_into_the_batch(teacher_shards):
+    from big_contrast.data import make_pipeline
+
+    out, _ = teacher_shards
+    config = tiny_config().data
+    config.sources = {"teacher": dict(kind="array_record", path=str(out))}
+    config.vector_keys = ("teacher_image", "teacher_text")
+    config.batch_size, config.min_seen = 8, 1
+    with make_pipeline(config, None, train=True, global_batch_size=8) as batches:
+        batch = next(batches)
+    assert batch["teacher_image"].shape == (8, 24) and batch["teacher_image"].dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(batch["teacher_text"], axis=1), 1.0, rtol=1e-5)
+
+
+def test_teacher_data_without_the_columns_is_one_sentence():
+    with pytest.raises(ConfigError, match="vector_keys"):
+        validate(tiny_config(loss_objective=DISTILL, teacher="data"), 8)
+
+
+@pytest.mark.slow
+def test_training_from_teacher_columns_on_the_demo_data(teacher_shards, tmp_path):
+    out, _ = teacher_shards
+    config = tiny_config(loss_objective=DISTILL, teacher="data", total_steps=2)
+    config.data.sources = {"teacher": dict(kind="array_record", path=str(out))}
+    config.data.vector_keys = ("teacher_image", "teacher_text")
+    config.data.min_seen = 1
+    train(config, tmp_path, progress=False)
+    rows = [r for r in read_metrics(tmp_path) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["loss/distill"] > 0 for r in rows)

@@ -55,6 +55,8 @@ def validate(config) -> None:
                           "(distill, cwcl); add one or set config.teacher=None.")
     if teacher == "ema" and not config.get("ema"):
         raise ConfigError("config.teacher='ema' needs config.ema, e.g. config.ema = dict(decay=0.999).")
+    if teacher == "data":
+        train_teacher.check_data_fields(config)
     if teacher == "frozen":
         train_teacher.validate(config, objective)  # workdir, checkpoint, record, tokens: one sentence each
     if needs_teacher:

@@ -67,6 +67,15 @@ def validate(config, objective) -> None:
     frozen.input_map(record, config.data.pp_train)  # the teacher's value op parses
 
 
+def check_data_fields(config) -> None:
+    """`teacher="data"` reads the batch fields `teacher_image` / `teacher_text`: the data must carry them."""
+    missing = [k for k in DATA_FIELDS if k not in tuple(config.data.get("vector_keys", ()))]
+    if missing:
+        raise ConfigError(f"config.teacher='data' reads the batch fields {list(DATA_FIELDS)}; set "
+                          f"config.data.vector_keys = {DATA_FIELDS} (columns written by "
+                          "big_contrast.data.teacher_columns.write_teacher_columns).")
+
+
 def check_momentum_teacher_towers(config, objective) -> None:
     """`teacher="ema"` whose every teacher tower is frozen in the student: the EMA of a frozen
     tower is the tower itself, averaged each step at the cost of a copy of the whole model."""
