@@ -293,3 +293,18 @@ def test_training_from_teacher_columns_on_the_demo_data(teacher_shards, tmp_path
     train(config, tmp_path, progress=False)
     rows = [r for r in read_metrics(tmp_path) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2] and all(r["loss/distill"] > 0 for r in rows)
+
+
+def test_plan_counts_the_frozen_teachers_parameters_and_forward_activations(teacher_dir):
+    from big_contrast import models
+    from big_contrast.train.plan import format_plan, plan
+
+    config = student(teacher_dir)
+    config.mesh, config.microbatch_size = (("data", 2), ("fsdp", 4), ("tensor", 1)), 2
+    p = plan(config, device_memory_bytes=2**30, num_devices=8)
+    alone = plan(tiny_config(), device_memory_bytes=2**30, num_devices=8)
+    teacher_params = models.num_params(models.abstract_model(teacher_config().model))
+    assert p["teacher_params"] == teacher_params != p["params"]["total"]
+    assert 0 < p["teacher_param_bytes"] < 4 * teacher_params  # sharded over fsdp like the student's towers
+    assert p["teacher_activation_bytes"] > 0
+    assert "frozen teacher" in format_plan(p) and "frozen teacher" not in format_plan(alone)

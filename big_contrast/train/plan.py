@@ -25,6 +25,7 @@ from flax import nnx
 from big_contrast import models, sharding
 from big_contrast.losses import ring
 from big_contrast.train import siglip2
+from big_contrast.train import teacher as train_teacher  # issue 23: a frozen teacher's params + activations
 
 GIB = 2**30
 
@@ -102,6 +103,8 @@ def plan(config, *, device_memory_bytes: int, num_devices: int | None = None) ->
     fixed = 4 * param_bytes + 2 * gathered + loss_bytes + 4 * per_device_batch * dim * 4  # params, grads, 2 moments
     ema_bytes, teacher_bytes = _ema_and_teacher_bytes(config, param_bytes, per_device_batch, dim)
     fixed += ema_bytes + teacher_bytes
+    frozen = train_teacher.plan_entries(config, shape, micro, _per_device_bytes)  # {} without one
+    fixed += frozen.get("teacher_param_bytes", 0) + frozen.get("teacher_activation_bytes", 0)
     room = device_memory_bytes - fixed
     fitting = [d for d in range(1, per_device_batch + 1) if per_device_batch % d == 0 and d * per_example <= room]
     return dict(
@@ -111,7 +114,7 @@ def plan(config, *, device_memory_bytes: int, num_devices: int | None = None) ->
         activation_bytes_per_microbatch=micro * per_example, microbatch=micro, loss_impl=config.loss_impl,
         loss_bytes=loss_bytes, device_memory_bytes=device_memory_bytes,
         largest_fitting_microbatch=max(fitting) if fitting else None,
-        ema_bytes=ema_bytes, teacher_bytes=teacher_bytes,
+        ema_bytes=ema_bytes, teacher_bytes=teacher_bytes, **frozen,
     )
 
 
@@ -137,6 +140,8 @@ def format_plan(p: dict) -> str:
         f"  AdamW moments                  {gib(p['optimizer_bytes'])}",
         *([f"  EMA of the parameters          {gib(p['ema_bytes'])}"] if p.get("ema_bytes") else []),
         *([f"  teacher embeddings             {gib(p['teacher_bytes'])}"] if p.get("teacher_bytes") else []),
+        *([f"  frozen teacher ({p['teacher_params']:,} params) {gib(p['teacher_param_bytes'])}",
+           f"  teacher forward, micro-batch   {gib(p['teacher_activation_bytes'])}"] if "teacher_params" in p else []),
         *([f"  gathered parameters + grads    {gib(2 * p['gathered_param_bytes'])}"] if p["gathered_param_bytes"] else []),
         f"  activations / example          {gib(p['activation_bytes_per_example'])}",
         f"  activations, micro-batch {p['microbatch']:<6,}{gib(p['activation_bytes_per_microbatch'])}",

@@ -199,3 +199,35 @@ def batch_fields(config, fields):
     """The batch fields the step reads: `fields`, plus the teacher's embeddings from the data
     with `config.teacher = "data"` (columns `teacher_image` / `teacher_text`, data.vector_keys)."""
     return tuple(fields) + (DATA_FIELDS if config.get("teacher") == "data" else ())
+
+
+def plan_entries(config, mesh_shape, microbatch: int, per_device_bytes) -> dict:
+    """`plan`'s lines for a frozen teacher (empty without one): its parameters (count, and bytes
+    per device under the same sharding rules as the student's, `per_device_bytes`) and the
+    activations of its forward pass over one micro-batch (no backward: nothing is kept for a
+    gradient), from XLA's memory analysis at micro-batches of 1 and 2 on one device."""
+    spec = spec_of(config)
+    if spec is None:
+        return {}
+    import jax.numpy as jnp
+    from flax import nnx
+
+    record = frozen.read_record(spec.workdir)
+    abstract = models.abstract_model(record.model)
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    h, w = frozen.input_map(record, config.data.pp_train).image_size
+    channels, max_len = record.model["image"]["channels"], record.max_len
+
+    def forward(p, images, tokens):
+        model = nnx.merge(graphdef, p, rest)
+        return model.embed_images(images), model.embed_texts(tokens)
+
+    temps = []
+    for micro in (1, 2):
+        images = jax.ShapeDtypeStruct((micro, h, w, channels), jnp.float32)
+        tokens = jax.ShapeDtypeStruct((micro, max_len), jnp.int32)
+        temps.append(jax.jit(forward).lower(params, images, tokens).compile().memory_analysis().temp_size_in_bytes)
+    per_example = max(temps[1] - temps[0], 1)
+    return dict(teacher_params=models.num_params(abstract),
+                teacher_param_bytes=per_device_bytes(nnx.state(abstract, nnx.Param), mesh_shape),
+                teacher_activation_bytes=microbatch * per_example)
