@@ -42,8 +42,10 @@ def validate(config) -> None:
     """One sentence for an objective, teacher or EMA combination that cannot train."""
     objective = objective_of(config)  # weights, temperatures, beta out of range: parse_objective's sentences
     teacher = teacher_of(config)
-    if teacher is not None and teacher not in TEACHERS + ("frozen",):
-        raise ConfigError(f"config.teacher={teacher!r} is unknown; use None, 'ema' (the EMA of the parameters, "
+    raw = config.get("teacher") or None
+    if raw is not None and (isinstance(raw, str) and raw not in TEACHERS or not isinstance(raw, str)
+                            and not hasattr(raw, "keys")):
+        raise ConfigError(f"config.teacher={raw!r} is unknown; use None, 'ema' (the EMA of the parameters, "
                           "which needs config.ema), 'data' (teacher_image / teacher_text batch fields) or "
                           "dict(workdir=...) (a frozen teacher).")
     needs_teacher = objective is not None and bool(objective.teacher_towers)
