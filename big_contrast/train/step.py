@@ -39,7 +39,6 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from big_contrast import losses, sharding
 from big_contrast.data.device_ops import normalize_on_device
 from big_contrast.train.ema import EmaConfig, ema_update
-from big_contrast.train.teacher import Bound  # issue 23: a frozen teacher of another workdir
 
 
 @dataclasses.dataclass
@@ -352,7 +351,7 @@ def train_step(state: TrainState, batch, teacher_params=None, *, config: StepCon
         teacher_params=state.ema if c.teacher == "ema" else None,
         teacher_embeddings=({"image": batch["teacher_image"], "text": batch["teacher_text"]}
                             if c.teacher == "data" else None),
-        frozen_teacher=None if c.frozen_teacher is None else Bound(c.frozen_teacher, teacher_params),
+        frozen_teacher=None if c.frozen_teacher is None else _bound_teacher(c.frozen_teacher, teacher_params),
     )
     updates, opt_state = c.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -367,3 +366,11 @@ def train_step(state: TrainState, batch, teacher_params=None, *, config: StepCon
         **aux["terms"],  # loss/<objective term>; SigLIP 2: loss/caption, loss/contrastive
     )
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
+
+
+def _bound_teacher(teacher, params):
+    """Issue 23: the frozen teacher with its parameters (imported here: the step alone needs no
+    checkpoint or data stack, experiments/step_throughput)."""
+    from big_contrast.train.teacher import Bound
+
+    return Bound(teacher, params)
