@@ -5,7 +5,9 @@ Tiny two towers on the built-in demo shapes; trains on a 2-core CPU in about 4 m
 Softmax (CLIP) loss with the ring engine over the simulated devices (`make demo` sets
 XLA_FLAGS to one device per core). The argument is a comma-separated list:
 `configs/demo.py:sigmoid` trains the SigLIP loss instead, `:siglip2` the sigmoid loss with SigLIP 2's
-captioning decoder (LocCa / CapPa, `siglip2()` below; README "SigLIP 2"), `:noeval` skips the evaluators (e.g.
+captioning decoder (LocCa / CapPa, `siglip2()` below; README "SigLIP 2"), `:naflex` feeds SigLIP 2's
+NaFlex inputs (each crop at its own aspect ratio under a 16-patch budget, `naflex()` below;
+README "Resolution"), `:noeval` skips the evaluators (e.g.
 `configs/demo.py:sigmoid,noeval`), `:short_prompts` evaluates with one short prompt per value
 of the other attribute ("red {}", "green {}", ...); `key=value` pairs override fields
 (`configs/demo.py:total_steps=50`). Zero-shot shape and colour classification and image-text
@@ -28,7 +30,7 @@ import ml_collections
 from big_contrast.data import demo_class_names, demo_templates
 from big_contrast.train import apply_arg, default_config, split_arg
 
-FLAGS = ("sigmoid", "softmax", "noeval", "short_prompts", "siglip2")
+FLAGS = ("sigmoid", "softmax", "noeval", "short_prompts", "siglip2", "naflex")
 # One core of this machine's AVX-512 EPYC per simulated device: 2 FMA pipes x 8 f32 lanes x
 # 2 flops x ~3 GHz. Set your chip's peak when you run elsewhere.
 PEAK_FLOPS_PER_CORE = 100e9
@@ -77,6 +79,8 @@ def get_config(arg=None):
     config.peak_flops_per_device = PEAK_FLOPS_PER_CORE
 
     config.evals = ml_collections.ConfigDict()
+    if "naflex" in options:
+        naflex(config)
     if "siglip2" in options:
         siglip2(config, every=0)
     if "noeval" in options:
@@ -92,6 +96,17 @@ def get_config(arg=None):
         siglip2(config, every)
     apply_arg(config, arg, flags=FLAGS)
     return config
+
+
+def naflex(config):
+    """SigLIP 2's NaFlex at demo size: a random window of the image at its own aspect ratio (1:2 to
+    2:1), resized to keep it under 16 patches of 8 px (mixed patch grids in every batch); eval
+    images are square, so 4 x 4 patches, the fixed-resolution input. The image tower keeps its
+    parameters; NaFlex resamples a learned position table per image, so posemb='learn'."""
+    config.model.image.posemb = "learn"
+    config.data.pp_train = ("decode|random_resized_crop(None, scale=(0.6, 1.0), ratio=(0.5, 2.0))"
+                            "|naflex(patch_size=8, max_num_patches=16)")
+    config.data.pp_eval = "decode|naflex(patch_size=8, max_num_patches=16)"
 
 
 def siglip2(config, every):

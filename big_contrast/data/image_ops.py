@@ -15,11 +15,17 @@ Ops (each `op(image, rng) -> image`; arguments are python literals, checked when
   central_crop(size)           the centred `size` window (int or (h, w))
   random_resized_crop(size, scale=(0.08, 1.0), ratio=(3/4, 4/3), method="bilinear")
                                a random window of `scale` x area and `ratio` aspect, resized to
-                               `size` (torchvision's RandomResizedCrop / big_vision's inception_crop)
+                               `size` (torchvision's RandomResizedCrop / big_vision's inception_crop);
+                               size=None keeps the window's own size and aspect (before naflex)
   flip_lr(p=0.5)               horizontal flip with probability p
   value_range(vmin=-1, vmax=1) uint8 [0, 255] -> float32 [vmin, vmax]
   normalize(mean=CLIP_MEAN, std=CLIP_STD)
                                uint8 -> float32 (x / 255 - mean) / std, per channel (open_clip)
+  naflex(patch_size=16, max_num_patches=256, mean=0.5s, std=0.5s)
+                               SigLIP 2's NaFlex input (`data/naflex.py`): aspect kept under the
+                               patch budget, the example's fields become `patches` [N, p*p*3]
+                               float32, `patch_mask` [N] and `spatial_shapes` [2] instead of
+                               `image`; the last op, after no value op (it normalises itself)
 
 Pixels are uint8 `[H, W, 3]` RGB numpy arrays from decoding on; an op string without a final
 `value_range` / `normalize` yields uint8 images (the trainer can apply that last op on the
@@ -279,6 +285,9 @@ def random_resized_crop(image, rng, *, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 
     if not 0 < scale[0] <= scale[1] <= 1 or not 0 < ratio[0] <= ratio[1]:
         raise ConfigError(f"random_resized_crop needs 0 < scale <= 1 and 0 < ratio, got {scale}, {ratio}")
     box = sample_crop_box(*_size(image), rng, scale, ratio)
+    if size is None:  # NaFlex: the window at its own size and aspect (big_vision's inception_crop)
+        pixels, box = _pixels(image)[0], _crop_box(box, *_size(image))
+        return pixels[box[1]:box[3], box[0]:box[2]]
     return _resize_box(image, box, _hw(size), method)
 
 
@@ -309,16 +318,28 @@ def normalize(image, rng, *, mean=CLIP_MEAN, std=CLIP_STD):
     return x
 
 
+def naflex(image, rng, *, patch_size=16, max_num_patches=256, mean=SIGLIP_MEAN, std=SIGLIP_STD):
+    """The example's NaFlex fields (`data/naflex.py`; transformers' Siglip2ImageProcessorPil)."""
+    del rng
+    from big_contrast.data.naflex import naflex_image  # Pillow resize; imported where used
+
+    fields = naflex_image(to_uint8(image), patch_size=patch_size, max_num_patches=max_num_patches,
+                          mean=mean, std=std)
+    return dict(patches=fields["patches"], patch_mask=fields["patch_mask"],
+                spatial_shapes=fields["spatial_shape"])  # stacked: [B, 2], the batch's name
+
+
 OPS = {
     "decode": decode, "resize": resize, "resize_small": resize_small,
     "central_crop": central_crop, "random_resized_crop": random_resized_crop,
-    "flip_lr": flip_lr, "value_range": value_range, "normalize": normalize,
+    "flip_lr": flip_lr, "value_range": value_range, "normalize": normalize, "naflex": naflex,
 }
 # The arguments each op takes positionally, in order.
 _POSITIONAL = {"decode": ("fast",), "resize": ("size", "method"), "resize_small": ("size", "method"),
                "central_crop": ("size",), "random_resized_crop": ("size", "scale", "ratio", "method"),
                "flip_lr": ("p",),
-               "value_range": ("vmin", "vmax"), "normalize": ("mean", "std")}
+               "value_range": ("vmin", "vmax"), "normalize": ("mean", "std"),
+               "naflex": ("patch_size", "max_num_patches")}
 
 
 def _parse_op(text: str):
@@ -361,15 +382,41 @@ class ImagePipeline:
         if not parts or _parse_op(parts[0])[0] != "decode":
             raise ConfigError(f"image pp {spec!r} must start with 'decode'")
         self.ops = [_parse_op(p) for p in parts]
+        _check_naflex_last(spec, [name for name, _ in self.ops])
 
-    def __call__(self, data, rng: np.random.Generator) -> np.ndarray:
+    def __call__(self, data, rng: np.random.Generator) -> np.ndarray | dict:
+        """The image, or with a final `naflex` op its dict of NaFlex fields."""
         image = data
         for name, kwargs in self.ops:
             image = OPS[name](image, rng, **kwargs)
-        return to_uint8(image)
+        return image if isinstance(image, dict) else to_uint8(image)
 
     def __repr__(self) -> str:
         return f"ImagePipeline({self.spec!r})"
+
+
+def _check_naflex_last(spec: str, names: list[str]) -> None:
+    """`naflex` ends the string (its output is patches, not an image) and follows no value op."""
+    if "naflex" not in names:
+        return
+    if names[-1] != "naflex" or names.count("naflex") > 1:
+        raise ConfigError(f"image pp {spec!r}: naflex(...) must be the last op (it turns the image into patches).")
+    if {"value_range", "normalize"} & set(names):
+        raise ConfigError(f"image pp {spec!r}: naflex(...) normalises the pixels itself (mean, std); "
+                          "remove value_range / normalize.")
+
+
+def is_naflex(spec: str) -> bool:
+    """Whether the op string ends in `naflex(...)` (its batches hold NaFlex fields, not 'image')."""
+    return parse_image_pp(spec).ops[-1][0] == "naflex"
+
+
+def naflex_options(spec: str) -> dict:
+    """patch_size and max_num_patches of a string ending in `naflex(...)` (defaults filled in)."""
+    name, kwargs = parse_image_pp(spec).ops[-1]
+    if name != "naflex":
+        raise ConfigError(f"image pp {spec!r} does not end in naflex(...).")
+    return {"patch_size": 16, "max_num_patches": 256, **kwargs}
 
 
 @functools.lru_cache(maxsize=32)

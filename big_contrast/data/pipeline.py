@@ -2,7 +2,8 @@
 
     it = make_pipeline(config.data, sharding)      # sharding: NamedSharding | Mesh | None
     batch = next(it)    # {'image': [B, H, W, 3] float32, 'text': [B, L] int32, <label_keys>}
-                        # (images uint8 with data.device_normalize: see device_ops.py)
+                        # (images uint8 with data.device_normalize: see device_ops.py;
+                        # a pp ending in naflex(...): 'patches', 'patch_mask', 'spatial_shapes')
     it.skip_counts()    # {'skipped/<source>/<reason>': n, 'skipped/<reason>': n, 'seen/<source>': n}
     state = it.get_state()  # JSON-serialisable; it.set_state(state) resumes exactly
     it.close()
@@ -233,7 +234,7 @@ class DataIterator:
         return self._to_global(batch)
 
     def _pad(self, batch: dict) -> dict:
-        b = len(batch["image"])
+        b = len(next(iter(batch.values())))  # 'image', or NaFlex's 'patches' (issue 22)
         padded = {k: np.concatenate([v, np.zeros((self.per_process_batch - b, *v.shape[1:]), v.dtype)])
                   for k, v in batch.items()}
         padded["mask"] = np.arange(self.per_process_batch) < b

@@ -84,7 +84,9 @@ def all_captions(captions, max_captions: int, tokenizer, max_len: int) -> dict:
 class ProcessExample(grain.transforms.RandomMap):
     """Picks a caption, tokenizes it, decodes and preprocesses the image.
 
-    Output: `{'image': [H, W, 3], 'text': int32 [max_len], '_source': k, <label_keys>...}`.
+    Output: `{'image': [H, W, 3], 'text': int32 [max_len], '_source': k, <label_keys>...}`;
+    an op string ending in `naflex(...)` gives `patches`, `patch_mask`, `spatial_shapes` instead
+    of `image` (`data/naflex.py`).
     With `max_captions` (evaluation), every caption instead (`all_captions`). With
     `captions_optional` (evaluation), a record without a `captions` field (a labelled source
     without captions) gives no text fields; in training it is skipped as `empty_caption`.
@@ -118,7 +120,8 @@ class ProcessExample(grain.transforms.RandomMap):
             image = self.image_pp(raw.get("image"), rng)
         except SkipRecord as e:
             return {"_skip": REASON_INDEX[e.reason], "_source": source}
-        out = {"image": image, **text, "_source": source}
+        fields = image if isinstance(image, dict) else {"image": image}  # a dict: NaFlex fields (issue 22)
+        out = {**fields, **text, "_source": source}
         for key in self.label_keys:
             if key not in raw:
                 raise ConfigError(

@@ -53,20 +53,25 @@ def pad_batch(batch: Batch, size: int) -> dict[str, np.ndarray]:
     if n > size:
         raise ConfigError(f"A batch has {n} rows but the local batch size is {size}; make the data yield "
                          f"batches of at most {size} rows per process.")
-    padded = {}
-    for key, value in batch.items():
+    def pad(value):
         value = np.asarray(value)
-        pad = np.zeros((size - n,) + value.shape[1:], value.dtype)
-        padded[key] = np.concatenate([value, pad])
+        return np.concatenate([value, np.zeros((size - n,) + value.shape[1:], value.dtype)])
+
+    padded = {key: jax.tree.map(pad, value) for key, value in batch.items()}  # a field may be a tree
     padded[VALID] = np.arange(size) < n
     return padded
 
 
 def _num_rows(batch: Batch) -> int:
-    sizes = {key: len(value) for key, value in batch.items()}
+    sizes = {key: _rows(value) for key, value in batch.items()}
     if len(set(sizes.values())) != 1:
         raise ValueError(f"Fields of a batch have different numbers of rows: {sizes}.")
     return next(iter(sizes.values()))
+
+
+def _rows(value) -> int:
+    """Rows of a field: an array, or a tree of them (NaFlex's `NaflexImages`)."""
+    return len(jax.tree.leaves(value)[0])
 
 
 def batches_from_arrays(arrays: Mapping[str, np.ndarray], batch_size: int, *, mesh=None,
@@ -117,7 +122,8 @@ def batches_from_source(source, batch_size: int, *, mesh=None,
 def _as_global(value: np.ndarray, mesh, batch_axes):
     if mesh is None:
         return value
-    return jax.make_array_from_process_local_data(batch_sharding(mesh, batch_axes), value)
+    sharding = batch_sharding(mesh, batch_axes)
+    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, v), value)
 
 
 def _to_host(value) -> np.ndarray:
@@ -179,7 +185,7 @@ def embed_dataset(
             break
         if batch is not None and len(batch):
             _check_fields(batch, fields, context)
-            template = {f: np.zeros_like(np.asarray(batch[f])[:0]) for f in fields}
+            template = {f: jax.tree.map(lambda v: np.zeros_like(np.asarray(v)[:0]), batch[f]) for f in fields}
         elif template is None:
             raise ConfigError(f"{context}: this process (index {jax.process_index()}) got no examples at all "
                              "while others did; give every process at least one example.")
@@ -188,7 +194,8 @@ def embed_dataset(
             padded = {**{f: batch[f] for f in fields}, VALID: np.asarray(batch[VALID], bool)}
         else:
             if batch is not None and VALID in batch:  # padded to another size: keep the valid rows only
-                batch = {f: np.asarray(batch[f])[np.asarray(batch[VALID], bool)] for f in fields}
+                rows = np.asarray(batch[VALID], bool)
+                batch = {f: jax.tree.map(lambda v: np.asarray(v)[rows], batch[f]) for f in fields}
             batch = template if batch is None or not len(batch) else {f: batch[f] for f in fields}
             padded = pad_batch(batch, size)
         # Outputs stay on the devices until the end, so the next batch is dispatched without waiting.

@@ -23,9 +23,20 @@ position (0, 0), as in transformers; they are masked anyway.
 
 Masking: keys that are padding are excluded from every self-attention and from the MAP
 head's attention (``'gap'`` averages the real tokens only), so an image embeds the same in
-any batch and with any padding length. Patch dropout does not apply here.
+any batch and with any padding length.
+
+In training (issue 22): a batch whose fields include ``patches`` is a NaFlex batch -- that is
+the one rule; ``image_input(batch)`` turns it into ``NaflexImages``, which
+``TwoTowers.embed_images`` routes here, so the train step, gradient caching, the EMA teacher
+and the evaluators embed it with no other switch. Patch dropout (FLIP) drops among the real
+patches only: each image keeps ``max(1, int(n * (1 - rate)))`` of its ``n`` real patches,
+drawn from its own key, in a sequence of ``max(1, int(N * (1 - rate)))`` slots (the rest
+masked), so a full image keeps what the fixed-resolution ViT keeps, with the same mask.
+Evaluation padding rows (all-zero patches, mask and shapes) embed to finite values.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,10 +45,34 @@ from big_contrast.models import transformer as tfm
 from big_contrast.models.two_towers import EMBEDDINGS_LOGICAL, l2_normalize
 from big_contrast.sharding import call_with_auto_axes, constrain
 
+NAFLEX_FIELDS = ("patches", "patch_mask", "spatial_shapes")
+
+
+class NaflexImages(NamedTuple):
+    """The image tower's input of a NaFlex batch (a pytree: it shards, slices into micro-batches
+    and crosses jit like the arrays it holds)."""
+
+    patches: jax.Array  # [B, N, p*p*C] float
+    patch_mask: jax.Array  # [B, N] bool, the real patches first
+    spatial_shapes: jax.Array  # [B, 2] int32, each image's patch grid (rows, columns)
+
+
+def is_naflex_batch(batch) -> bool:
+    """The rule: a batch with a ``patches`` field is a NaFlex batch."""
+    return "patches" in batch
+
+
+def image_input(batch):
+    """What the image tower embeds: ``NaflexImages`` of a NaFlex batch, else ``batch['image']``."""
+    if is_naflex_batch(batch):
+        return NaflexImages(*(batch[k] for k in NAFLEX_FIELDS))
+    return batch["image"]
+
 
 def resize_weights(spatial_shapes_b2: jax.Array, grid: tuple[int, int], length: int) -> jax.Array:
     """[B, length, gh*gw] weights that resize a [gh, gw] table to each image's (h, w) grid,
     position ``i < h*w`` at row ``i // w``, column ``i % w``; later positions take row 0, column 0."""
+    spatial_shapes_b2 = jnp.maximum(spatial_shapes_b2, 1)  # evaluation padding rows: (0, 0)
     sizes_b12 = spatial_shapes_b2.astype(jnp.float32)[:, None, :]
     positions_1l = jnp.arange(length)[None]
     cols_b = spatial_shapes_b2[:, 1:2]
@@ -64,6 +99,11 @@ def _antialiased_linear(index_bl, size_b1, source_size: int) -> jax.Array:
 def naflex_tokens(vit, patches_bnp, spatial_shapes_b2) -> jax.Array:
     """Embedded patches plus each image's resized position embeddings [B, N, D] (the class
     token first for ``'tok'`` pooling)."""
+    return _with_class_token(vit, _patch_tokens(vit, patches_bnp, spatial_shapes_b2))
+
+
+def _patch_tokens(vit, patches_bnp, spatial_shapes_b2) -> jax.Array:
+    """Embedded patches plus each image's resized position embeddings [B, N, D]."""
     _check_inputs(vit, patches_bnp, spatial_shapes_b2)
     kernel = vit.embedding.kernel.get_value()
     x_bnd = patches_bnp.astype(vit.dtype) @ kernel.reshape(-1, vit.width).astype(vit.dtype)
@@ -73,21 +113,46 @@ def naflex_tokens(vit, patches_bnp, spatial_shapes_b2) -> jax.Array:
     cls_rows = int(vit.pool == "tok")
     weights_bng = resize_weights(spatial_shapes_b2, vit.grid, patches_bnp.shape[1])
     posemb_bnd = weights_bng @ table[cls_rows:].astype(jnp.float32)
-    x_bnd = x_bnd + posemb_bnd.astype(table.dtype).astype(vit.dtype)
+    return x_bnd + posemb_bnd.astype(table.dtype).astype(vit.dtype)
+
+
+def _with_class_token(vit, x_bnd) -> jax.Array:
     if vit.pool == "tok":
+        table = vit.posemb.get_value()[0]
         cls = (vit.cls.get_value()[0] + table[:1]).astype(vit.dtype)
         x_bnd = jnp.concatenate([jnp.broadcast_to(cls, (x_bnd.shape[0], 1, vit.width)), x_bnd], axis=1)
     return constrain(x_bnd, tfm.ACT_BLD)
 
 
+def keep_real_patches(x_bnd, valid_bn, keys_b, rate: float):
+    """FLIP's patch dropout among the real patches: (tokens [B, K, D], valid [B, K]) with
+    K = max(1, int(N * (1 - rate))); image i keeps max(1, int(n_i * (1 - rate))) of its n_i real
+    patches (the highest uniform scores drawn from its key), in their original order, and the
+    slots it does not fill are masked."""
+    length = x_bnd.shape[1]
+    keep = max(1, int(length * (1.0 - rate)))
+    kept_of = jnp.asarray([max(1, int(n * (1.0 - rate))) for n in range(length + 1)], jnp.int32)  # exact ints
+    scores_bn = jax.vmap(lambda key: jax.random.uniform(key, (length,)))(keys_b)
+    _, ranked_bk = jax.lax.top_k(jnp.where(valid_bn, scores_bn, -1.0), keep)  # real patches first
+    kept_bk = jnp.arange(keep)[None] < kept_of[valid_bn.sum(1)][:, None]
+    order_bk = jnp.sort(jnp.where(kept_bk, ranked_bk, length + ranked_bk), axis=1)  # kept ones first, in order
+    index_bk = order_bk % length
+    valid_bk = (order_bk < length) & jnp.take_along_axis(valid_bn, index_bk, axis=1)
+    return jnp.take_along_axis(x_bnd, index_bk[..., None], axis=1), valid_bk
+
+
 def naflex_features(vit, patches_bnp: jax.Array, patch_mask_bn: jax.Array,
-                    spatial_shapes_b2: jax.Array) -> jax.Array:
+                    spatial_shapes_b2: jax.Array, patch_keys: jax.Array | None = None) -> jax.Array:
     """Pooled features [B, D] of NaFlex inputs (``data/naflex.py``'s patches, patch_mask,
-    spatial_shapes) through ``vit``'s parameters."""
+    spatial_shapes) through ``vit``'s parameters; ``patch_keys`` [B] (training) turn on the
+    tower's patch dropout among the real patches (``keep_real_patches``)."""
     valid_bn = patch_mask_bn.astype(bool)
+    x_bnd = _patch_tokens(vit, patches_bnp, spatial_shapes_b2)
+    if patch_keys is not None and vit.patch_dropout > 0:
+        x_bnd, valid_bn = keep_real_patches(x_bnd, valid_bn, patch_keys, vit.patch_dropout)
+    x_bnd = _with_class_token(vit, x_bnd)
     if vit.pool == "tok":
         valid_bn = jnp.concatenate([jnp.ones((valid_bn.shape[0], 1), bool), valid_bn], axis=1)
-    x_bnd = naflex_tokens(vit, patches_bnp, spatial_shapes_b2)
     if vit.ln_pre is not None:
         x_bnd = vit.ln_pre(x_bnd)
     batch, length = valid_bn.shape
@@ -102,19 +167,20 @@ def naflex_features(vit, patches_bnp: jax.Array, patch_mask_bn: jax.Array,
 
 
 def naflex_embed_images(model, patches_bnp: jax.Array, patch_mask_bn: jax.Array,
-                        spatial_shapes_b2: jax.Array) -> jax.Array:
+                        spatial_shapes_b2: jax.Array, patch_keys: jax.Array | None = None) -> jax.Array:
     """``TwoTowers.embed_images`` for NaFlex inputs: the image tower's NaFlex features, its
     projection head, L2-normalised [B, embed_dim] float32 (LiT's lock stops the gradient)."""
-    def embed(tower_and_head, patches, mask, shapes):
+    def embed(tower_and_head, patches, mask, shapes, *keys):
         vit, head = tower_and_head
-        features_bd = naflex_features(vit, patches, mask, shapes)
+        features_bd = naflex_features(vit, patches, mask, shapes, *keys)
         if model.lock_image:
             features_bd = jax.lax.stop_gradient(features_bd)
         z_bd = features_bd if head is None else head(features_bd)
         return constrain(l2_normalize(z_bd), EMBEDDINGS_LOGICAL)
 
+    keys = () if patch_keys is None else (patch_keys,)
     return call_with_auto_axes(embed, (model.image, model.image_head),
-                               (patches_bnp, patch_mask_bn, spatial_shapes_b2), EMBEDDINGS_LOGICAL,
+                               (patches_bnp, patch_mask_bn, spatial_shapes_b2, *keys), EMBEDDINGS_LOGICAL,
                                (patches_bnp.shape[0], model.embed_dim))
 
 

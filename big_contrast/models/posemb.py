@@ -20,6 +20,11 @@ Rules (``adapt_params`` applies them to a whole parameter tree):
   ``N`` patch rows are resampled.
 * A fixed ``'sincos2d'`` table is not a parameter: the tower recomputes it for its grid
   (``sincos_posemb`` is the same function the ViT uses).
+* 2D RoPE (``rope='2d'``, ``models/rope.py``) has no parameters either: the tower computes
+  its rotation angles from the new grid's patch positions, so there is nothing to resample
+  (a learned table beside it is resampled as above; ``posemb='none'`` has no table at all).
+  Without a learned image table the patch grid does not enter ``Geometry``, so a change of
+  resolution alone is not a resampling (the restore goes through the plain path).
 * A text table is truncated to the first ``max_len`` rows (exact: positions are absolute,
   so a text that fits embeds as before), or extended: the old rows are kept and the new
   rows drawn like a fresh tower's (normal, std ``text.POSEMB_STD``; big_vision re-uses the
@@ -127,8 +132,9 @@ def resize_text_posemb(posemb_1ld, new_len: int, *, extend: str = "init",
 
 @dataclasses.dataclass(frozen=True)
 class Geometry:
-    """What decides the position tables' shapes in a model config."""
-    grid: tuple[int, int]
+    """What decides the position tables' shapes in a model config (``grid`` is None when the
+    image tower has no learned table: 'sincos2d', or RoPE alone)."""
+    grid: tuple[int, int] | None
     class_token: bool
     image_posemb: str
     text_len: int
@@ -141,7 +147,8 @@ def geometry(config: Mapping | None) -> Geometry:
     _, patch = variants.decode_image_variant(image["variant"])
     size = image["image_size"]
     size = (size, size) if isinstance(size, int) else tuple(size)
-    return Geometry(grid=(size[0] // patch, size[1] // patch), class_token=image["pool"] == "tok",
+    grid = (size[0] // patch, size[1] // patch) if image["posemb"] == "learn" else None
+    return Geometry(grid=grid, class_token=image["pool"] == "tok",
                     image_posemb=image["posemb"], text_len=cfg["text"]["max_len"])
 
 
@@ -231,8 +238,10 @@ def _image_rule_applies(shape, wanted, old: Geometry, new: Geometry) -> bool:
     """A learned table on both sides, same width and class token, and the stored rows are
     those of the old config's grid (so the reshape to it is exact)."""
     same_kind = old.image_posemb == new.image_posemb == "learn" and old.class_token == new.class_token
+    if not same_kind:
+        return False
     old_rows = old.grid[0] * old.grid[1] + old.class_token
-    return same_kind and shape[::2] == wanted[::2] and shape[1] == old_rows
+    return shape[::2] == wanted[::2] and shape[1] == old_rows
 
 
 def param_shapes(config) -> dict[str, tuple[int, ...]]:

@@ -13,6 +13,11 @@ Options that released checkpoints need (see ``big_contrast/interop``): the MLP
 activation ``act`` (``ACTIVATIONS``: big_vision / SigLIP use tanh-GELU, OpenAI
 CLIP QuickGELU, LAION and open_clip's SigLIP text towers exact GELU) and the
 LayerNorm epsilon ``norm_eps`` (1e-6 in big_vision / SigLIP, 1e-5 in CLIP).
+
+Rotary position embeddings (``models/rope.py``, the image tower's ``rope='2d'``): the
+encoder takes an optional ``rotary`` (cos, sin) pair [B|1, L, K/2] and hands it through every
+block to self-attention, which rotates q and k by it before the logits; without it nothing
+changes.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from big_contrast.errors import ConfigError
+from big_contrast.models.rope import apply_rotary
 from big_contrast.sharding import constrain
 
 Dtype = Any
@@ -175,10 +181,14 @@ class Attention(nnx.Module):
                               kernel_init=out_init, kernel_metadata=logical("heads", "kv", "embed"),
                               bias_metadata=logical("embed"), **common)
 
-    def __call__(self, x_q, x_kv=None, mask=None) -> jax.Array:
+    def __call__(self, x_q, x_kv=None, mask=None, rotary=None) -> jax.Array:
+        """``rotary``: the (cos, sin) pair of ``rope.rotary_table`` for the tokens of ``x_q``,
+        applied to q and k (self-attention only: queries and keys are the same tokens)."""
         x_kv = x_q if x_kv is None else x_kv
         q, k, v = (constrain(proj(x), ACT_BLHK)
                    for proj, x in ((self.query, x_q), (self.key, x_kv), (self.value, x_kv)))
+        if rotary is not None:
+            q, k = (constrain(apply_rotary(t, rotary), ACT_BLHK) for t in (q, k))
         return self.out(constrain(dot_product_attention(q, k, v, mask), ACT_BLHK))
 
 
@@ -194,13 +204,14 @@ class Block(nnx.Module):
         self.norm2 = layer_norm(width, eps=norm_eps, **common)
         self.mlp = Mlp(width, mlp_dim, act=act, **common)
 
-    def __call__(self, x_bld, mask=None) -> jax.Array:
-        x_bld = constrain(x_bld + self.attention(self.norm1(x_bld), mask=mask), ACT_BLD)
+    def __call__(self, x_bld, mask=None, rotary=None) -> jax.Array:
+        x_bld = constrain(x_bld + self.attention(self.norm1(x_bld), mask=mask, rotary=rotary),
+                          ACT_BLD)
         return constrain(x_bld + self.mlp(self.norm2(x_bld)), ACT_BLD)
 
 
-def _call_block(block: Block, x_bld, mask):
-    return block(x_bld, mask)
+def _call_block(block: Block, x_bld, mask, rotary):
+    return block(x_bld, mask, rotary)
 
 
 class Encoder(nnx.Module):
@@ -209,11 +220,14 @@ class Encoder(nnx.Module):
     ``scan=True`` stacks the blocks' parameters on a leading 'layers' axis and
     runs them with ``nnx.scan`` (one compiled block instead of ``depth``);
     ``remat`` names a policy in ``REMAT_POLICIES`` applied to every block.
+    ``uses_rotary=True`` (an image tower with ``rope='2d'``): every call must pass the
+    ``rotary`` table of its tokens, so a caller that does not know about it (NaFlex) fails
+    with a sentence instead of running without positions.
     """
 
     def __init__(self, *, width: int, depth: int, mlp_dim: int, num_heads: int, dtype: Dtype,
                  param_dtype: Dtype, remat: str = "none", scan: bool = False, rngs: nnx.Rngs,
-                 act: str = "gelu_tanh", norm_eps: float = 1e-6):
+                 act: str = "gelu_tanh", norm_eps: float = 1e-6, uses_rotary: bool = False):
         check_choice("remat", remat, REMAT_POLICIES)
         check_heads(width, num_heads)
         if depth < 1:
@@ -225,13 +239,15 @@ class Encoder(nnx.Module):
 
         self.remat = remat
         self.scan = scan
+        self.uses_rotary = uses_rotary
         if scan:
             self.blocks = _stacked_blocks(make_block, depth, rngs)
         else:
             self.blocks = nnx.List([make_block(rngs) for _ in range(depth)])
         self.norm = layer_norm(width, dtype=dtype, param_dtype=param_dtype, rngs=rngs, eps=norm_eps)
 
-    def __call__(self, x_bld, mask=None) -> jax.Array:
+    def __call__(self, x_bld, mask=None, rotary=None) -> jax.Array:
+        self._check_rotary(rotary)
         apply = _call_block
         if self.remat != "none":
             apply = nnx.remat(_call_block, policy=REMAT_POLICIES[self.remat],
@@ -240,13 +256,22 @@ class Encoder(nnx.Module):
             @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
                       transform_metadata={nnx.PARTITION_NAME: "layers"})
             def run_layer(x_bld, block):
-                return apply(block, x_bld, mask)
+                return apply(block, x_bld, mask, rotary)
 
             x_bld = run_layer(x_bld, self.blocks)
         else:
             for block in self.blocks:
-                x_bld = apply(block, x_bld, mask)
+                x_bld = apply(block, x_bld, mask, rotary)
         return self.norm(x_bld)
+
+    def _check_rotary(self, rotary) -> None:
+        if self.uses_rotary and rotary is None:
+            raise NotImplementedError(
+                "this encoder was built with rope='2d' and needs its tokens' rotary table, which "
+                "this caller does not pass (NaFlex with 2D RoPE is not built): use rope='none'.")
+        if not self.uses_rotary and rotary is not None:
+            raise ConfigError("a rotary table was passed to an encoder built without RoPE; build "
+                              "the tower with rope='2d'.")
 
 
 def _stacked_blocks(make_block, depth: int, rngs: nnx.Rngs) -> Block:

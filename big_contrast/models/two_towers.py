@@ -95,7 +95,12 @@ class TwoTowers(nnx.Module):
 
     def embed_images(self, images_bhwc: jax.Array, patch_keys: jax.Array | None = None) -> jax.Array:
         """``patch_keys``: per-example PRNG keys [B] for the image tower's patch dropout
-        (training only; see ``ViT``)."""
+        (training only; see ``ViT``). ``models.naflex.NaflexImages`` (a NaFlex batch's
+        ``image_input``) take the NaFlex forward (issue 22)."""
+        from big_contrast.models import naflex  # it imports this module
+
+        if isinstance(images_bhwc, naflex.NaflexImages):
+            return naflex.naflex_embed_images(self, *images_bhwc, patch_keys)
         extra = () if patch_keys is None else (patch_keys,)
         return self._embed(self.image, self.image_head, images_bhwc, self.lock_image, *extra)
 
@@ -104,6 +109,9 @@ class TwoTowers(nnx.Module):
         """(zimg [B, embed_dim], the image tower's un-pooled patch tokens [B, N, width]) from one
         forward pass: the decoder cross-attends to the tokens before pooling. Auto meshes only
         (`call_with_auto_axes` returns one array)."""
+        if isinstance(images_bhwc, tuple):  # models.naflex.NaflexImages
+            raise NotImplementedError("SigLIP 2's captioning decoder does not take NaFlex batches yet (its "
+                                      "cross-attention has no patch mask); use a fixed-size pp or drop the decoder.")
         extra = () if patch_keys is None else (patch_keys,)
         encoded_bnd = self.image.encode(images_bhwc, *extra)
         features_bd = self.image.pool_features(encoded_bnd)

@@ -49,6 +49,7 @@ from big_contrast import losses
 from big_contrast.data import default_data_config
 from big_contrast.errors import ConfigError
 from big_contrast.models import default_model_config
+from big_contrast.train import naflex as train_naflex
 from big_contrast.train import objective as train_objective
 from big_contrast.train.ema import EmaConfig
 
@@ -116,6 +117,7 @@ def validate(config, num_batch_shards: int) -> None:
     _validate_profile_steps(config.get("profile_steps"))
     EmaConfig.from_config(config.get("ema"))  # one sentence per bad field
     train_objective.validate(config)
+    train_naflex.validate(config)  # a pp ending in naflex(...) (issue 22)
 
 
 def _validate_profile_steps(steps) -> None:

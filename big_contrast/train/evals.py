@@ -28,6 +28,7 @@ from big_contrast.data import encode_fixed, make_pipeline, make_tokenizer
 from big_contrast.data.sources import is_labelled
 from big_contrast.evaluate.embed import VALID
 from big_contrast.data.device_ops import device_normalization, normalize_on_device
+from big_contrast.models.naflex import NAFLEX_FIELDS, NaflexImages, is_naflex_batch
 from big_contrast.train import siglip2
 
 
@@ -66,6 +67,8 @@ class EvalData:
         with self._iterator as it:
             for batch in it:
                 batch[VALID] = np.asarray(batch.pop("mask"), bool)
+                if is_naflex_batch(batch):  # issue 22: the evaluators' image field holds NaflexImages
+                    batch["image"] = NaflexImages(*(batch.pop(k) for k in NAFLEX_FIELDS))
                 yield batch
 
     @property

@@ -43,6 +43,7 @@ from big_contrast.checkpoint import Checkpointer
 from big_contrast.data import make_pipeline
 from big_contrast.data.device_ops import device_normalization
 from big_contrast.models import posemb
+from big_contrast.models.naflex import NAFLEX_FIELDS
 from big_contrast.errors import BigContrastError, ConfigMismatch, DamagedCheckpoint, MissingFileError, short_reason
 from big_contrast.train import config as train_config
 from big_contrast.train import evals as train_evals
@@ -57,7 +58,7 @@ from big_contrast.train.ema import EmaConfig, ema_init
 from big_contrast.train.step import LossSpec, StepConfig, TrainState, train_step
 from big_contrast.workdir import Workdir, holds_checkpoints
 
-BATCH_FIELDS = ("image", "text")
+BATCH_FIELDS = ("image", "text") + NAFLEX_FIELDS  # a NaFlex batch (issue 22): patches, patch_mask, spatial_shapes
 
 
 class NonFiniteLoss(BigContrastError, RuntimeError):
@@ -180,7 +181,7 @@ def make_step_fn(run: Run, batch_sharding, lr_fn=None):
         frozen_teacher=None if run.teacher is None else run.teacher[0],
     )
     step = functools.partial(train_step, config=fixed)  # `train_step` looked up now (tests patch it)
-    batch_shardings = {k: batch_sharding for k in train_teacher.batch_fields(config, BATCH_FIELDS)}
+    batch_shardings = batch_sharding  # every field of the batch (image or NaFlex's, text) alike
     if run.teacher is not None:  # issue 23: the frozen teacher's params, an argument of the step
         teacher, teacher_params = run.teacher
         return train_teacher.BoundStep(jax.jit(

@@ -7,7 +7,8 @@
 * under gradient caching with FSDP-sharded parameters, the full copy each device gathers once
   per pass (`train/step.py`) and that copy's micro-batch gradient before its reduce-scatter;
 * activation memory per example of a micro-batch, from XLA's memory analysis of the compiled
-  tower forward+backward at two micro-batch sizes on one device (the slope of the line);
+  tower forward+backward at two micro-batch sizes on one device (the slope of the line); a
+  NaFlex run (pp_train ending in naflex(...)) is measured at its budget, max_num_patches tokens;
 * the loss engine's per-device memory: the ring's measured bound, 5 * b * D * 4 bytes plus
   its tiles of `ring.default_block()` on this backend unless `config.loss_block` says
   (experiments/loss_scaling), or b * B logits for the all-gather and dense schemes;
@@ -24,6 +25,7 @@ from flax import nnx
 
 from big_contrast import models, sharding
 from big_contrast.losses import ring
+from big_contrast.train import naflex as train_naflex
 from big_contrast.train import siglip2
 from big_contrast.train import teacher as train_teacher  # issue 23: a frozen teacher's params + activations
 
@@ -68,7 +70,8 @@ def _activation_bytes_per_example(config, abstract) -> int:
 
     temps = []
     for micro in (1, 2):
-        images = jax.ShapeDtypeStruct((micro, h, w, m.image.channels), jnp.float32)
+        images = (train_naflex.abstract_images(config, micro)  # NaFlex: sequence = max_num_patches (issue 22)
+                  or jax.ShapeDtypeStruct((micro, h, w, m.image.channels), jnp.float32))
         tokens = jax.ShapeDtypeStruct((micro, m.text.max_len), jnp.int32)
         compiled = jax.jit(jax.grad(towers)).lower(params, images, tokens).compile()
         temps.append(compiled.memory_analysis().temp_size_in_bytes)
@@ -114,8 +117,19 @@ def plan(config, *, device_memory_bytes: int, num_devices: int | None = None) ->
         activation_bytes_per_microbatch=micro * per_example, microbatch=micro, loss_impl=config.loss_impl,
         loss_bytes=loss_bytes, device_memory_bytes=device_memory_bytes,
         largest_fitting_microbatch=max(fitting) if fitting else None,
-        ema_bytes=ema_bytes, teacher_bytes=teacher_bytes, **frozen,
+        ema_bytes=ema_bytes, teacher_bytes=teacher_bytes, image_sequence=_image_sequence(config), **frozen,
     )
+
+
+def _image_sequence(config) -> str:
+    """The image tower's input: fixed-size images, or NaFlex's patch budget (issue 22)."""
+    options = train_naflex.pp_options(config)
+    if options is None:
+        size = config.model.image.image_size
+        h, w = (size, size) if isinstance(size, int) else size
+        return f"{h}x{w} px images"
+    p = options["patch_size"]
+    return f"NaFlex, {options['max_num_patches']} patches of {p}x{p} px"
 
 
 def _ema_and_teacher_bytes(config, param_bytes, per_device_batch, dim) -> tuple[int, int]:
@@ -134,6 +148,7 @@ def format_plan(p: dict) -> str:
         f"mesh {p['mesh']} ({p['devices']} devices); global batch {p['batch']:,} = {p['per_device_batch']:,} per device",
         f"parameters: image {p['params']['image']:,}  text {p['params']['text']:,}"
         + (f"  decoder {p['params']['decoder']:,}" if "decoder" in p["params"] else "") + f"  total {p['params']['total']:,}",
+        *([f"image input: {p['image_sequence']}"] if p.get("image_sequence") else []),
         "per-device memory:",
         f"  parameters                     {gib(p['param_bytes'])}",
         f"  gradients                      {gib(p['grad_bytes'])}",

@@ -38,6 +38,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from big_contrast import losses, sharding
 from big_contrast.data.device_ops import normalize_on_device
+from big_contrast.models.naflex import image_input
 from big_contrast.train.ema import EmaConfig, ema_update
 
 
@@ -153,7 +154,8 @@ def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis,
     def scalars(p):
         return _scale_and_bias(nnx.merge(graphdef, p, rest))
 
-    inputs = (batch["image"], batch["text"], jnp.arange(batch["image"].shape[0], dtype=jnp.int32))
+    images = image_input(batch)  # batch["image"], or a NaFlex batch's NaflexImages (issue 22)
+    inputs = (images, batch["text"], jnp.arange(batch["text"].shape[0], dtype=jnp.int32))
     frozen = None if frozen_teacher is None else frozen_teacher.embeddings(  # issue 23: train/teacher.py
         batch["image"], batch["text"], mesh=mesh, axis=axis, microbatches=microbatches)
     if microbatches <= 1:
@@ -289,7 +291,7 @@ class _OwnRows:
             place = lambda x, spec: jax.reshard(x, NamedSharding(mesh, spec))  # noqa: E731
             params = jax.tree.map(lambda x: place(x, _without_axes(jax.typeof(x).sharding.spec, axes)),
                                   params)
-            rows = tuple(place(x, rows_spec) for x in rows)
+            rows = jax.tree.map(lambda x: place(x, rows_spec), rows)  # a row may be a tree (NaflexImages)
         grad_specs = self._map(lambda x, dims: P(*(dims.get(d) for d in range(x.ndim))), params)
         return jax.shard_map(body, mesh=mesh, in_specs=(P(),) + (rows_spec,) * len(rows),
                              out_specs=grad_specs if reduce else rows_spec, axis_names=set(axes))(params, *rows)
@@ -344,7 +346,8 @@ def train_step(state: TrainState, batch, teacher_params=None, *, config: StepCon
     """One optimizer step; returns the new state and scalar metrics. `teacher_params`: the
     frozen teacher's parameters (`config.frozen_teacher`), passed in, never updated."""
     c = config
-    batch = {**batch, "image": normalize_on_device(batch["image"], c.image_norm)}
+    if "image" in batch:  # a NaFlex batch (issue 22) holds normalised patches instead
+        batch = {**batch, "image": normalize_on_device(batch["image"], c.image_norm)}
     value, aux, grads = loss_and_grads(
         c.graphdef, state.params, c.rest, batch, loss=c.loss, mesh=c.mesh, axis=c.axis,
         microbatches=c.microbatches, step=state.step, seed=c.seed, terms=c.terms,
