@@ -21,6 +21,9 @@
     label_keys         integer fields copied from the raw examples into the batch, e.g.
                        ('label/shape',) for zero-shot evaluation on the demo data, ('label',)
                        for a labelled source (image_folder, manifest / tfds with label_key)
+    vector_keys        (optional, unset by default) float-vector fields copied from the raw
+                       examples into the batch as float32, e.g. ('teacher_image', 'teacher_text'):
+                       precomputed teacher embeddings (`teacher_columns.py`, config.teacher='data')
     max_captions       evaluation only: None samples one caption per image ('text'); K keeps
                        every caption ('texts' [K, L], 'caption_mask' [K]) for retrieval; an
                        image with more than K captions is an error that says to raise K

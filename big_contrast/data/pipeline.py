@@ -176,7 +176,8 @@ def build_dataset(config, *, train: bool, per_process_batch: int, process_index:
                                config.max_len, tuple(config.label_keys),
                                max_captions=None if train else config.get("max_captions"),
                                captions_optional=not train, decoder_targets=decoder_targets,
-                               multicrop=training_multicrop(config) if train else None)  # SILC's local crops
+                               multicrop=training_multicrop(config) if train else None,  # SILC's local crops
+                               vector_keys=tuple(config.get("vector_keys", ())))  # issue 23: teacher columns
     datasets, weights, largest_share = _source_datasets(
         config, train=train, process_index=process_index, process_count=process_count, seed=seed)
     ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)

@@ -99,12 +99,13 @@ class ProcessExample(grain.transforms.RandomMap):
 
     def __init__(self, image_pp: str, tokenizer, max_len: int, label_keys: Sequence[str] = (),
                  max_captions: int | None = None, captions_optional: bool = False, decoder_targets=None,
-                 multicrop=None):
+                 multicrop=None, vector_keys: Sequence[str] = ()):
         if max_len < 2:
             raise ConfigError(f"max_len={max_len} leaves no room for a token before EOS; use >= 2")
         self.image_pp = parse_image_pp(image_pp)
         self.tokenizer, self.max_len = tokenizer, max_len
         self.label_keys = tuple(label_keys)
+        self.vector_keys = tuple(vector_keys)  # float vectors copied as float32 (teacher embeddings, issue 23)
         self.max_captions, self.captions_optional = max_captions, captions_optional
         self.decoder_targets = decoder_targets
         self.multicrop = multicrop  # SILC: a data.multicrop.MultiCrop adds 'local_images' [V, h, w, 3]
@@ -142,4 +143,9 @@ class ProcessExample(grain.transforms.RandomMap):
                     f"data.label_keys asks for {key!r}, which this source's examples lack "
                     f"(they have {sorted(k for k in raw if not k.startswith('_'))})")
             out[key] = np.int32(raw[key])
+        for key in self.vector_keys:  # issue 23: e.g. teacher_image / teacher_text (data/teacher_columns.py)
+            if key not in raw:
+                raise ConfigError(f"data.vector_keys asks for {key!r}, which this source's examples lack; write it "
+                                  "with big_contrast.data.teacher_columns (or drop it from data.vector_keys)")
+            out[key] = np.asarray(raw[key], np.float32)
         return out

@@ -37,7 +37,8 @@ A config file (configs/*.py) returns `default_config()` updated with its own cho
                                  the parameters in the train state (train/ema.py), checkpointed
     config.loss_objective        None (config.model.loss) | e.g. "sigmoid + 0.5 * distill": a
                                  weighted sum of loss terms (train/objective.py, losses/objectives.py)
-    config.teacher               None | "ema": the teacher of distill / cwcl terms
+    config.teacher               None | "ema" | "data" | dict(workdir=..., step=None, ema=False):
+                                 the teacher of distill / cwcl terms (train/teacher.py)
     config.self_distillation     None (off) | dict(silc_weight, tips_weight, *_start_fraction, ...):
                                  SigLIP 2's SILC / TIPS against the EMA (train/self_distill.py)
 """
@@ -87,7 +88,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.caption_loss_weight = 1.0  # SigLIP 2's decoder (config.model.decoder), train/siglip2.py
     config.ema = ml_collections.FieldReference(None, field_type=dict)
     config.loss_objective = ml_collections.FieldReference(None, field_type=str)
-    config.teacher = ml_collections.FieldReference(None, field_type=str)
+    config.teacher = ml_collections.FieldReference(None, field_type=object)  # str or dict (issue 23)
     config.self_distillation = ml_collections.FieldReference(None, field_type=dict)  # SILC / TIPS
     return config
 

@@ -53,6 +53,7 @@ from big_contrast.train.metrics import MetricWriter, StepProfile, Throughput
 from big_contrast.train.prefetch import Prefetcher
 from big_contrast.train.optimizer import learning_rate_schedule, make_optimizer
 from big_contrast.train import self_distill, siglip2
+from big_contrast.train import teacher as train_teacher  # issue 23: config.teacher=dict(workdir=...)
 from big_contrast.train.ema import EmaConfig, ema_init
 from big_contrast.train.step import LossSpec, StepConfig, TrainState, train_step
 from big_contrast.workdir import Workdir, holds_checkpoints
@@ -62,8 +63,9 @@ BATCH_FIELDS = ("image", "text") + NAFLEX_FIELDS  # a NaFlex batch (issue 22): p
 
 def batch_fields(config) -> tuple[str, ...]:
     """The batch fields the step reads: images, texts (+ LocCa's decoder targets, train/siglip2.py;
-    + SILC's local crops, train/self_distill.py)."""
-    return self_distill.batch_fields(config, BATCH_FIELDS + siglip2.batch_fields_of(config))
+    + SILC's local crops, train/self_distill.py; + a teacher's stored embeddings, train/teacher.py)."""
+    fields = self_distill.batch_fields(config, BATCH_FIELDS + siglip2.batch_fields_of(config))
+    return train_teacher.batch_fields(config, fields)
 
 
 class NonFiniteLoss(BigContrastError, RuntimeError):
@@ -83,6 +85,7 @@ class Run:
     tx: object
     optimizer: object  # config.optimizer with the run's total_steps, resolved once
     jitted: dict = dataclasses.field(default_factory=dict)  # compiled helpers, e.g. tower embedders
+    teacher: object = None  # issue 23: (FrozenTeacher, params) of config.teacher=dict(workdir=...), or None
 
     def model(self, params=None):
         return nnx.merge(self.graphdef, self.state.params if params is None else params, self.rest)
@@ -182,11 +185,17 @@ def make_step_fn(run: Run, batch_sharding, lr_fn=None):
         seed=config.seed, image_norm=device_normalization(config.data.pp_train),
         terms=siglip2.terms_from_config(config),  # SigLIP 2's extra terms (None: contrastive alone)
         ema=EmaConfig.from_config(config.get("ema")), teacher=train_objective.teacher_of(config),
+        frozen_teacher=None if run.teacher is None else run.teacher[0],
     )
     batch_shardings = batch_sharding  # every field of the batch (image or NaFlex's, text, LocCa's targets, crops) alike
 
     def jitted(fixed):
         step = functools.partial(train_step, config=fixed)  # `train_step` looked up now (tests patch it)
+        if run.teacher is not None:  # issue 23: the frozen teacher's params, an argument of the step
+            teacher, teacher_params = run.teacher
+            return train_teacher.BoundStep(jax.jit(
+                step, in_shardings=(run.state_shardings, batch_shardings, teacher.param_shardings),
+                out_shardings=(run.state_shardings, None), donate_argnums=(0,)), teacher_params)
         return jax.jit(step, in_shardings=(run.state_shardings, batch_shardings),
                        out_shardings=(run.state_shardings, None), donate_argnums=(0,))
 
@@ -226,13 +235,15 @@ def train(config, workdir, *, mesh=None, progress=True, stop_after_steps=None) -
         mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
         plan = staged.StagePlan(config, mesh)  # config.stages (issue 22); one stage without
         run = build(plan.begin(staged.newest_step(workdir)), mesh=mesh)
+        run.teacher = train_teacher.load_for_run(config, mesh, train_objective.objective_of(config),
+                                                 workdir.read_config())  # issue 23: loaded once
         batch_sharding = sharding.batch_sharding(run.mesh)
         evaluators = train_evals.build(config)
         # Load checkpoint: the newest readable one, with the data iterator where it left off.
         ckpt = Checkpointer(workdir.checkpoints, keep=config.keep_checkpoints)
         state, data = _restore_or_start(ckpt, run, batch_sharding,
                                         plan.saved_model(resample.saved_model_config(workdir)), plan)
-        _record_config(config, workdir, changes)
+        _record_config(train_teacher.recorded_config(config, run.teacher), workdir, changes)
         writer = MetricWriter(workdir, total_steps=config.total_steps, initial_step=int(state.step),
                               progress=progress)
         # Input pipeline: a thread keeps batches on the devices ahead of the step.
@@ -328,7 +339,9 @@ def _loop(run, state, batches, ckpt, writer, evaluators, step_fn, stop_after_ste
 
 def _next_stage(plan, step, run, state, batches, writer, throughput):
     """At a stage boundary: the stage's model (tables resampled), data and freshly compiled step."""
+    teacher = run.teacher  # issue 23: the frozen teacher stays loaded across stages
     run, state, line = plan.switch(step, run, state, lambda cfg: build(cfg, mesh=run.mesh))
+    run.teacher = teacher
     stage, batch_sharding = plan.current, sharding.batch_sharding(run.mesh)
     data = train_pipeline(run.config, batch_sharding, start_batch=plan.start_batch(stage))
     batches.switch(Prefetcher(data, depth=run.config.get("prefetch_batches", 2), fields=batch_fields(run.config)))

@@ -12,16 +12,18 @@ teacher's similarities with each other (teacher image vs teacher text, or teache
 of one modality), never a teacher embedding with a student one, so a teacher's width need not
 be the student's. The momentum teacher is the EMA of the parameters (`config.ema`), embedded
 in the step without gradient and without patch dropout; its logit scale is the EMA's scale.
-A frozen teacher from another workdir, and teacher embeddings stored beside the data, are not
-wired yet.
+`config.teacher = dict(workdir=...)`: a frozen teacher of another workdir, run inside the step
+(train/teacher.py); `config.teacher = "data"`: teacher embeddings stored beside the data (the
+batch fields `teacher_image` / `teacher_text`, `data.vector_keys`).
 """
 
 from __future__ import annotations
 
 from big_contrast import losses
 from big_contrast.errors import ConfigError
+from big_contrast.train import teacher as train_teacher
 
-TEACHERS = ("ema",)
+TEACHERS = ("ema", "data")  # or dict(workdir=...): a frozen teacher (train/teacher.py)
 
 
 def objective_of(config):
@@ -31,23 +33,33 @@ def objective_of(config):
 
 
 def teacher_of(config) -> str | None:
-    """The teacher kind: None or "ema"."""
-    return config.get("teacher") or None
+    """The teacher kind: None, "ema", "data" or "frozen" (config.teacher=dict(workdir=...))."""
+    value = config.get("teacher") or None
+    return "frozen" if value is not None and not isinstance(value, str) else value
 
 
 def validate(config) -> None:
     """One sentence for an objective, teacher or EMA combination that cannot train."""
     objective = objective_of(config)  # weights, temperatures, beta out of range: parse_objective's sentences
     teacher = teacher_of(config)
-    if teacher is not None and teacher not in TEACHERS:
-        raise ConfigError(f"config.teacher={teacher!r} is unknown; use None or 'ema' (the EMA of the parameters, "
-                          "which needs config.ema).")
+    raw = config.get("teacher") or None
+    if raw is not None and (isinstance(raw, str) and raw not in TEACHERS or not isinstance(raw, str)
+                            and not hasattr(raw, "keys")):
+        raise ConfigError(f"config.teacher={raw!r} is unknown; use None, 'ema' (the EMA of the parameters, "
+                          "which needs config.ema), 'data' (teacher_image / teacher_text batch fields) or "
+                          "dict(workdir=...) (a frozen teacher).")
     needs_teacher = objective is not None and bool(objective.teacher_towers)
     if needs_teacher and teacher is None:
         raise ConfigError(f"config.loss_objective={config.loss_objective!r} has teacher terms; set "
-                          "config.teacher='ema' (with config.ema) or drop them.")
+                          "config.teacher='ema' (with config.ema), 'data' or dict(workdir=...), or drop them.")
     if teacher is not None and not needs_teacher:
-        raise ConfigError(f"config.teacher={teacher!r} is set but config.loss_objective has no teacher term "
+        raise ConfigError(f"config.teacher={config.teacher!r} is set but config.loss_objective has no teacher term "
                           "(distill, cwcl); add one or set config.teacher=None.")
     if teacher == "ema" and not config.get("ema"):
         raise ConfigError("config.teacher='ema' needs config.ema, e.g. config.ema = dict(decay=0.999).")
+    if teacher == "data":
+        train_teacher.check_data_fields(config)
+    if teacher == "frozen":
+        train_teacher.validate(config, objective)  # workdir, checkpoint, record, tokens: one sentence each
+    if needs_teacher:
+        train_teacher.check_momentum_teacher_towers(config, objective)

@@ -31,6 +31,7 @@ from big_contrast import models, sharding
 from big_contrast.losses import ring
 from big_contrast.train import naflex as train_naflex
 from big_contrast.train import self_distill, siglip2
+from big_contrast.train import teacher as train_teacher  # issue 23: a frozen teacher's params + activations
 
 GIB = 2**30
 
@@ -112,7 +113,8 @@ def plan(config, *, device_memory_bytes: int, num_devices: int | None = None) ->
     ema_bytes, teacher_bytes = _ema_and_teacher_bytes(config, param_bytes, per_device_batch, dim)
     fixed += ema_bytes + teacher_bytes
     targets_bytes = self_distill.target_bytes(config, per_device_batch)  # SILC / TIPS: the teacher's targets
-    fixed += targets_bytes
+    frozen = train_teacher.plan_entries(config, shape, micro, _per_device_bytes)  # {} without one
+    fixed += targets_bytes + frozen.get("teacher_param_bytes", 0) + frozen.get("teacher_activation_bytes", 0)
     room = device_memory_bytes - fixed
     fitting = [d for d in range(1, per_device_batch + 1) if per_device_batch % d == 0 and d * per_example <= room]
     return dict(
@@ -123,7 +125,7 @@ def plan(config, *, device_memory_bytes: int, num_devices: int | None = None) ->
         loss_bytes=loss_bytes, device_memory_bytes=device_memory_bytes,
         largest_fitting_microbatch=max(fitting) if fitting else None,
         ema_bytes=ema_bytes, teacher_bytes=teacher_bytes, image_sequence=_image_sequence(config),
-        self_distill_target_bytes=targets_bytes,
+        self_distill_target_bytes=targets_bytes, **frozen,
     )
 
 
@@ -164,6 +166,8 @@ def format_plan(p: dict) -> str:
         *([f"  teacher embeddings             {gib(p['teacher_bytes'])}"] if p.get("teacher_bytes") else []),
         *([f"  SILC / TIPS teacher targets    {gib(p['self_distill_target_bytes'])}"]
           if p.get("self_distill_target_bytes") else []),
+        *([f"  frozen teacher ({p['teacher_params']:,} params) {gib(p['teacher_param_bytes'])}",
+           f"  teacher forward, micro-batch   {gib(p['teacher_activation_bytes'])}"] if "teacher_params" in p else []),
         *([f"  gathered parameters + grads    {gib(2 * p['gathered_param_bytes'])}"] if p["gathered_param_bytes"] else []),
         f"  activations / example          {gib(p['activation_bytes_per_example'])}",
         f"  activations, micro-batch {p['microbatch']:<6,}{gib(p['activation_bytes_per_microbatch'])}",

@@ -110,7 +110,7 @@ def patch_keys(step, rows, seed=0):
 
 def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis, microbatches,
                    step=None, seed=0, teacher_params=None, teacher_embeddings=None, terms=None,
-                   self_distill_teacher=None):
+                   self_distill_teacher=None, frozen_teacher=None):
     """(loss, aux, grads) for one global batch, in one pass or with gradient caching.
 
     `step` (the train step) seeds the image tower's patch dropout; None turns it off.
@@ -123,6 +123,9 @@ def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis,
     per-example terms, added to the loss. `aux["terms"]` holds the extra metrics by name
     (`loss/<objective term>`, `loss/caption`, `loss/contrastive`). `self_distill_teacher` (the
     EMA's parameters, with `terms` a `self_distill.SelfDistillTerms`): SILC / TIPS's teacher.
+    `frozen_teacher` (a `train.teacher.Bound`: another workdir's model and its parameters) embeds
+    the batch without gradient, micro-batch by micro-batch under gradient caching; its own scale
+    is the teacher's.
     """
     n_out = 2 if terms is None else 3  # embed's outputs: zimg, ztxt (+ the terms' per-example sums)
 
@@ -135,6 +138,8 @@ def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis,
 
     def teacher_inputs(embedded):  # the teacher's embeddings and scale, no gradient to anything
         if teacher_params is None:
+            if frozen is not None:  # issue 23: a frozen teacher of another workdir (train/teacher.py)
+                return dict(teacher=frozen[0], teacher_scale=frozen[1])
             return {} if teacher_embeddings is None else dict(teacher=jax.lax.stop_gradient(teacher_embeddings))
         zimg_t, ztxt_t = jax.lax.stop_gradient(embedded)
         return dict(teacher={"image": zimg_t, "text": ztxt_t},
@@ -156,6 +161,8 @@ def loss_and_grads(graphdef, params, rest, batch, *, loss: LossSpec, mesh, axis,
     inputs += () if terms is None else terms.batch_fields(batch)  # LocCa: the decoder's target fields
     if self_distill_teacher is not None:  # SILC / TIPS (train/self_distill.py): the teacher's targets per row
         inputs += (_self_distill_inputs(graphdef, rest, terms, self_distill_teacher, batch, mesh, axis, microbatches),)
+    frozen = None if frozen_teacher is None else frozen_teacher.embeddings(  # issue 23: train/teacher.py
+        batch["image"], batch["text"], mesh=mesh, axis=axis, microbatches=microbatches)
     if microbatches <= 1:
         teacher = teacher_inputs(None if teacher_params is None else embed(teacher_params, *inputs, teacher=True))
 
@@ -350,6 +357,7 @@ class StepConfig:
     ema: EmaConfig | None = None  # config.ema: the state's EMA is updated after each optimizer update
     teacher: str | None = None  # "ema": the state's EMA is the objective's (momentum) teacher;
     # "data": the batch's `teacher_image` / `teacher_text` fields are the teacher's embeddings
+    frozen_teacher: Any = None  # issue 23: a big_contrast.teacher.FrozenTeacher (its params: the step's 3rd argument)
 
 
 def make_train_step(config: StepConfig):
@@ -357,8 +365,9 @@ def make_train_step(config: StepConfig):
     return functools.partial(train_step, config=config)
 
 
-def train_step(state: TrainState, batch, *, config: StepConfig):
-    """One optimizer step; returns the new state and scalar metrics."""
+def train_step(state: TrainState, batch, teacher_params=None, *, config: StepConfig):
+    """One optimizer step; returns the new state and scalar metrics. `teacher_params`: the
+    frozen teacher's parameters (`config.frozen_teacher`), passed in, never updated."""
     c = config
     if "image" in batch:  # a NaFlex batch (issue 22) holds normalised patches instead
         batch = {**batch, "image": normalize_on_device(batch["image"], c.image_norm)}
@@ -371,6 +380,7 @@ def train_step(state: TrainState, batch, *, config: StepConfig):
         teacher_embeddings=({"image": batch["teacher_image"], "text": batch["teacher_text"]}
                             if c.teacher == "data" else None),
         self_distill_teacher=state.ema if hasattr(c.terms, "teacher_scores") else None,  # SILC / TIPS
+        frozen_teacher=None if c.frozen_teacher is None else _bound_teacher(c.frozen_teacher, teacher_params),
     )
     updates, opt_state = c.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -385,3 +395,11 @@ def train_step(state: TrainState, batch, *, config: StepConfig):
         **aux["terms"],  # loss/<objective term>; SigLIP 2: loss/caption, loss/contrastive
     )
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
+
+
+def _bound_teacher(teacher, params):
+    """Issue 23: the frozen teacher with its parameters (imported here: the step alone needs no
+    checkpoint or data stack, experiments/step_throughput)."""
+    from big_contrast.train.teacher import Bound
+
+    return Bound(teacher, params)
