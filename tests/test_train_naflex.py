@@ -158,10 +158,20 @@ def demo_config(arg="naflex,noeval", **overrides):
     return config
 
 
+def _self_distill(config):
+    from configs import demo
+
+    demo.self_distillation(config)  # SILC / TIPS: their teacher and masked view read fixed-size images
+    config.ema = dict(decay=0.99, start_step=0, every=1)
+
+
 @pytest.mark.parametrize("change, words", [
     (lambda c: c.data.update(pp_train="decode|naflex(patch_size=4, max_num_patches=16)"), "use naflex.patch_size=8"),
     (lambda c: c.model.image.update(posemb="sincos2d"), "set config.model.image.posemb='learn'"),
     (lambda c: c.model.update(decoder=dict(width=64, depth=1, num_heads=4, mlp_dim=256)), "does not take NaFlex"),
+    (lambda c: _self_distill(c), "config.self_distillation with a NaFlex config.data.pp_train is not built"),
+    (lambda c: c.update(loss_objective="softmax + 0.5 * distill", teacher=dict(workdir="/no/such/teacher")),
+     "with a NaFlex config.data.pp_train is not built"),
 ])
 def test_a_naflex_config_that_cannot_work_fails_in_one_sentence(change, words):
     from big_contrast.train import validate
