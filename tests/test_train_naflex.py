@@ -247,3 +247,7 @@ def test_evaluators_embed_naflex_eval_batches_once_each_sharded_and_unpadded():
     assert out["z"].shape == (40, 2)
     np.testing.assert_allclose(out["z"][:, 0], patches.sum((1, 2)), rtol=1e-5)
     np.testing.assert_array_equal(out["z"][:, 1], masks.sum(1))
+
+
+# Compiles many train steps (about 1-3 min on a cold cache): run by `make test-slow`, keeping `make test` short.
+pytestmark = pytest.mark.slow

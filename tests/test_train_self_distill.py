@@ -260,3 +260,7 @@ def test_the_siglip2_b16_config_trains_silc_and_tips_from_80_percent():
     assert sd.phases(settings, config.total_steps) == [(0, ()), (102_400, ("silc", "tips"))]
     assert config.ema["start_step"] == 102_400 and (settings.silc_weight, settings.tips_weight) == (0.25, 0.0625)
     assert models.abstract_model(config.model).distill_head.config.input_width == 768
+
+
+# Compiles many train steps (about 1-3 min on a cold cache): run by `make test-slow`, keeping `make test` short.
+pytestmark = pytest.mark.slow

@@ -308,3 +308,7 @@ def test_plan_counts_the_frozen_teachers_parameters_and_forward_activations(teac
     assert 0 < p["teacher_param_bytes"] < 4 * teacher_params  # sharded over fsdp like the student's towers
     assert p["teacher_activation_bytes"] > 0
     assert "frozen teacher" in format_plan(p) and "frozen teacher" not in format_plan(alone)
+
+
+# Compiles many train steps (about 1-3 min on a cold cache): run by `make test-slow`, keeping `make test` short.
+pytestmark = pytest.mark.slow
