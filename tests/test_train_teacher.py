@@ -278,6 +278,24 @@ def test_the_pipeline_carries_the_teacher_columns_into_the_batch(teacher_shards)
     np.testing.assert_allclose(np.linalg.norm(batch["teacher_text"], axis=1), 1.0, rtol=1e-5)
 
 
+def test_teacher_columns_go_to_a_bucket_and_read_back_from_it(teacher_dir, teacher_shards, gcs_emulator):
+    from big_contrast.data.sources import open_source
+    from big_contrast.data.teacher_columns import write_teacher_columns
+
+    out = f"{gcs_emulator}/with_teacher"
+    summary = write_teacher_columns(dict(kind="demo", split="train", size=40, image_size=32), teacher_dir, out,
+                                    batch_size=16, examples_per_shard=25)
+    assert summary["records"] == 40 and [s.rsplit("/", 1)[0] for s in summary["shards"]] == [out, out]
+    local, _ = teacher_shards
+    from_bucket = open_source("b", dict(kind="array_record", path=out))
+    from_disk = open_source("l", dict(kind="array_record", path=str(local)))
+    assert len(from_bucket) == 40
+    for i in (0, 39):
+        np.testing.assert_array_equal(from_bucket[i]["teacher_text"], from_disk[i]["teacher_text"])
+    with pytest.raises(ConfigError, match="new folder"):  # a second write into the same folder
+        write_teacher_columns(dict(kind="demo", split="train", size=4, image_size=32), teacher_dir, out)
+
+
 def test_teacher_data_without_the_columns_is_one_sentence():
     with pytest.raises(ConfigError, match="vector_keys"):
         validate(tiny_config(loss_objective=DISTILL, teacher="data"), 8)

@@ -20,17 +20,20 @@ deterministic view; the student's augmented crop differs, as in any offline dist
 record's FIRST usable caption with the teacher's tokenizer. A record with several captions
 therefore pairs the student's drawn caption with the teacher's first one: write one caption per
 record for exact pairs. Records the teacher's preprocessing cannot read are skipped and counted.
-The output is a local folder (the ArrayRecord writer writes local files).
+The output is a local folder or a bucket (`gs://...`, `s3://...`): ArrayRecord writes local files
+only, so a bucket's shards are staged in a local temporary folder and uploaded when complete.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import jax
 import numpy as np
 
-from big_contrast import sharding
+from big_contrast import paths, sharding
 from big_contrast import teacher as frozen
 from big_contrast.data.convert import _ShardWriter
 from big_contrast.data.errors import SkipRecord
@@ -49,9 +52,12 @@ def write_teacher_columns(source_config: dict, teacher_workdir, output_dir: str,
     """Embeds every record of `source_config` (a data source config, `sources.py`) with the
     teacher of `teacher_workdir` (its checkpoint `step`, default the newest) and writes them to
     `output_dir` with the two columns. Returns {"records", "skipped", "shards", "dim", "step"}."""
-    os.makedirs(output_dir, exist_ok=True)
-    if any(name.endswith((".array_record", ".array_record.tmp")) for name in os.listdir(output_dir)):
+    output_dir = paths.validate(output_dir)
+    if paths.glob(str(paths.join(output_dir, "*.array_record*"))):
         raise ConfigError(f"{output_dir} holds ArrayRecord files already; write the teacher columns into a new folder.")
+    paths.check_writable(output_dir)  # fail before embedding anything, not at the first write
+    remote = paths.is_remote(output_dir)
+    staging = tempfile.mkdtemp(prefix="teacher-columns-") if remote else output_dir
     record = frozen.read_record(teacher_workdir)
     if record.pp is None or record.tokenizer is None:
         raise ConfigError(f"The teacher in {record.workdir} records no pp_eval or tokenizer; it cannot embed raw data.")
@@ -60,7 +66,7 @@ def write_teacher_columns(source_config: dict, teacher_workdir, output_dir: str,
     embed = jax.jit(lambda p, images, texts: frozen.embed(teacher, p, images, texts)[0])
     source = open_source("input", dict(source_config))
     pp, tokenizer = parse_image_pp(record.pp), make_tokenizer(record.tokenizer, bool(record.lowercase))
-    writer, pending, skipped, dim = _ShardWriter(output_dir, "data", examples_per_shard), [], 0, None
+    writer, pending, skipped, dim = _ShardWriter(staging, "data", examples_per_shard), [], 0, None
 
     def flush():
         nonlocal dim
@@ -86,7 +92,23 @@ def write_teacher_columns(source_config: dict, teacher_workdir, output_dir: str,
     if pending:
         flush()
     shards = writer.finish()
+    if remote:
+        shards = _upload(shards, output_dir, staging)
     return dict(records=count - skipped, skipped=skipped, shards=shards, dim=dim, step=teacher.step)
+
+
+def _upload(local_shards: list[str], output_dir: str, staging: str) -> list[str]:
+    """Copies each finished shard to the bucket (one object each, visible when closed)."""
+    uploaded = []
+    try:
+        for local in local_shards:
+            target = paths.join(output_dir, os.path.basename(local))
+            with open(local, "rb") as src, target.open("wb") as dst:
+                shutil.copyfileobj(src, dst, 16 << 20)
+            uploaded.append(str(target))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return uploaded
 
 
 def _with_columns(raw: dict, zimg, ztxt) -> bytes:
