@@ -9,7 +9,8 @@ teacher embeddings (for cwcl / distill) of the same width. For each global batch
 objective it compiles `jax.value_and_grad` w.r.t. (zimg, ztxt, scale, bias) and reads the
 per-device temporary memory from XLA's `compiled.memory_analysis()` (compiling allocates
 nothing). Ring runs are timed for B <= --time_max_batch, dense ones for B <=
---dense_time_max_batch (one run each after compiling; this machine is shared, see README).
+--dense_time_max_batch (one run each after compiling, or with --repeats N the median of N
+runs after a warm-up run).
 "plain" rows are the two specialised kernels (`softmax_loss`, `sigmoid_loss`); every other
 row goes through `combined_loss`. Writes results.json and results.md next to this file.
 """
@@ -64,10 +65,16 @@ def random_inputs(mesh, batch, dim, seed=0):
     return [jax.jit(unit, out_shardings=rows)(k) for k in jax.random.split(jax.random.key(seed), 4)]
 
 
-def seconds(fn, args):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - start
+def seconds(fn, args, repeats):
+    """One run (repeats=1, the compile excluded), or the median of `repeats` after a warm-up."""
+    if repeats > 1:
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 def host_memory_bytes():
@@ -75,12 +82,13 @@ def host_memory_bytes():
         return int(next(line for line in f if line.startswith("MemTotal")).split()[1]) * 1024
 
 
-def measure(objective, impl, mesh, batch, dim, block, inputs, timed):
+def measure(objective, impl, mesh, batch, dim, block, inputs, timed, repeats=1):
     compiled = compile_value_and_grad(objective, impl, mesh, batch, dim, block)
     row = dict(batch=batch, objective=objective, impl=impl, dim=dim, devices=mesh.size,
                temp_bytes=compiled.memory_analysis().temp_size_in_bytes)
     if timed:
-        row["seconds"] = seconds(compiled, inputs + [jnp.float32(10.0), jnp.float32(-10.0)])
+        row["seconds"] = seconds(compiled, inputs + [jnp.float32(10.0), jnp.float32(-10.0)], repeats)
+        row["repeats"] = repeats
     print(json.dumps(row), flush=True)
     return row
 
@@ -95,6 +103,8 @@ def main():
     parser.add_argument("--objectives", nargs="+", default=OBJECTIVES)
     parser.add_argument("--impls", nargs="+", default=["ring", "dense"], choices=["ring", "dense"],
                         help="ring only: skip compiling the dense forms (their memory is in the main table)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timed runs per row: 1 = one run after compiling; more = their median after a warm-up")
     parser.add_argument("--out", type=pathlib.Path, default=HERE)
     args = parser.parse_args()
 
@@ -107,7 +117,8 @@ def main():
             impls = [i for i in args.impls if i == "ring" or not objective.startswith("plain")]
             for impl in impls:
                 timed = batch <= (args.time_max_batch if impl == "ring" else args.dense_time_max_batch)
-                results.append(measure(objective, impl, mesh, batch, args.dim, args.block, inputs, timed))
+                results.append(measure(objective, impl, mesh, batch, args.dim, args.block, inputs, timed,
+                                       args.repeats))
                 # so far, row by row: a 65k ring step takes minutes here, a cut-short run keeps its rows
                 (args.out / "results.json").write_text(json.dumps(dict(rows=results), indent=1) + "\n")
         del inputs

@@ -11,7 +11,7 @@ shape / colour top-1 (caption prompts), recall@1 both ways and the held-out colo
 The step goes through `config.loss_objective`'s path (`LossSpec(objective=...)`); "+ EMA
 teacher" rows keep an EMA (decay 0.99) in the state and distil from it (`StepConfig.teacher=
 "ema"`); "from large" rows first train a larger model (image width 128, depth 2; text width
-64, depth 2) with the plain loss for the same steps, save it as a workdir (a checkpoint and a
+64, depth 2) with the plain loss for the same steps (or `--teacher_steps`), save it as a workdir (a checkpoint and a
 config record, as `big-contrast train` leaves one) and distil from it through the frozen-teacher
 path of `config.teacher = dict(workdir=...)`: `big_contrast.teacher.load_teacher` restores its
 parameters, the step embeds each batch with it inside the jitted step (its parameters the
@@ -129,6 +129,9 @@ def main(argv=None):
     parser.add_argument("--precomputed", action="store_true", help="'from large' rows: teacher embeddings as "
                         "batch fields (teacher='data') instead of the frozen teacher in the step")
     parser.add_argument("--out", default="train_results", help="name of the .json / .md written here")
+    parser.add_argument("--teacher_steps", type=int, default=None,
+                        help="steps of the large model (default: --steps); a teacher trained longer than "
+                        "its students, as a released one is")
     parser.add_argument("--teacher_dir", default="/tmp/big_contrast_objectives_teacher",
                         help="where the large model's workdir is written (one per seed)")
     args = parser.parse_args(argv)
@@ -138,11 +141,12 @@ def main(argv=None):
         large = None
         teacher_dir = None
         if any(ROWS[r][2] in ("large", "is_large") for r in args.rows):
-            large, large_s, _ = train_row(base.replace(**LARGE), None, None)
+            large_recipe = base.replace(**LARGE, steps=args.teacher_steps or args.steps)
+            large, large_s, _ = train_row(large_recipe, None, None)
             if not args.precomputed:
                 directory = pathlib.Path(args.teacher_dir) / f"seed{seed}"
                 shutil.rmtree(directory, ignore_errors=True)
-                teacher_dir = save_teacher_workdir(base.replace(**LARGE), large, directory)
+                teacher_dir = save_teacher_workdir(large_recipe, large, directory)
         for name in args.rows:
             loss, objective, teacher = ROWS[name]
             recipe = base.replace(loss=loss)
@@ -159,14 +163,16 @@ def main(argv=None):
             print(json.dumps(row), flush=True)
             with open(HERE / f"{args.out}.jsonl", "a") as f:  # so far, should the run be cut short
                 f.write(json.dumps(row) + "\n")
-    (HERE / f"{args.out}.json").write_text(json.dumps(dict(steps=args.steps, seeds=args.seeds, rows=results),
+    (HERE / f"{args.out}.json").write_text(json.dumps(dict(steps=args.steps, teacher_steps=args.teacher_steps,
+                                                           seeds=args.seeds, rows=results),
                                                        indent=1))
     (HERE / f"{args.out}.md").write_text(table(results, args))
     print(table(results, args))
 
 
 def table(results, args):
-    lines = [f"{args.steps} steps x batch 128, seeds {args.seeds}: mean (min-max over seeds)", "",
+    teacher = f" (the large teacher: {args.teacher_steps} steps)" if args.teacher_steps else ""
+    lines = [f"{args.steps} steps x batch 128{teacher}, seeds {args.seeds}: mean (min-max over seeds)", "",
              "| objective | " + " | ".join(KEYS) + " | train s |", "|---|" + "---:|" * (len(KEYS) + 1)]
     for name in dict.fromkeys(r["row"] for r in results):
         rows = [r for r in results if r["row"] == name]
