@@ -244,7 +244,7 @@ def _root_cause(error: BaseException) -> BaseException:
 
 
 def _one_device_target(state_dir) -> Any:
-    metadata = ocp.StandardCheckpointer().metadata(state_dir)
+    metadata = ocp.StandardCheckpointHandler().metadata(state_dir)  # the checkpointer's warns (teacher.py)
     tree = getattr(metadata, "item_metadata", metadata)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)

@@ -193,7 +193,9 @@ def _restore_params(record, step, field, shapes, shardings):
         raise MissingFileError(f"config.teacher: no checkpoint of step {step} in {record.workdir}; its steps are "
                                f"{sorted(int(p.name) for p in directory.parent.parent.iterdir() if p.name.isdigit())}.")
     checkpointer = ocp.PyTreeCheckpointer()
-    stored = checkpointer.metadata(directory)
+    # The handler's metadata, not the checkpointer's: the latter looks for a step-level metadata
+    # file inside the item folder and logs a warning that it is missing (it never is there).
+    stored = ocp.PyTreeCheckpointHandler().metadata(directory)
     stored = getattr(stored, "item_metadata", stored)
     stored = getattr(stored, "tree", stored)
     if field not in stored:
