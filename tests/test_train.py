@@ -104,6 +104,7 @@ def test_kill_9_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(tmp_
         assert rel_err(killed_rows[step]["loss"], row["loss"]) <= 1e-5, step
 
 
+@pytest.mark.slow  # a training subprocess end to end (~30 s): keeps make test under 10 min
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     proc = subprocess.Popen(cli(tmp_path, "--config.total_steps=100000", "--config.checkpoint_every=100000"),
                             env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

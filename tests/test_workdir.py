@@ -54,6 +54,7 @@ def test_a_lock_is_stale_when_its_pid_is_dead_here_or_its_heartbeat_is_old():
     assert is_stale({}) and is_stale({**here, "pid": os.getpid(), "heartbeat": "garbage"})
 
 
+@pytest.mark.slow  # a training subprocess end to end (~30 s): keeps make test under 10 min
 def test_a_second_train_on_a_live_run_is_refused_and_a_killed_runs_lock_does_not_block_the_resume(
         tmp_path, capfd):
     workdir = tmp_path / "run"
