@@ -107,6 +107,8 @@ def main():
                         help="timed runs per row: 1 = one run after compiling; more = their median after a warm-up")
     parser.add_argument("--out", type=pathlib.Path, default=HERE)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: give 1 (one timed run) or more (their median after a warm-up)")
 
     mesh = Mesh(np.array(jax.devices()), ("data",))
     print(f"jax {jax.__version__}, {mesh.size} {jax.devices()[0].platform} devices, D = {args.dim}", flush=True)
